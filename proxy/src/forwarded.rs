@@ -1,0 +1,201 @@
+//! Forwarded headers and hop-by-hop headers: what the upstream may believe about the client.
+
+use std::net::IpAddr;
+
+use http::header::{HeaderName, CONNECTION, UPGRADE};
+use ipnet::IpNet;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+
+/// Headers that describe one connection and must not be forwarded (RFC 9110 7.6.1). Framing
+/// (`Transfer-Encoding`, `Content-Length`) is left to Pingora, which re-frames bodies itself.
+const HOP_BY_HOP: [&str; 5] = [
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "proxy-authorization",
+];
+
+const FORWARDED: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
+];
+
+pub fn is_trusted(peer: Option<IpAddr>, trusted: &[IpNet]) -> bool {
+    match peer {
+        Some(ip) => trusted.iter().any(|n| n.contains(&ip)),
+        None => false,
+    }
+}
+
+/// Names listed in `Connection` (besides `close`, `keep-alive`, `upgrade`), which are hop-by-hop too.
+fn connection_tokens(headers: &http::HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != "close" && t != "upgrade" && t != "keep-alive")
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect()
+}
+
+/// Rewrites the request going upstream: hop-by-hop headers out, X-Forwarded-* ours.
+pub fn prepare_upstream_request(
+    req: &mut RequestHeader,
+    peer: Option<IpAddr>,
+    trusted: bool,
+    tls: bool,
+    upgrade: bool,
+) -> Result<()> {
+    for name in connection_tokens(&req.headers) {
+        req.remove_header(&name);
+    }
+    for name in HOP_BY_HOP {
+        req.remove_header(name);
+    }
+    if !upgrade {
+        req.remove_header(&UPGRADE);
+        req.remove_header(&CONNECTION);
+    }
+    let host = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri.authority().map(|a| a.to_string()));
+    let peer_ip = peer.map(|ip| ip.to_string()).unwrap_or_default();
+    if trusted {
+        // A trusted proxy's claims are kept; we only append the hop we saw.
+        let xff = match req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_ip}"),
+            _ => peer_ip,
+        };
+        req.insert_header("X-Forwarded-For", xff)?;
+        if !req.headers.contains_key("x-forwarded-proto") {
+            req.insert_header("X-Forwarded-Proto", if tls { "https" } else { "http" })?;
+        }
+        if !req.headers.contains_key("x-forwarded-host") {
+            if let Some(h) = host {
+                req.insert_header("X-Forwarded-Host", h)?;
+            }
+        }
+    } else {
+        for name in FORWARDED {
+            req.remove_header(name);
+        }
+        req.insert_header("X-Forwarded-For", peer_ip)?;
+        req.insert_header("X-Forwarded-Proto", if tls { "https" } else { "http" })?;
+        if let Some(h) = host {
+            req.insert_header("X-Forwarded-Host", h)?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops hop-by-hop headers from an upstream response (keeping an upgrade's own headers).
+pub fn clean_response(resp: &mut ResponseHeader) {
+    for name in connection_tokens(&resp.headers) {
+        resp.remove_header(&name);
+    }
+    for name in ["keep-alive", "proxy-connection", "trailer"] {
+        resp.remove_header(name);
+    }
+    if resp.status != 101 {
+        resp.remove_header(&UPGRADE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/x", None).expect("valid request");
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).expect("valid header");
+        }
+        r
+    }
+
+    fn get<'a>(r: &'a RequestHeader, k: &str) -> Option<&'a str> {
+        r.headers.get(k).and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn untrusted_peer_cannot_spoof() {
+        let mut r = req(&[
+            ("Host", "markco.dev"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "evil.example"),
+            ("Forwarded", "for=6.6.6.6"),
+        ]);
+        let ip: IpAddr = "203.0.113.9".parse().expect("ip");
+        prepare_upstream_request(&mut r, Some(ip), false, false, false).expect("ok");
+        assert_eq!(get(&r, "x-forwarded-for"), Some("203.0.113.9"));
+        assert_eq!(get(&r, "x-forwarded-proto"), Some("http"));
+        assert_eq!(get(&r, "x-forwarded-host"), Some("markco.dev"));
+        assert_eq!(get(&r, "forwarded"), None);
+    }
+
+    #[test]
+    fn trusted_peer_is_appended() {
+        let mut r = req(&[
+            ("Host", "markco.dev"),
+            ("X-Forwarded-For", "198.51.100.1"),
+            ("X-Forwarded-Proto", "https"),
+        ]);
+        let ip: IpAddr = "10.0.0.2".parse().expect("ip");
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        assert!(is_trusted(Some(ip), &trusted));
+        prepare_upstream_request(&mut r, Some(ip), true, false, false).expect("ok");
+        assert_eq!(get(&r, "x-forwarded-for"), Some("198.51.100.1, 10.0.0.2"));
+        assert_eq!(get(&r, "x-forwarded-proto"), Some("https"));
+    }
+
+    #[test]
+    fn hop_by_hop_removed() {
+        let mut r = req(&[
+            ("Host", "a"),
+            ("Connection", "keep-alive, X-Secret"),
+            ("X-Secret", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Proxy-Authorization", "Basic x"),
+            ("Upgrade", "h2c"),
+        ]);
+        prepare_upstream_request(&mut r, None, false, false, false).expect("ok");
+        for h in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "te",
+            "proxy-authorization",
+            "upgrade",
+        ] {
+            assert!(get(&r, h).is_none(), "{h} must not be forwarded");
+        }
+    }
+
+    #[test]
+    fn websocket_upgrade_kept() {
+        let mut r = req(&[
+            ("Host", "a"),
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+        ]);
+        prepare_upstream_request(&mut r, None, false, false, true).expect("ok");
+        assert_eq!(get(&r, "upgrade"), Some("websocket"));
+        assert_eq!(get(&r, "connection"), Some("Upgrade"));
+    }
+}

@@ -1,0 +1,497 @@
+//! The Pingora `ProxyHttp` implementation: one route-table snapshot per request, then the
+//! route's action.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::http::ServerSession as HttpSession;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::ErrorType;
+
+use crate::forwarded;
+use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
+use crate::path;
+use crate::static_files;
+use crate::table::{canonical_host, Action, Route, RouteTable};
+
+/// The data plane.
+pub struct Gateway {
+    table: Arc<ArcSwap<RouteTable>>,
+    metrics: Arc<Metrics>,
+    /// Requests that matched no site or route.
+    unrouted: RouteMetrics,
+}
+
+impl Gateway {
+    pub fn new(table: Arc<ArcSwap<RouteTable>>, metrics: Arc<Metrics>) -> Gateway {
+        let unrouted = metrics.route("none");
+        Gateway {
+            table,
+            metrics,
+            unrouted,
+        }
+    }
+}
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    table: Option<Arc<RouteTable>>,
+    route: Option<Arc<Route>>,
+    /// The normalised path the route was chosen on.
+    path: String,
+    /// Status of a response we wrote ourselves (the proxied ones are read from the session).
+    status: u16,
+    /// The connection was upgraded (websocket) and counted in the open gauge.
+    upgraded: bool,
+    trusted_peer: bool,
+}
+
+/// A short plain-text response; the body names no internals.
+pub async fn respond_text(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
+    let mut h = ResponseHeader::build(status, Some(4))?;
+    h.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    h.insert_header("X-Content-Type-Options", "nosniff")?;
+    h.insert_header(header::CACHE_CONTROL, "no-store")?;
+    let head = session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(h), head).await?;
+    if !head {
+        session
+            .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+            .await?;
+    }
+    Ok(())
+}
+
+fn peer_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// The request header section is larger than `limit` (status 431).
+fn header_too_large(req: &RequestHeader, limit: usize) -> bool {
+    let mut size = req.uri.to_string().len();
+    for (k, v) in req.headers.iter() {
+        size += k.as_str().len() + v.len() + 4;
+        if size > limit {
+            return true;
+        }
+    }
+    size > limit
+}
+
+/// Both `Content-Length` and `Transfer-Encoding` were sent. Pingora drops the length and lets
+/// chunked framing win (RFC 9112 6.3); we refuse such a request outright, since a peer that
+/// sends both is either broken or probing for request smuggling.
+fn has_cl_and_te(session: &Session) -> bool {
+    if !session
+        .req_header()
+        .headers
+        .contains_key(header::TRANSFER_ENCODING)
+    {
+        return false;
+    }
+    match session.as_downstream() {
+        HttpSession::H1(h1) => {
+            let raw = h1.get_headers_raw_bytes();
+            raw.split(|&b| b == b'\n')
+                .any(|line| line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
+        }
+        _ => false,
+    }
+}
+
+/// `?token=...` values never reach the access log.
+fn redacted_uri(req: &RequestHeader) -> String {
+    let path = req.uri.path();
+    match req.uri.query() {
+        None => path.to_string(),
+        Some(q) => {
+            let q: Vec<String> = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("token") => format!("{k}=REDACTED"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", q.join("&"))
+        }
+    }
+}
+
+fn classify(e: &Error) -> UpstreamErrorKind {
+    match e.etype() {
+        ErrorType::ConnectRefused => UpstreamErrorKind::ConnectRefused,
+        ErrorType::ConnectTimedout => UpstreamErrorKind::ConnectTimeout,
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamErrorKind::ReadTimeout,
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+            UpstreamErrorKind::Reset
+        }
+        _ => UpstreamErrorKind::Other,
+    }
+}
+
+impl Gateway {
+    async fn run_action(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        route: &Route,
+    ) -> Result<bool> {
+        match &route.action {
+            Action::Proxy(_) => {
+                let settings = &ctx.table.as_ref().expect("table loaded").settings;
+                // Idle timeouts only: a long response or an SSE stream is fine while bytes flow.
+                if session.is_upgrade_req() {
+                    session.set_read_timeout(settings.websocket_idle_timeout);
+                } else {
+                    session.set_read_timeout(Some(settings.client_idle_timeout));
+                }
+                Ok(false)
+            }
+            Action::Static(s) => {
+                let served = static_files::serve(session, s, &ctx.path).await?;
+                ctx.status = served.status;
+                Ok(true)
+            }
+            Action::Redirect { to, status } => {
+                let req = session.req_header();
+                let uri = match req.uri.query() {
+                    Some(q) => format!("{}?{q}", ctx.path),
+                    None => ctx.path.clone(),
+                };
+                let location = to.replace("{uri}", &uri).replace("{path}", &ctx.path);
+                let mut h = ResponseHeader::build(*status, Some(3))?;
+                h.insert_header(header::LOCATION, location)?;
+                h.insert_header(header::CONTENT_LENGTH, "0")?;
+                session.write_response_header(Box::new(h), true).await?;
+                ctx.status = *status;
+                Ok(true)
+            }
+            Action::Respond {
+                status,
+                body,
+                content_type,
+            } => {
+                let mut h = ResponseHeader::build(*status, Some(3))?;
+                h.insert_header(header::CONTENT_TYPE, content_type.as_str())?;
+                h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+                h.insert_header("X-Content-Type-Options", "nosniff")?;
+                let head = session.req_header().method == http::Method::HEAD || body.is_empty();
+                session.write_response_header(Box::new(h), head).await?;
+                if !head {
+                    session
+                        .write_response_body(Some(body.clone()), true)
+                        .await?;
+                }
+                ctx.status = *status;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        status: u16,
+        reason: &str,
+        body: &'static str,
+    ) -> Result<bool> {
+        self.metrics.bad_request(reason);
+        // A refused request leaves the connection in an unknown state: do not reuse it.
+        session.set_keepalive(None);
+        respond_text(session, status, body).await?;
+        ctx.status = status;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            table: None,
+            route: None,
+            path: String::new(),
+            status: 0,
+            upgraded: false,
+            trusted_peer: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let table = self.table.load_full();
+        let settings = &table.settings;
+        if has_cl_and_te(session) {
+            ctx.table = Some(table);
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    400,
+                    "content_length_and_transfer_encoding",
+                    "bad request: both Content-Length and Transfer-Encoding\n",
+                )
+                .await;
+        }
+        if header_too_large(session.req_header(), settings.max_header_bytes) {
+            ctx.table = Some(table);
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    431,
+                    "header_too_large",
+                    "request header fields too large\n",
+                )
+                .await;
+        }
+        ctx.trusted_peer = forwarded::is_trusted(peer_ip(session), &settings.trusted_proxies);
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri.host())
+            .map(canonical_host)
+            .unwrap_or_default();
+        let normalized = path::normalize(req.uri.path());
+        let site = table.site(&host).cloned();
+        ctx.table = Some(table);
+        let path = match normalized {
+            Ok(p) => p,
+            Err(_) => {
+                return self
+                    .refuse(
+                        session,
+                        ctx,
+                        400,
+                        "bad_path",
+                        "bad request: malformed path\n",
+                    )
+                    .await
+            }
+        };
+        ctx.path = path;
+        let Some(site) = site else {
+            respond_text(session, 404, "no site is configured for this host\n").await?;
+            ctx.status = 404;
+            return Ok(true);
+        };
+        let Some(route) = site.find(&ctx.path).cloned() else {
+            respond_text(session, 404, "not found\n").await?;
+            ctx.status = 404;
+            return Ok(true);
+        };
+        ctx.route = Some(route.clone());
+        self.run_action(session, ctx, &route).await
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        match ctx.route.as_deref().map(|r| &r.action) {
+            Some(Action::Proxy(p)) => Ok(Box::new(if session.is_upgrade_req() {
+                p.ws_peer.clone()
+            } else {
+                p.peer.clone()
+            })),
+            // request_filter answers every other action itself.
+            _ => Error::e_explain(
+                ErrorType::InternalError,
+                "upstream_peer without a proxy route",
+            ),
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(Action::Proxy(p)) = ctx.route.as_deref().map(|r| &r.action) else {
+            return Ok(());
+        };
+        // Forward the path we routed on, so the upstream sees exactly what was matched.
+        let mut path: &str = &ctx.path;
+        if let Some(prefix) = &p.strip_prefix {
+            if let Some(rest) = path.strip_prefix(prefix.as_str()) {
+                path = rest;
+            }
+        }
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
+        let pq = match session.req_header().uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        if upstream.uri.path_and_query().map(|x| x.as_str()) != Some(pq.as_str()) {
+            let uri = http::Uri::builder()
+                .path_and_query(pq)
+                .build()
+                .or_err(ErrorType::InvalidHTTPHeader, "rebuilding the upstream URI")?;
+            upstream.set_uri(uri);
+        }
+        forwarded::prepare_upstream_request(
+            upstream,
+            peer_ip(session),
+            ctx.trusted_peer,
+            is_tls(session),
+            session.is_upgrade_req(),
+        )
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        forwarded::clean_response(upstream_response);
+        if upstream_response.status == 101 && !ctx.upgraded {
+            ctx.upgraded = true;
+            if let Some(r) = &ctx.route {
+                r.metrics.websockets.inc();
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => {
+                    if let Some(Action::Proxy(p)) = ctx.route.as_deref().map(|r| &r.action) {
+                        self.metrics.upstream_error(&p.upstream.label, classify(e));
+                    }
+                    if matches!(
+                        e.etype(),
+                        ErrorType::ConnectTimedout | ErrorType::ReadTimedout
+                    ) {
+                        504
+                    } else {
+                        502
+                    }
+                }
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    ErrorType::ReadTimedout => 408,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 && session.response_written().is_none() {
+            let body = match code {
+                502 => "502 bad gateway: the upstream is unavailable\n",
+                504 => "504 gateway timeout: the upstream did not answer in time\n",
+                408 => "408 request timeout\n",
+                400 => "400 bad request\n",
+                _ => "the request could not be completed\n",
+            };
+            if respond_text(session, code, body).await.is_err() {
+                tracing::debug!("client went away before the error response");
+            }
+        }
+        ctx.status = code;
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(ctx.status);
+        let req = session.req_header();
+        let metrics = ctx
+            .route
+            .as_ref()
+            .map(|r| &r.metrics)
+            .unwrap_or(&self.unrouted);
+        let elapsed = ctx.start.elapsed();
+        metrics.count(&req.method, status);
+        metrics.duration.observe(elapsed.as_secs_f64());
+        if ctx.upgraded {
+            metrics.websockets.dec();
+        }
+        let access_log = ctx
+            .table
+            .as_ref()
+            .map(|t| t.settings.access_log)
+            .unwrap_or(true);
+        if access_log {
+            let upstream = match ctx.route.as_deref().map(|r| &r.action) {
+                Some(Action::Proxy(p)) => &*p.upstream.label,
+                _ => "-",
+            };
+            let host = req
+                .headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info!(
+                target: "markco::access",
+                method = %req.method,
+                host,
+                uri = %redacted_uri(req),
+                status,
+                bytes = session.body_bytes_sent(),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                route = ctx.route.as_ref().map(|r| &*r.name).unwrap_or("-"),
+                upstream,
+                client = %peer_ip(session).map(|i| i.to_string()).unwrap_or_default(),
+                error = e.map(|e| e.etype().as_str()).unwrap_or(""),
+                "request"
+            );
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
+        // Clients that hang up are routine at the edge; the access log has them.
+        matches!(error.esource(), ErrorSource::Downstream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_is_redacted() {
+        let r = RequestHeader::build("GET", b"/u/x/?a=1&token=secret&TOKEN=s2", None).expect("req");
+        assert_eq!(redacted_uri(&r), "/u/x/?a=1&token=REDACTED&TOKEN=REDACTED");
+    }
+
+    #[test]
+    fn header_size_limit() {
+        let mut r = RequestHeader::build("GET", b"/", None).expect("req");
+        r.insert_header("X-Big", "a".repeat(2000)).expect("hdr");
+        assert!(header_too_large(&r, 1000));
+        assert!(!header_too_large(&r, 4000));
+    }
+}

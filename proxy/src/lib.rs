@@ -1,0 +1,14 @@
+//! markco's data plane: the route table, path normalisation, the Pingora proxy, static files,
+//! forwarded headers and request metrics.
+
+pub mod app;
+pub mod forwarded;
+pub mod gateway;
+pub mod metrics;
+pub mod path;
+pub mod static_files;
+pub mod table;
+
+pub use gateway::Gateway;
+pub use metrics::Metrics;
+pub use table::RouteTable;

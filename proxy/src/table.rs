@@ -1,0 +1,330 @@
+//! The route table: one immutable value, built from the config and swapped whole behind an
+//! `ArcSwap`. A request loads it once and keeps that snapshot for its whole life.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use pingora::upstreams::peer::HttpPeer;
+use serde::Serialize;
+
+use crate::metrics::RouteMetrics;
+
+/// A path pattern of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    /// Matches this path only.
+    Exact(String),
+    /// `P*`: matches every path starting with `P`; when `P` ends with `/`, also `P` without it
+    /// (so `/x/*` matches `/x` but not `/xy`).
+    Prefix(String),
+}
+
+impl PathPattern {
+    /// Parses `"/x/*"` (prefix) or `"/x"` (exact). The caller has validated the shape.
+    pub fn parse(s: &str) -> PathPattern {
+        match s.strip_suffix('*') {
+            Some(p) => PathPattern::Prefix(p.to_string()),
+            None => PathPattern::Exact(s.to_string()),
+        }
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Exact(p) => path == p,
+            PathPattern::Prefix(p) => {
+                path.starts_with(p.as_str())
+                    || (p.len() > 1 && p.ends_with('/') && path == &p[..p.len() - 1])
+            }
+        }
+    }
+
+    pub fn as_config(&self) -> String {
+        match self {
+            PathPattern::Exact(p) => p.clone(),
+            PathPattern::Prefix(p) => format!("{p}*"),
+        }
+    }
+}
+
+/// Where a proxied request goes.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// As written in the config (used in metrics labels and logs).
+    pub label: Arc<str>,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyAction {
+    pub upstream: Upstream,
+    /// Removed from the front of the path before forwarding.
+    pub strip_prefix: Option<String>,
+    /// A prebuilt peer with the timeouts applied: cloning it is all a request pays.
+    pub peer: HttpPeer,
+    /// The same, with the websocket idle timeout, for upgraded connections.
+    pub ws_peer: HttpPeer,
+}
+
+#[derive(Debug, Clone)]
+pub struct StaticAction {
+    pub root: PathBuf,
+    pub strip_prefix: Option<String>,
+    pub index: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    Proxy(ProxyAction),
+    Static(StaticAction),
+    Redirect {
+        to: String,
+        status: u16,
+    },
+    Respond {
+        status: u16,
+        body: Bytes,
+        content_type: String,
+    },
+}
+
+impl Action {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Proxy(_) => "proxy",
+            Action::Static(_) => "static",
+            Action::Redirect { .. } => "redirect",
+            Action::Respond { .. } => "respond",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// Unique within the table; a metrics label, so its set is bounded by the config.
+    pub name: Arc<str>,
+    pub patterns: Vec<PathPattern>,
+    pub action: Action,
+    pub metrics: RouteMetrics,
+}
+
+impl Route {
+    pub fn matches(&self, path: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(path))
+    }
+}
+
+#[derive(Debug)]
+pub struct Site {
+    pub hosts: Vec<String>,
+    pub routes: Vec<Arc<Route>>,
+}
+
+impl Site {
+    /// First match wins.
+    pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.matches(path))
+    }
+}
+
+/// Settings that a reload may change, carried in the snapshot so they swap with the routes.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub trusted_proxies: Vec<IpNet>,
+    /// Idle timeout while reading a request body from the client.
+    pub client_idle_timeout: Duration,
+    pub websocket_idle_timeout: Option<Duration>,
+    /// Requests whose header section is larger get 431.
+    pub max_header_bytes: usize,
+    pub access_log: bool,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            trusted_proxies: Vec::new(),
+            client_idle_timeout: Duration::from_secs(60),
+            websocket_idle_timeout: Some(Duration::from_secs(3600)),
+            max_header_bytes: 64 * 1024,
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RouteTable {
+    pub generation: u64,
+    pub settings: ProxySettings,
+    sites: Vec<Arc<Site>>,
+    by_host: HashMap<String, Arc<Site>>,
+    /// `*.example.com` entries, stored as `.example.com`.
+    wildcards: Vec<(String, Arc<Site>)>,
+    /// The site with host `*`, if any.
+    fallback: Option<Arc<Site>>,
+}
+
+/// Lower-cases a host, drops a port and a trailing dot. `[::1]:8080` gives `[::1]`.
+pub fn canonical_host(raw: &str) -> String {
+    let host = if raw.starts_with('[') {
+        match raw.find(']') {
+            Some(end) => &raw[..=end],
+            None => raw,
+        }
+    } else {
+        match raw.rfind(':') {
+            Some(i) => &raw[..i],
+            None => raw,
+        }
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl RouteTable {
+    pub fn new(generation: u64, settings: ProxySettings, sites: Vec<Site>) -> RouteTable {
+        let mut by_host = HashMap::new();
+        let mut wildcards = Vec::new();
+        let mut fallback = None;
+        let sites: Vec<Arc<Site>> = sites.into_iter().map(Arc::new).collect();
+        for site in &sites {
+            for h in &site.hosts {
+                if h == "*" {
+                    fallback = Some(site.clone());
+                } else if let Some(suffix) = h.strip_prefix('*') {
+                    wildcards.push((suffix.to_string(), site.clone()));
+                } else {
+                    by_host.insert(h.clone(), site.clone());
+                }
+            }
+        }
+        // Longest suffix first, so `*.a.example.com` beats `*.example.com`.
+        wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        RouteTable {
+            generation,
+            settings,
+            sites,
+            by_host,
+            wildcards,
+            fallback,
+        }
+    }
+
+    /// An empty table (everything 404) for before the first config is loaded.
+    pub fn empty() -> RouteTable {
+        RouteTable::new(0, ProxySettings::default(), Vec::new())
+    }
+
+    /// The site for an already canonical host.
+    pub fn site(&self, host: &str) -> Option<&Arc<Site>> {
+        if let Some(s) = self.by_host.get(host) {
+            return Some(s);
+        }
+        for (suffix, site) in &self.wildcards {
+            if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
+                return Some(site);
+            }
+        }
+        self.fallback.as_ref()
+    }
+
+    pub fn sites(&self) -> &[Arc<Site>] {
+        &self.sites
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.sites.iter().flat_map(|s| s.routes.iter())
+    }
+
+    /// A JSON view for `GET /routes`.
+    pub fn describe(&self) -> TableView {
+        TableView {
+            generation: self.generation,
+            sites: self
+                .sites
+                .iter()
+                .map(|s| SiteView {
+                    hosts: s.hosts.clone(),
+                    routes: s.routes.iter().map(|r| RouteView::of(r)).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TableView {
+    pub generation: u64,
+    pub sites: Vec<SiteView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SiteView {
+    pub hosts: Vec<String>,
+    pub routes: Vec<RouteView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RouteView {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub patterns: Vec<String>,
+    pub action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+impl RouteView {
+    fn of(r: &Route) -> RouteView {
+        let (target, status) = match &r.action {
+            Action::Proxy(p) => (Some(p.upstream.label.to_string()), None),
+            Action::Static(s) => (Some(s.root.display().to_string()), None),
+            Action::Redirect { to, status } => (Some(to.clone()), Some(*status)),
+            Action::Respond { status, .. } => (None, Some(*status)),
+        };
+        RouteView {
+            name: r.name.to_string(),
+            patterns: r.patterns.iter().map(PathPattern::as_config).collect(),
+            action: r.action.kind(),
+            target,
+            status,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_patterns() {
+        let p = PathPattern::parse("/x/*");
+        assert!(p.matches("/x"));
+        assert!(p.matches("/x/"));
+        assert!(p.matches("/x/y/z"));
+        assert!(!p.matches("/xy"));
+        let at = PathPattern::parse("/@*");
+        assert!(at.matches("/@alice/post"));
+        assert!(at.matches("/@"));
+        assert!(!at.matches("/a@"));
+        let all = PathPattern::parse("/*");
+        assert!(all.matches("/"));
+        assert!(all.matches("/anything/at/all"));
+        let exact = PathPattern::parse("/api/send");
+        assert!(exact.matches("/api/send"));
+        assert!(!exact.matches("/api/send/"));
+        assert!(!exact.matches("/api/sends"));
+    }
+
+    #[test]
+    fn hosts_are_canonical() {
+        assert_eq!(canonical_host("Markco.DEV:443"), "markco.dev");
+        assert_eq!(canonical_host("markco.dev."), "markco.dev");
+        assert_eq!(canonical_host("[::1]:8080"), "[::1]");
+        assert_eq!(canonical_host("localhost"), "localhost");
+    }
+}

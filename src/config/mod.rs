@@ -1,0 +1,722 @@
+//! Loading and validating the config file, and turning it into a route table.
+
+mod error;
+mod raw;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use markco_proxy::metrics::Metrics;
+use markco_proxy::table::{
+    Action, PathPattern, ProxyAction, ProxySettings, Route, RouteTable, Site, StaticAction,
+    Upstream,
+};
+use pingora::upstreams::peer::HttpPeer;
+use toml::Spanned;
+
+pub use error::ConfigError;
+use raw::{RawConfig, RawRoute};
+
+/// The config compiled in, used when `markco run` gets no `--config`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub admin_token: Option<String>,
+    pub threads: usize,
+    pub header_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_idle_timeout: Option<Duration>,
+    pub grace_period: Duration,
+    pub shutdown_timeout: Duration,
+    pub upgrade_sock: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: Option<LogFormat>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ActionSpec {
+    Proxy {
+        label: String,
+        addr: SocketAddr,
+        strip_prefix: Option<String>,
+    },
+    Static {
+        root: PathBuf,
+        strip_prefix: Option<String>,
+        index: Vec<String>,
+    },
+    Redirect {
+        to: String,
+        status: u16,
+    },
+    Respond {
+        status: u16,
+        body: String,
+        content_type: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub name: String,
+    pub patterns: Vec<String>,
+    pub action: ActionSpec,
+}
+
+#[derive(Debug, Clone)]
+pub struct SiteSpec {
+    pub hosts: Vec<String>,
+    pub routes: Vec<RouteSpec>,
+}
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub proxy: ProxySettings,
+    pub log: LogSettings,
+    pub sites: Vec<SiteSpec>,
+    /// Things that are allowed but probably not meant (a static root that does not exist yet).
+    pub warnings: Vec<String>,
+}
+
+const DURATION_HELP: &str = "write a duration such as \"10s\", \"2m\", \"1h\" or \"500ms\"";
+
+struct Ctx<'a> {
+    file: &'a Path,
+    src: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err<T>(
+        &self,
+        span: Range<usize>,
+        msg: impl Into<String>,
+        help: impl Into<Option<String>>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError::at(
+            self.file,
+            self.src,
+            Some(span),
+            msg,
+            help.into(),
+        ))
+    }
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(s.get_ref().trim()).or_else(|e| {
+                self.err(
+                    s.span(),
+                    format!("`{key}` is not a duration: {e}"),
+                    Some(DURATION_HELP.to_string()),
+                )
+            }),
+        }
+    }
+
+    fn addr(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        match v {
+            None => default.parse().or_else(|_| self.err(0..0, format!("bad built-in default for `{key}`"), None)),
+            Some(s) => s.get_ref().trim().parse().or_else(|_| {
+                self.err(
+                    s.span(),
+                    format!("`{key}` = {:?} is not a listen address", s.get_ref()),
+                    Some("write IP:port, for example \"127.0.0.1:8080\" or \"0.0.0.0:80\" or \"[::]:443\"".to_string()),
+                )
+            }),
+        }
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let src = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::whole(
+            path,
+            format!("cannot read the config file: {e}"),
+            Some("check the path given with --config and its permissions".into()),
+        )
+    })?;
+    parse(path, &src)
+}
+
+/// Validates config text; `path` is used for messages and to resolve relative paths.
+pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
+    let cx = Ctx { file: path, src };
+    let raw: RawConfig = toml::from_str(src).map_err(|e| {
+        let help = if e.message().contains("unknown field") {
+            Some("check the spelling; every key is documented in deploy/markco.example.toml and the README".to_string())
+        } else {
+            None
+        };
+        ConfigError::at(path, src, e.span(), e.message().trim().to_string(), help)
+    })?;
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut warnings = Vec::new();
+
+    let s = &raw.server;
+    let admin_token = match &s.admin_token_file {
+        None => None,
+        Some(f) => {
+            let p = base_dir.join(f.get_ref());
+            match std::fs::read_to_string(&p) {
+                Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                Ok(_) => {
+                    return cx.err(
+                        f.span(),
+                        format!("the admin token file {} is empty", p.display()),
+                        Some(
+                            "put a long random token in it, e.g. `openssl rand -hex 32 > FILE`"
+                                .to_string(),
+                        ),
+                    )
+                }
+                Err(e) => {
+                    return cx.err(
+                        f.span(),
+                        format!("cannot read the admin token file {}: {e}", p.display()),
+                        Some("create it (mode 0600) or remove `admin_token_file`".to_string()),
+                    )
+                }
+            }
+        }
+    };
+    let threads = match &s.threads {
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
+        Some(t) if (1..=256).contains(t.get_ref()) => *t.get_ref() as usize,
+        Some(t) => {
+            return cx.err(
+                t.span(),
+                "`threads` must be between 1 and 256",
+                Some("use the number of cores, or leave it out".to_string()),
+            )
+        }
+    };
+    let mut trusted_proxies = Vec::new();
+    for t in &s.trusted_proxies {
+        let v = t.get_ref().trim();
+        let net = v
+            .parse::<IpNet>()
+            .or_else(|_| v.parse::<std::net::IpAddr>().map(IpNet::from));
+        match net {
+            Ok(n) => trusted_proxies.push(n),
+            Err(_) => {
+                return cx.err(
+                    t.span(),
+                    format!("{v:?} is not an IP address or CIDR range"),
+                    Some("write e.g. \"10.0.0.0/8\" or \"192.0.2.7\"".to_string()),
+                )
+            }
+        }
+    }
+    let max_header_bytes = match &s.max_header_bytes {
+        None => 64 * 1024,
+        Some(m) if (1024..=1_048_575).contains(m.get_ref()) => *m.get_ref() as usize,
+        Some(m) => {
+            return cx.err(
+                m.span(),
+                "`max_header_bytes` must be between 1024 and 1048575",
+                None,
+            )
+        }
+    };
+    let websocket_idle = cx.duration(
+        &s.websocket_idle_timeout,
+        "websocket_idle_timeout",
+        Duration::from_secs(3600),
+    )?;
+    let upstream_idle = cx.duration(
+        &s.upstream_idle_timeout,
+        "upstream_idle_timeout",
+        Duration::from_secs(300),
+    )?;
+    let server = ServerSettings {
+        http: cx.addr(&s.http, "http", "127.0.0.1:8080")?,
+        admin: cx.addr(&s.admin, "admin", "127.0.0.1:2019")?,
+        admin_token,
+        threads,
+        header_timeout: cx.duration(
+            &s.header_timeout,
+            "header_timeout",
+            Duration::from_secs(10),
+        )?,
+        upstream_connect_timeout: cx.duration(
+            &s.upstream_connect_timeout,
+            "upstream_connect_timeout",
+            Duration::from_secs(1),
+        )?,
+        upstream_idle_timeout: (!upstream_idle.is_zero()).then_some(upstream_idle),
+        grace_period: cx.duration(&s.grace_period, "grace_period", Duration::from_secs(10))?,
+        shutdown_timeout: cx.duration(
+            &s.shutdown_timeout,
+            "shutdown_timeout",
+            Duration::from_secs(5),
+        )?,
+        upgrade_sock: s
+            .upgrade_sock
+            .as_ref()
+            .map(|p| base_dir.join(p.get_ref()))
+            .unwrap_or_else(|| PathBuf::from("/tmp/markco-upgrade.sock")),
+        pid_file: s
+            .pid_file
+            .as_ref()
+            .map(|p| base_dir.join(p.get_ref()))
+            .unwrap_or_else(|| PathBuf::from("/tmp/markco.pid")),
+    };
+    if server.http == server.admin {
+        return cx.err(
+            s.admin.as_ref().map(|a| a.span()).unwrap_or(0..0),
+            "`admin` and `http` are the same address",
+            Some("give the admin API its own port, e.g. \"127.0.0.1:2019\"".to_string()),
+        );
+    }
+    let proxy = ProxySettings {
+        trusted_proxies,
+        client_idle_timeout: cx.duration(
+            &s.client_idle_timeout,
+            "client_idle_timeout",
+            Duration::from_secs(60),
+        )?,
+        websocket_idle_timeout: (!websocket_idle.is_zero()).then_some(websocket_idle),
+        max_header_bytes,
+        access_log: raw.log.access_log.unwrap_or(true),
+    };
+    let log = LogSettings {
+        format: match &raw.log.format {
+            None => None,
+            Some(f) => match f.get_ref().as_str() {
+                "text" => Some(LogFormat::Text),
+                "json" => Some(LogFormat::Json),
+                other => {
+                    return cx.err(
+                        f.span(),
+                        format!("unknown log format {other:?}"),
+                        Some("use \"text\" or \"json\"".to_string()),
+                    )
+                }
+            },
+        },
+        level: raw.log.level.as_ref().map(|l| l.get_ref().clone()),
+    };
+
+    let mut sites = Vec::new();
+    let mut seen_hosts: HashMap<String, ()> = HashMap::new();
+    let mut seen_names: HashMap<String, ()> = HashMap::new();
+    for site in &raw.sites {
+        let site_ref = site.get_ref();
+        if site_ref.hosts.get_ref().is_empty() {
+            return cx.err(site_ref.hosts.span(), "`hosts` is empty", Some("list the host names this site answers, e.g. [\"markco.dev\", \"www.markco.dev\"], or [\"*\"] for any host".to_string()));
+        }
+        let mut hosts = Vec::new();
+        for h in site_ref.hosts.get_ref() {
+            let host = h
+                .get_ref()
+                .trim()
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            if !valid_host(&host) {
+                return cx.err(h.span(), format!("{:?} is not a host name", h.get_ref()), Some("write a name like \"markco.dev\", a wildcard like \"*.markco.dev\", an IP address, or \"*\"; no scheme, port or path".to_string()));
+            }
+            if seen_hosts.insert(host.clone(), ()).is_some() {
+                return cx.err(
+                    h.span(),
+                    format!("host {host:?} belongs to two sites"),
+                    Some(
+                        "each host may appear in one site only; merge the routes into one site"
+                            .to_string(),
+                    ),
+                );
+            }
+            hosts.push(host);
+        }
+        let mut routes = Vec::new();
+        for (i, r) in site_ref.route.iter().enumerate() {
+            let route = route_spec(&cx, &base_dir, &hosts, i, r, &mut warnings)?;
+            if seen_names.insert(route.name.clone(), ()).is_some() {
+                let span = r
+                    .get_ref()
+                    .name
+                    .as_ref()
+                    .map(|n| n.span())
+                    .unwrap_or(r.span());
+                return cx.err(span, format!("two routes are named {:?}", route.name), Some("route names must be unique: they label metrics and are used by the admin API".to_string()));
+            }
+            routes.push(route);
+        }
+        sites.push(SiteSpec { hosts, routes });
+    }
+    Ok(Config {
+        server,
+        proxy,
+        log,
+        sites,
+        warnings,
+    })
+}
+
+fn valid_host(h: &str) -> bool {
+    if h == "*" {
+        return true;
+    }
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn valid_pattern(p: &str) -> Result<(), &'static str> {
+    if !p.starts_with('/') {
+        return Err("a path pattern must start with '/'");
+    }
+    if p[..p.len() - 1].contains('*') {
+        return Err("'*' may only end a pattern (prefix match)");
+    }
+    if p.contains(['?', '#', ' ']) {
+        return Err("a path pattern cannot contain '?', '#' or spaces");
+    }
+    // Patterns are compared with normalised paths, so they must be normal themselves.
+    let base = p.trim_end_matches('*');
+    match markco_proxy::path::normalize(base) {
+        Ok(n) if n == base || (base.len() > 1 && !base.ends_with('/') && n == format!("{base}/")) => Ok(()),
+        Ok(_) => Err("a path pattern must be in normal form (no '.', '..', '//' or escaped unreserved characters)"),
+        Err(_) => Err("a path pattern has a malformed percent-escape"),
+    }
+}
+
+fn route_spec(
+    cx: &Ctx<'_>,
+    base_dir: &Path,
+    hosts: &[String],
+    index: usize,
+    r: &Spanned<RawRoute>,
+    warnings: &mut Vec<String>,
+) -> Result<RouteSpec, ConfigError> {
+    let raw = r.get_ref();
+    if raw.patterns.get_ref().is_empty() {
+        return cx.err(
+            raw.patterns.span(),
+            "`match` is empty",
+            Some(
+                "list at least one path pattern, e.g. [\"/api/*\"] or [\"/*\"] for everything"
+                    .to_string(),
+            ),
+        );
+    }
+    let mut patterns = Vec::new();
+    for p in raw.patterns.get_ref() {
+        if let Err(why) = valid_pattern(p.get_ref()) {
+            return cx.err(
+                p.span(),
+                format!("bad path pattern {:?}: {why}", p.get_ref()),
+                Some("patterns look like \"/exact\", \"/prefix/*\" or \"/@*\"".to_string()),
+            );
+        }
+        patterns.push(p.get_ref().clone());
+    }
+    let actions: Vec<&str> = [
+        raw.proxy.as_ref().map(|_| "proxy"),
+        raw.static_root.as_ref().map(|_| "static"),
+        raw.redirect.as_ref().map(|_| "redirect"),
+        raw.respond.as_ref().map(|_| "respond"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let action_help = "give each route exactly one of: proxy = \"127.0.0.1:3000\", static = \"/var/www\", redirect = \"https://...\", respond = \"text\"".to_string();
+    if actions.len() != 1 {
+        let msg = if actions.is_empty() {
+            "this route has no action".to_string()
+        } else {
+            format!("this route has several actions ({})", actions.join(", "))
+        };
+        return cx.err(r.span(), msg, Some(action_help));
+    }
+    let only_for = |present: bool,
+                    key: &str,
+                    span: Range<usize>,
+                    allowed: &[&str]|
+     -> Result<(), ConfigError> {
+        if present && !allowed.contains(&actions[0]) {
+            return cx.err(
+                span,
+                format!("`{key}` does not apply to a `{}` route", actions[0]),
+                Some(format!("`{key}` is used with: {}", allowed.join(", "))),
+            );
+        }
+        Ok(())
+    };
+    only_for(
+        raw.status.is_some(),
+        "status",
+        raw.status.as_ref().map(|s| s.span()).unwrap_or(0..0),
+        &["redirect", "respond"],
+    )?;
+    only_for(
+        raw.content_type.is_some(),
+        "content_type",
+        raw.content_type.as_ref().map(|s| s.span()).unwrap_or(0..0),
+        &["respond"],
+    )?;
+    only_for(
+        raw.strip_prefix.is_some(),
+        "strip_prefix",
+        raw.strip_prefix.as_ref().map(|s| s.span()).unwrap_or(0..0),
+        &["proxy", "static"],
+    )?;
+    only_for(raw.index.is_some(), "index", r.span(), &["static"])?;
+    let strip_prefix = match &raw.strip_prefix {
+        None => None,
+        Some(p) => {
+            let v = p.get_ref().trim_end_matches('/');
+            if !v.starts_with('/') || v.contains('*') {
+                return cx.err(
+                    p.span(),
+                    "`strip_prefix` must be a plain path starting with '/'",
+                    Some("e.g. strip_prefix = \"/static\"".to_string()),
+                );
+            }
+            Some(v.to_string())
+        }
+    };
+    let status =
+        |default: u16, allowed: &dyn Fn(u16) -> bool, help: &str| -> Result<u16, ConfigError> {
+            match &raw.status {
+                None => Ok(default),
+                Some(s) => match u16::try_from(*s.get_ref()) {
+                    Ok(v) if allowed(v) => Ok(v),
+                    _ => cx.err(
+                        s.span(),
+                        format!("status {} is not allowed here", s.get_ref()),
+                        Some(help.to_string()),
+                    ),
+                },
+            }
+        };
+    let action = if let Some(p) = &raw.proxy {
+        let text = p.get_ref().trim();
+        if text.starts_with("https://") {
+            return cx.err(
+                p.span(),
+                "TLS to upstreams is not supported yet",
+                Some("proxy to a plain HTTP address, e.g. \"127.0.0.1:3000\"".to_string()),
+            );
+        }
+        let hostport = text
+            .strip_prefix("http://")
+            .unwrap_or(text)
+            .trim_end_matches('/');
+        if hostport.contains('/') {
+            return cx.err(
+                p.span(),
+                "a proxy target is an address, not a URL with a path",
+                Some("write host:port; use strip_prefix to change the path".to_string()),
+            );
+        }
+        let addr = match hostport.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(a)) => a,
+            _ => {
+                return cx.err(
+                    p.span(),
+                    format!("cannot resolve the upstream address {text:?}"),
+                    Some(
+                        "write host:port, e.g. \"127.0.0.1:3000\" or \"localhost:3000\""
+                            .to_string(),
+                    ),
+                )
+            }
+        };
+        ActionSpec::Proxy {
+            label: hostport.to_string(),
+            addr,
+            strip_prefix,
+        }
+    } else if let Some(root) = &raw.static_root {
+        let root_path = base_dir.join(root.get_ref());
+        if !root_path.is_dir() {
+            warnings.push(format!(
+                "{}: static root {} does not exist (yet); its route answers 404 until it does",
+                cx.file.display(),
+                root_path.display()
+            ));
+        }
+        ActionSpec::Static {
+            root: root_path,
+            strip_prefix,
+            index: raw
+                .index
+                .clone()
+                .unwrap_or_else(|| vec!["index.html".to_string()]),
+        }
+    } else if let Some(to) = &raw.redirect {
+        if to.get_ref().is_empty() {
+            return cx.err(
+                to.span(),
+                "`redirect` is empty",
+                Some(
+                    "give a URL or a path; {uri} and {path} are replaced by the request's"
+                        .to_string(),
+                ),
+            );
+        }
+        ActionSpec::Redirect {
+            to: to.get_ref().clone(),
+            status: status(
+                308,
+                &|v| matches!(v, 301 | 302 | 303 | 307 | 308),
+                "a redirect status is one of 301, 302, 303, 307, 308",
+            )?,
+        }
+    } else if let Some(body) = &raw.respond {
+        ActionSpec::Respond {
+            status: status(
+                200,
+                &|v| (200..=599).contains(&v),
+                "use a status from 200 to 599",
+            )?,
+            body: body.get_ref().clone(),
+            content_type: raw
+                .content_type
+                .as_ref()
+                .map(|c| c.get_ref().clone())
+                .unwrap_or_else(|| "text/plain; charset=utf-8".to_string()),
+        }
+    } else {
+        return cx.err(r.span(), "this route has no action", Some(action_help));
+    };
+    let name = match &raw.name {
+        Some(n) if !n.get_ref().trim().is_empty() => n.get_ref().trim().to_string(),
+        Some(n) => return cx.err(n.span(), "`name` is empty", None),
+        None => format!("{}{}#{}", hosts[0], patterns[0], index + 1),
+    };
+    Ok(RouteSpec {
+        name,
+        patterns,
+        action,
+    })
+}
+
+impl Config {
+    /// The embedded default: serves the welcome page on 127.0.0.1:8080.
+    pub fn embedded() -> Result<Config, ConfigError> {
+        parse(Path::new("<embedded default>"), EMBEDDED_DEFAULT)
+    }
+
+    pub fn route_count(&self) -> usize {
+        self.sites.iter().map(|s| s.routes.len()).sum()
+    }
+
+    /// Builds the immutable route table for this config.
+    pub fn build_table(&self, generation: u64, metrics: &Arc<Metrics>) -> RouteTable {
+        let peer_for = |addr: SocketAddr, read_timeout: Option<Duration>| {
+            let mut peer = HttpPeer::new(addr, false, String::new());
+            peer.options.connection_timeout = Some(self.server.upstream_connect_timeout);
+            peer.options.total_connection_timeout = Some(self.server.upstream_connect_timeout);
+            peer.options.read_timeout = read_timeout;
+            peer.options.idle_timeout = Some(Duration::from_secs(60));
+            peer
+        };
+        let sites = self
+            .sites
+            .iter()
+            .map(|s| Site {
+                hosts: s.hosts.clone(),
+                routes: s
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        let action = match &r.action {
+                            ActionSpec::Proxy {
+                                label,
+                                addr,
+                                strip_prefix,
+                            } => Action::Proxy(ProxyAction {
+                                upstream: Upstream {
+                                    label: label.as_str().into(),
+                                    addr: *addr,
+                                },
+                                strip_prefix: strip_prefix.clone(),
+                                peer: peer_for(*addr, self.server.upstream_idle_timeout),
+                                ws_peer: peer_for(*addr, self.proxy.websocket_idle_timeout),
+                            }),
+                            ActionSpec::Static {
+                                root,
+                                strip_prefix,
+                                index,
+                            } => Action::Static(StaticAction {
+                                root: root.clone(),
+                                strip_prefix: strip_prefix.clone(),
+                                index: index.clone(),
+                            }),
+                            ActionSpec::Redirect { to, status } => Action::Redirect {
+                                to: to.clone(),
+                                status: *status,
+                            },
+                            ActionSpec::Respond {
+                                status,
+                                body,
+                                content_type,
+                            } => Action::Respond {
+                                status: *status,
+                                body: Bytes::from(body.clone()),
+                                content_type: content_type.clone(),
+                            },
+                        };
+                        Arc::new(Route {
+                            name: r.name.as_str().into(),
+                            patterns: r.patterns.iter().map(|p| PathPattern::parse(p)).collect(),
+                            action,
+                            metrics: metrics.route(&r.name),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        RouteTable::new(generation, self.proxy.clone(), sites)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,69 @@
+//! The config file as written: TOML with spans kept, so every error can name a line and column.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default, rename = "site")]
+    pub sites: Vec<Spanned<RawSite>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub http: Option<Spanned<String>>,
+    pub admin: Option<Spanned<String>>,
+    pub admin_token_file: Option<Spanned<String>>,
+    pub threads: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    pub header_timeout: Option<Spanned<String>>,
+    pub client_idle_timeout: Option<Spanned<String>>,
+    pub upstream_connect_timeout: Option<Spanned<String>>,
+    pub upstream_idle_timeout: Option<Spanned<String>>,
+    pub websocket_idle_timeout: Option<Spanned<String>>,
+    pub max_header_bytes: Option<Spanned<i64>>,
+    pub grace_period: Option<Spanned<String>>,
+    pub shutdown_timeout: Option<Spanned<String>>,
+    pub upgrade_sock: Option<Spanned<String>>,
+    pub pid_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub access_log: Option<bool>,
+    pub format: Option<Spanned<String>>,
+    pub level: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSite {
+    pub hosts: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub route: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Option<Spanned<String>>,
+    #[serde(rename = "match")]
+    pub patterns: Spanned<Vec<Spanned<String>>>,
+    pub proxy: Option<Spanned<String>>,
+    #[serde(rename = "static")]
+    pub static_root: Option<Spanned<String>>,
+    pub redirect: Option<Spanned<String>>,
+    pub respond: Option<Spanned<String>>,
+    pub status: Option<Spanned<i64>>,
+    pub content_type: Option<Spanned<String>>,
+    pub strip_prefix: Option<Spanned<String>>,
+    pub index: Option<Vec<String>>,
+}

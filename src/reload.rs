@@ -1,0 +1,92 @@
+//! Re-reading the config and swapping the route table: atomically, or not at all.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use markco_proxy::{Metrics, RouteTable};
+
+use crate::config::{self, Config};
+
+pub struct Reloader {
+    path: Option<PathBuf>,
+    table: Arc<ArcSwap<RouteTable>>,
+    metrics: Arc<Metrics>,
+    generation: AtomicU64,
+    /// The admin bearer token; a reload may change it.
+    pub admin_token: ArcSwap<Option<String>>,
+    /// What the listeners were started with: these need a restart to change.
+    started: Config,
+    /// One reload at a time, so generations are applied in order.
+    lock: Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(
+        path: Option<PathBuf>,
+        table: Arc<ArcSwap<RouteTable>>,
+        metrics: Arc<Metrics>,
+        started: Config,
+    ) -> Reloader {
+        let generation = table.load().generation;
+        Reloader {
+            path,
+            table,
+            metrics,
+            generation: AtomicU64::new(generation),
+            admin_token: ArcSwap::from_pointee(started.server.admin_token.clone()),
+            started,
+            lock: Mutex::new(()),
+        }
+    }
+
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Re-reads the config file. On success the new table is in service when this returns; on
+    /// failure nothing changed and the error says why.
+    pub fn reload(&self) -> Result<u64, String> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(path) = &self.path else {
+            self.metrics.reload(false);
+            return Err(
+                "markco runs on its embedded default config; start it with --config FILE to reload"
+                    .into(),
+            );
+        };
+        let cfg = match config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.reload(false);
+                tracing::error!(target: "markco::reload", "config reload refused, the current routes stay in service:\n{e}");
+                return Err(e.to_string());
+            }
+        };
+        for w in &cfg.warnings {
+            tracing::warn!(target: "markco::reload", "{w}");
+        }
+        let old = &self.started.server;
+        let new = &cfg.server;
+        if old.http != new.http || old.admin != new.admin || old.threads != new.threads {
+            tracing::warn!(
+                target: "markco::reload",
+                "listen addresses and threads changed in the file but apply only after a restart or upgrade"
+            );
+        }
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let table = cfg.build_table(generation, &self.metrics);
+        self.table.store(Arc::new(table));
+        self.admin_token
+            .store(Arc::new(cfg.server.admin_token.clone()));
+        self.metrics.table_generation.set(generation as i64);
+        self.metrics.reload(true);
+        tracing::info!(target: "markco::reload", generation, sites = cfg.sites.len(), routes = cfg.route_count(), "config reloaded");
+        Ok(generation)
+    }
+}

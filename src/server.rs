@@ -1,0 +1,116 @@
+//! Wiring: the edge listener, the admin listener and the signal handler on one Pingora server.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use markco_proxy::app::EdgeApp;
+use markco_proxy::{Gateway, Metrics};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::reload::Reloader;
+
+/// SIGHUP re-reads the config.
+struct HangupReload {
+    reloader: Arc<Reloader>,
+}
+
+#[async_trait]
+impl BackgroundService for HangupReload {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot listen for SIGHUP, reload only through the admin API: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::info!(target: "markco::reload", "SIGHUP: reloading the config");
+                    let r = self.reloader.clone();
+                    // The result is logged and counted by reload() itself.
+                    let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Fails early, with the address in the message, when a port is taken (Pingora would panic).
+fn check_bindable(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    TcpListener::bind(addr)
+        .map(drop)
+        .with_context(|| format!("cannot listen on {addr} for the {what} listener (is another process using it? change `{what}` under [server])"))
+}
+
+pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<()> {
+    // Until our handler is installed, a SIGHUP must not kill the process.
+    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    if !upgrade {
+        check_bindable("http", cfg.server.http)?;
+        check_bindable("admin", cfg.server.admin)?;
+    }
+    let metrics = Metrics::new();
+    let table = Arc::new(ArcSwap::from_pointee(cfg.build_table(1, &metrics)));
+    metrics.table_generation.set(1);
+
+    let conf = ServerConf {
+        threads: cfg.server.threads,
+        grace_period_seconds: Some(cfg.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_timeout.as_secs()),
+        upgrade_sock: cfg.server.upgrade_sock.display().to_string(),
+        pid_file: cfg.server.pid_file.display().to_string(),
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let gateway = Gateway::new(table.clone(), metrics.clone());
+    let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
+    let mut edge = Service::new(
+        "markco edge".to_string(),
+        EdgeApp::new(proxy, cfg.server.header_timeout),
+    );
+    edge.add_tcp(&cfg.server.http.to_string());
+
+    let http_addr = cfg.server.http;
+    let admin_addr = cfg.server.admin;
+    let reloader = Arc::new(Reloader::new(path, table, metrics, cfg));
+    let mut admin = Service::new(
+        "markco admin".to_string(),
+        AdminApp {
+            reloader: reloader.clone(),
+        },
+    );
+    admin.add_tcp(&admin_addr.to_string());
+    admin.threads = Some(1);
+
+    server.add_service(edge);
+    server.add_service(admin);
+    server.add_service(background_service(
+        "reload on SIGHUP",
+        HangupReload { reloader },
+    ));
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), http = %http_addr, admin = %admin_addr, "markco starting");
+    server.run(RunArgs::default());
+    tracing::info!("markco stopped");
+    Ok(())
+}
