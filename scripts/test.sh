@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds everything and runs every test: formatting, lints, unit tests and the integration tests
+# that start the real markco binary against real peers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+# Hundreds of sockets are opened by the websocket tests.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The integration tests start the test upstream binary, so build every binary first.
+cargo build --workspace --bins --locked
+cargo test --workspace --locked
