@@ -58,8 +58,7 @@ impl ServeHttp for AdminApp {
                 StatusCode::UNAUTHORIZED,
                 serde_json::json!({"error": "admin token required: send Authorization: Bearer <token>"}),
             );
-            r.headers_mut()
-                .insert("WWW-Authenticate", http::HeaderValue::from_static("Bearer"));
+            r.headers_mut().insert("WWW-Authenticate", http::HeaderValue::from_static("Bearer"));
             return r;
         }
         match (method, path.as_str()) {
@@ -74,19 +73,19 @@ impl ServeHttp for AdminApp {
             }
             (Method::GET, "/routes") => {
                 let view = self.reloader.table().describe();
-                json(
-                    StatusCode::OK,
-                    serde_json::to_value(view).unwrap_or_default(),
-                )
+                json(StatusCode::OK, serde_json::to_value(view).unwrap_or_default())
+            }
+            (Method::GET, "/certs") => {
+                let list = self.reloader.certs.store.list();
+                json(StatusCode::OK, serde_json::json!({"certificates": list}))
             }
             (Method::POST, "/reload") => {
                 let r = self.reloader.clone();
                 // Reading and resolving the config may block briefly; keep it off the reactor.
                 match tokio::task::spawn_blocking(move || r.reload()).await {
-                    Ok(Ok(generation)) => json(
-                        StatusCode::OK,
-                        serde_json::json!({"status": "reloaded", "generation": generation}),
-                    ),
+                    Ok(Ok(generation)) => {
+                        json(StatusCode::OK, serde_json::json!({"status": "reloaded", "generation": generation}))
+                    }
                     Ok(Err(e)) => json(
                         StatusCode::UNPROCESSABLE_ENTITY,
                         serde_json::json!({"status": "refused", "error": e, "generation": self.reloader.table().generation}),
@@ -97,13 +96,12 @@ impl ServeHttp for AdminApp {
                     ),
                 }
             }
-            (_, "/metrics" | "/routes" | "/reload") => json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                serde_json::json!({"error": "method not allowed"}),
-            ),
+            (_, "/metrics" | "/routes" | "/certs" | "/reload") => {
+                json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method not allowed"}))
+            }
             _ => json(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /metrics", "GET /routes", "POST /reload"]}),
+                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /metrics", "GET /routes", "GET /certs", "POST /reload"]}),
             ),
         }
     }

@@ -12,11 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(
-    name = "markco",
-    version,
-    about = "Edge gateway and control plane of the markco platform"
-)]
+#[command(name = "markco", version, about = "Edge gateway and control plane of the markco platform")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,6 +53,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One crypto provider (ring) for Pingora's listener and the ACME client alike.
+    markco_certs::install_crypto_provider();
     match cli.command {
         Command::Version => {
             println!("markco {}", env!("CARGO_PKG_VERSION"));
@@ -82,12 +80,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run {
-            config: path,
-            log_format,
-            log_level,
-            upgrade,
-        } => {
+        Command::Run { config: path, log_format, log_level, upgrade } => {
             let loaded = match &path {
                 Some(p) => config::load(p),
                 None => config::Config::embedded(),

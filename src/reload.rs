@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use markco_certs::CertManager;
 use markco_proxy::{Metrics, RouteTable};
 
 use crate::config::{self, Config};
@@ -13,6 +14,7 @@ pub struct Reloader {
     path: Option<PathBuf>,
     table: Arc<ArcSwap<RouteTable>>,
     metrics: Arc<Metrics>,
+    pub certs: Arc<CertManager>,
     generation: AtomicU64,
     /// The admin bearer token; a reload may change it.
     pub admin_token: ArcSwap<Option<String>>,
@@ -27,6 +29,7 @@ impl Reloader {
         path: Option<PathBuf>,
         table: Arc<ArcSwap<RouteTable>>,
         metrics: Arc<Metrics>,
+        certs: Arc<CertManager>,
         started: Config,
     ) -> Reloader {
         let generation = table.load().generation;
@@ -34,6 +37,7 @@ impl Reloader {
             path,
             table,
             metrics,
+            certs,
             generation: AtomicU64::new(generation),
             admin_token: ArcSwap::from_pointee(started.server.admin_token.clone()),
             started,
@@ -55,10 +59,7 @@ impl Reloader {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(path) = &self.path else {
             self.metrics.reload(false);
-            return Err(
-                "markco runs on its embedded default config; start it with --config FILE to reload"
-                    .into(),
-            );
+            return Err("markco runs on its embedded default config; start it with --config FILE to reload".into());
         };
         let cfg = match config::load(path) {
             Ok(c) => c,
@@ -73,7 +74,7 @@ impl Reloader {
         }
         let old = &self.started.server;
         let new = &cfg.server;
-        if old.http != new.http || old.admin != new.admin || old.threads != new.threads {
+        if old.http != new.http || old.https != new.https || old.admin != new.admin || old.threads != new.threads {
             tracing::warn!(
                 target: "markco::reload",
                 "listen addresses and threads changed in the file but apply only after a restart or upgrade"
@@ -81,9 +82,13 @@ impl Reloader {
         }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let table = cfg.build_table(generation, &self.metrics);
+        // Certificates first: a site that gains TLS must have its certificate before its
+        // plain-HTTP requests start being redirected.
+        for problem in self.certs.apply(cfg.acme.clone(), cfg.tls_plan()) {
+            tracing::error!(target: "markco::reload", "{problem}");
+        }
         self.table.store(Arc::new(table));
-        self.admin_token
-            .store(Arc::new(cfg.server.admin_token.clone()));
+        self.admin_token.store(Arc::new(cfg.server.admin_token.clone()));
         self.metrics.table_generation.set(generation as i64);
         self.metrics.reload(true);
         tracing::info!(target: "markco::reload", generation, sites = cfg.sites.len(), routes = cfg.route_count(), "config reloaded");

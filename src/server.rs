@@ -7,6 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use markco_certs::alpn::PreTlsHook;
+use markco_certs::manager::HandshakeCounter;
+use markco_certs::{CertManager, CertStore, TlsMetrics};
 use markco_proxy::app::EdgeApp;
 use markco_proxy::{Gateway, Metrics};
 use pingora::server::configuration::{Opt, ServerConf};
@@ -47,6 +50,18 @@ impl BackgroundService for HangupReload {
     }
 }
 
+/// Obtains and renews certificates; its I/O (the ACME client) lives on this service's runtime.
+struct CertService {
+    manager: Arc<CertManager>,
+}
+
+#[async_trait]
+impl BackgroundService for CertService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.manager.run(shutdown).await;
+    }
+}
+
 /// Fails early, with the address in the message, when a port is taken (Pingora would panic).
 fn check_bindable(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
     TcpListener::bind(addr)
@@ -63,6 +78,9 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     if !upgrade {
         check_bindable("http", cfg.server.http)?;
         check_bindable("admin", cfg.server.admin)?;
+        if let Some(https) = cfg.server.https {
+            check_bindable("https", https)?;
+        }
     }
     let metrics = Metrics::new();
     let table = Arc::new(ArcSwap::from_pointee(cfg.build_table(1, &metrics)));
@@ -76,40 +94,51 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         pid_file: cfg.server.pid_file.display().to_string(),
         ..ServerConf::default()
     };
-    let opt = Opt {
-        upgrade,
-        ..Opt::default()
-    };
+    let opt = Opt { upgrade, ..Opt::default() };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let gateway = Gateway::new(table.clone(), metrics.clone());
+    let store = Arc::new(CertStore::new(TlsMetrics::new(&metrics.registry)));
+    let certs = Arc::new(CertManager::new(store.clone(), cfg.acme.clone()));
+    // Stored and file certificates are served from the first handshake; orders run later.
+    for problem in certs.apply(cfg.acme.clone(), cfg.tls_plan()) {
+        tracing::error!("{problem}");
+    }
+
+    let gateway = Gateway::new(table.clone(), metrics.clone(), certs.tokens.clone());
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
-    let mut edge = Service::new(
-        "markco edge".to_string(),
-        EdgeApp::new(proxy, cfg.server.header_timeout),
-    );
+    let mut edge = Service::new("markco edge".to_string(), EdgeApp::new(proxy, cfg.server.header_timeout));
     edge.add_tcp(&cfg.server.http.to_string());
+    if let Some(https) = cfg.server.https {
+        let mut tls =
+            pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(HandshakeCounter { store: store.clone() }))
+                .context("setting up the HTTPS listener")?;
+        tls.set_cert_resolver(store.clone());
+        tls.enable_h2();
+        edge.add_tls_with_settings(&https.to_string(), None, tls);
+        edge.endpoints()
+            .set_pre_tls_callback(Arc::new(PreTlsHook { store: store.clone(), hello_timeout: cfg.server.header_timeout }));
+    }
 
     let http_addr = cfg.server.http;
     let admin_addr = cfg.server.admin;
-    let reloader = Arc::new(Reloader::new(path, table, metrics, cfg));
-    let mut admin = Service::new(
-        "markco admin".to_string(),
-        AdminApp {
-            reloader: reloader.clone(),
-        },
-    );
+    let https_addr = cfg.server.https;
+    let reloader = Arc::new(Reloader::new(path, table, metrics, certs.clone(), cfg));
+    let mut admin = Service::new("markco admin".to_string(), AdminApp { reloader: reloader.clone() });
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
 
     server.add_service(edge);
     server.add_service(admin);
-    server.add_service(background_service(
-        "reload on SIGHUP",
-        HangupReload { reloader },
-    ));
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), http = %http_addr, admin = %admin_addr, "markco starting");
+    server.add_service(background_service("reload on SIGHUP", HangupReload { reloader }));
+    server.add_service(background_service("certificates", CertService { manager: certs }));
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        http = %http_addr,
+        https = %https_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        admin = %admin_addr,
+        "markco starting"
+    );
     server.run(RunArgs::default());
     tracing::info!("markco stopped");
     Ok(())

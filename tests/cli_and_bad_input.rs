@@ -87,7 +87,8 @@ fn run_refuses_a_bad_config_and_a_taken_port() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
     let cfg = dir.path().join("taken.toml");
-    std::fs::write(&cfg, format!("[server]\nhttp = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{}\"\n", free_port())).expect("write");
+    std::fs::write(&cfg, format!("[server]\nhttp = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{}\"\n", free_port()))
+        .expect("write");
     let out = Command::new(markco_bin()).args(["run", "--config"]).arg(&cfg).output().expect("run");
     assert!(!out.status.success(), "must not start on a taken port");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -149,7 +150,11 @@ fn bad_requests_are_refused_cleanly() {
     // Headers over Pingora's hard limit (1 MiB): refused, not buffered without end.
     let huge = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(2 * 1024 * 1024));
     let raw = raw_exchange(m.http, huge.as_bytes(), t).unwrap_or_default();
-    assert!(matches!(status_of(&raw), Some(400) | Some(431) | None), "{}", String::from_utf8_lossy(&raw[..raw.len().min(200)]));
+    assert!(
+        matches!(status_of(&raw), Some(400) | Some(431) | None),
+        "{}",
+        String::from_utf8_lossy(&raw[..raw.len().min(200)])
+    );
 
     // Content-Length and Transfer-Encoding together: refused (request smuggling).
     let smuggle = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
@@ -159,7 +164,12 @@ fn bad_requests_are_refused_cleanly() {
     assert!(!text.contains("/smuggled"), "the smuggled request must not be served: {text}");
 
     // Two different Content-Lengths: refused.
-    let raw = raw_exchange(m.http, b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", t).expect("io");
+    let raw = raw_exchange(
+        m.http,
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        t,
+    )
+    .expect("io");
     assert_eq!(status_of(&raw), Some(400), "{}", String::from_utf8_lossy(&raw));
 
     // A client that never finishes its header is cut by the header timeout (1 s here).
@@ -170,7 +180,11 @@ fn bad_requests_are_refused_cleanly() {
     let mut buf = [0u8; 256];
     let n = s.read(&mut buf).unwrap_or(0);
     let waited = started.elapsed();
-    assert!(n == 0 || status_of(&buf[..n]).is_some_and(|s| s >= 400), "slow client got a response it should not: {:?}", &buf[..n]);
+    assert!(
+        n == 0 || status_of(&buf[..n]).is_some_and(|s| s >= 400),
+        "slow client got a response it should not: {:?}",
+        &buf[..n]
+    );
     assert!(waited < Duration::from_secs(4), "slow client held the connection for {waited:?}");
 
     // An idle connection that sends nothing is cut too.
@@ -186,9 +200,15 @@ fn bad_requests_are_refused_cleanly() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["name"], "app");
     let metrics = m.metrics();
-    assert!(metric_value(&metrics, "markco_http_bad_requests_total", &[("reason", "header_too_large")]).unwrap_or(0.0) >= 1.0, "{metrics}");
     assert!(
-        metric_value(&metrics, "markco_http_bad_requests_total", &[("reason", "content_length_and_transfer_encoding")]).unwrap_or(0.0) >= 1.0,
+        metric_value(&metrics, "markco_http_bad_requests_total", &[("reason", "header_too_large")]).unwrap_or(0.0)
+            >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric_value(&metrics, "markco_http_bad_requests_total", &[("reason", "content_length_and_transfer_encoding")])
+            .unwrap_or(0.0)
+            >= 1.0,
         "{metrics}"
     );
     assert!(!m.log().contains("panicked"), "{}", m.log());

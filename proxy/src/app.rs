@@ -21,22 +21,14 @@ pub struct EdgeApp {
 
 impl EdgeApp {
     pub fn new(inner: HttpProxy<Gateway>, header_timeout: Duration) -> EdgeApp {
-        EdgeApp {
-            inner: Arc::new(inner),
-            header_timeout_secs: header_timeout.as_secs().max(1),
-        }
+        EdgeApp { inner: Arc::new(inner), header_timeout_secs: header_timeout.as_secs().max(1) }
     }
 }
 
 #[async_trait]
 impl ServerApp for EdgeApp {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let h1 = stream.get_ssl_digest().is_some()
-            && !matches!(stream.selected_alpn_proto(), Some(ALPN::H2))
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let h1 = stream.get_ssl_digest().is_some() && !matches!(stream.selected_alpn_proto(), Some(ALPN::H2))
             || stream.get_ssl_digest().is_none();
         if !h1 {
             // HTTP/2 keeps Pingora's own handling.
@@ -44,11 +36,7 @@ impl ServerApp for EdgeApp {
         }
         let mut session = ServerSession::new_http1(stream);
         // Applies to each read while waiting for a request header, first and kept-alive alike.
-        session.set_keepalive(if *shutdown.borrow() {
-            None
-        } else {
-            Some(self.header_timeout_secs)
-        });
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(self.header_timeout_secs) });
         let mut result = self.inner.process_new_http(session, shutdown).await;
         while let Some((stream, settings)) = result.map(|r| r.consume()) {
             let mut session = ServerSession::new_http1(stream);

@@ -9,21 +9,9 @@ use pingora::prelude::*;
 
 /// Headers that describe one connection and must not be forwarded (RFC 9110 7.6.1). Framing
 /// (`Transfer-Encoding`, `Content-Length`) is left to Pingora, which re-frames bodies itself.
-const HOP_BY_HOP: [&str; 5] = [
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "proxy-authorization",
-];
+const HOP_BY_HOP: [&str; 5] = ["keep-alive", "proxy-connection", "te", "trailer", "proxy-authorization"];
 
-const FORWARDED: [&str; 5] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "forwarded",
-    "x-real-ip",
-];
+const FORWARDED: [&str; 5] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"];
 
 pub fn is_trusted(peer: Option<IpAddr>, trusted: &[IpNet]) -> bool {
     match peer {
@@ -72,11 +60,7 @@ pub fn prepare_upstream_request(
     let peer_ip = peer.map(|ip| ip.to_string()).unwrap_or_default();
     if trusted {
         // A trusted proxy's claims are kept; we only append the hop we saw.
-        let xff = match req
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
+        let xff = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_ip}"),
             _ => peer_ip,
         };
@@ -150,11 +134,7 @@ mod tests {
 
     #[test]
     fn trusted_peer_is_appended() {
-        let mut r = req(&[
-            ("Host", "markco.dev"),
-            ("X-Forwarded-For", "198.51.100.1"),
-            ("X-Forwarded-Proto", "https"),
-        ]);
+        let mut r = req(&[("Host", "markco.dev"), ("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-Proto", "https")]);
         let ip: IpAddr = "10.0.0.2".parse().expect("ip");
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
         assert!(is_trusted(Some(ip), &trusted));
@@ -175,25 +155,14 @@ mod tests {
             ("Upgrade", "h2c"),
         ]);
         prepare_upstream_request(&mut r, None, false, false, false).expect("ok");
-        for h in [
-            "connection",
-            "x-secret",
-            "keep-alive",
-            "te",
-            "proxy-authorization",
-            "upgrade",
-        ] {
+        for h in ["connection", "x-secret", "keep-alive", "te", "proxy-authorization", "upgrade"] {
             assert!(get(&r, h).is_none(), "{h} must not be forwarded");
         }
     }
 
     #[test]
     fn websocket_upgrade_kept() {
-        let mut r = req(&[
-            ("Host", "a"),
-            ("Connection", "Upgrade"),
-            ("Upgrade", "websocket"),
-        ]);
+        let mut r = req(&[("Host", "a"), ("Connection", "Upgrade"), ("Upgrade", "websocket")]);
         prepare_upstream_request(&mut r, None, false, false, true).expect("ok");
         assert_eq!(get(&r, "upgrade"), Some("websocket"));
         assert_eq!(get(&r, "connection"), Some("Upgrade"));

@@ -1,6 +1,7 @@
 //! The Pingora `ProxyHttp` implementation: one route-table snapshot per request, then the
 //! route's action.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,22 +23,24 @@ use crate::path;
 use crate::static_files;
 use crate::table::{canonical_host, Action, Route, RouteTable};
 
+/// ACME HTTP-01 answers (token → key authorization), published by the certificate manager.
+pub type AcmeTokens = Arc<ArcSwap<HashMap<String, String>>>;
+
+const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
 /// The data plane.
 pub struct Gateway {
     table: Arc<ArcSwap<RouteTable>>,
     metrics: Arc<Metrics>,
+    acme_tokens: AcmeTokens,
     /// Requests that matched no site or route.
     unrouted: RouteMetrics,
 }
 
 impl Gateway {
-    pub fn new(table: Arc<ArcSwap<RouteTable>>, metrics: Arc<Metrics>) -> Gateway {
+    pub fn new(table: Arc<ArcSwap<RouteTable>>, metrics: Arc<Metrics>, acme_tokens: AcmeTokens) -> Gateway {
         let unrouted = metrics.route("none");
-        Gateway {
-            table,
-            metrics,
-            unrouted,
-        }
+        Gateway { table, metrics, acme_tokens, unrouted }
     }
 }
 
@@ -53,6 +56,8 @@ pub struct Ctx {
     /// The connection was upgraded (websocket) and counted in the open gauge.
     upgraded: bool,
     trusted_peer: bool,
+    /// `Strict-Transport-Security` to add to this response.
+    hsts: Option<Arc<str>>,
 }
 
 /// A short plain-text response; the body names no internals.
@@ -65,18 +70,13 @@ pub async fn respond_text(session: &mut Session, status: u16, body: &'static str
     let head = session.req_header().method == http::Method::HEAD;
     session.write_response_header(Box::new(h), head).await?;
     if !head {
-        session
-            .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
-            .await?;
+        session.write_response_body(Some(Bytes::from_static(body.as_bytes())), true).await?;
     }
     Ok(())
 }
 
 fn peer_ip(session: &Session) -> Option<IpAddr> {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
+    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
 }
 
 fn is_tls(session: &Session) -> bool {
@@ -99,11 +99,7 @@ fn header_too_large(req: &RequestHeader, limit: usize) -> bool {
 /// chunked framing win (RFC 9112 6.3); we refuse such a request outright, since a peer that
 /// sends both is either broken or probing for request smuggling.
 fn has_cl_and_te(session: &Session) -> bool {
-    if !session
-        .req_header()
-        .headers
-        .contains_key(header::TRANSFER_ENCODING)
-    {
+    if !session.req_header().headers.contains_key(header::TRANSFER_ENCODING) {
         return false;
     }
     match session.as_downstream() {
@@ -139,20 +135,13 @@ fn classify(e: &Error) -> UpstreamErrorKind {
         ErrorType::ConnectRefused => UpstreamErrorKind::ConnectRefused,
         ErrorType::ConnectTimedout => UpstreamErrorKind::ConnectTimeout,
         ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamErrorKind::ReadTimeout,
-        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
-            UpstreamErrorKind::Reset
-        }
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => UpstreamErrorKind::Reset,
         _ => UpstreamErrorKind::Other,
     }
 }
 
 impl Gateway {
-    async fn run_action(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        route: &Route,
-    ) -> Result<bool> {
+    async fn run_action(&self, session: &mut Session, ctx: &mut Ctx, route: &Route) -> Result<bool> {
         match &route.action {
             Action::Proxy(_) => {
                 let settings = &ctx.table.as_ref().expect("table loaded").settings;
@@ -165,7 +154,7 @@ impl Gateway {
                 Ok(false)
             }
             Action::Static(s) => {
-                let served = static_files::serve(session, s, &ctx.path).await?;
+                let served = static_files::serve(session, s, &ctx.path, ctx.hsts.as_deref()).await?;
                 ctx.status = served.status;
                 Ok(true)
             }
@@ -183,21 +172,18 @@ impl Gateway {
                 ctx.status = *status;
                 Ok(true)
             }
-            Action::Respond {
-                status,
-                body,
-                content_type,
-            } => {
+            Action::Respond { status, body, content_type } => {
                 let mut h = ResponseHeader::build(*status, Some(3))?;
                 h.insert_header(header::CONTENT_TYPE, content_type.as_str())?;
                 h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
                 h.insert_header("X-Content-Type-Options", "nosniff")?;
+                if let Some(v) = &ctx.hsts {
+                    h.insert_header("Strict-Transport-Security", &**v)?;
+                }
                 let head = session.req_header().method == http::Method::HEAD || body.is_empty();
                 session.write_response_header(Box::new(h), head).await?;
                 if !head {
-                    session
-                        .write_response_body(Some(body.clone()), true)
-                        .await?;
+                    session.write_response_body(Some(body.clone()), true).await?;
                 }
                 ctx.status = *status;
                 Ok(true)
@@ -235,6 +221,7 @@ impl ProxyHttp for Gateway {
             status: 0,
             upgraded: false,
             trusted_peer: false,
+            hsts: None,
         }
     }
 
@@ -255,15 +242,7 @@ impl ProxyHttp for Gateway {
         }
         if header_too_large(session.req_header(), settings.max_header_bytes) {
             ctx.table = Some(table);
-            return self
-                .refuse(
-                    session,
-                    ctx,
-                    431,
-                    "header_too_large",
-                    "request header fields too large\n",
-                )
-                .await;
+            return self.refuse(session, ctx, 431, "header_too_large", "request header fields too large\n").await;
         }
         ctx.trusted_peer = forwarded::is_trusted(peer_ip(session), &settings.trusted_proxies);
         let req = session.req_header();
@@ -279,24 +258,45 @@ impl ProxyHttp for Gateway {
         ctx.table = Some(table);
         let path = match normalized {
             Ok(p) => p,
-            Err(_) => {
-                return self
-                    .refuse(
-                        session,
-                        ctx,
-                        400,
-                        "bad_path",
-                        "bad request: malformed path\n",
-                    )
-                    .await
-            }
+            Err(_) => return self.refuse(session, ctx, 400, "bad_path", "bad request: malformed path\n").await,
         };
         ctx.path = path;
+        let tls = is_tls(session);
+        if !tls && ctx.path.starts_with(ACME_CHALLENGE_PREFIX) {
+            // HTTP-01 validation comes before any route or redirect.
+            let token = &ctx.path[ACME_CHALLENGE_PREFIX.len()..];
+            if let Some(answer) = self.acme_tokens.load().get(token) {
+                let mut h = ResponseHeader::build(200, Some(2))?;
+                h.insert_header(header::CONTENT_TYPE, "application/octet-stream")?;
+                h.insert_header(header::CONTENT_LENGTH, answer.len().to_string())?;
+                session.write_response_header(Box::new(h), false).await?;
+                session.write_response_body(Some(Bytes::from(answer.clone())), true).await?;
+                ctx.status = 200;
+                tracing::info!(token, "answered an HTTP-01 validation");
+                return Ok(true);
+            }
+        }
         let Some(site) = site else {
             respond_text(session, 404, "no site is configured for this host\n").await?;
             ctx.status = 404;
             return Ok(true);
         };
+        let settings = &ctx.table.as_ref().expect("table loaded").settings;
+        if site.tls {
+            if tls {
+                ctx.hsts = settings.hsts.as_deref().map(Arc::from);
+            } else if let (true, Some(port)) = (settings.redirect_to_https, settings.https_port) {
+                let req = session.req_header();
+                let authority = if port == 443 { host.clone() } else { format!("{host}:{port}") };
+                let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                let mut h = ResponseHeader::build(308, Some(2))?;
+                h.insert_header(header::LOCATION, format!("https://{authority}{pq}"))?;
+                h.insert_header(header::CONTENT_LENGTH, "0")?;
+                session.write_response_header(Box::new(h), true).await?;
+                ctx.status = 308;
+                return Ok(true);
+            }
+        }
         let Some(route) = site.find(&ctx.path).cloned() else {
             respond_text(session, 404, "not found\n").await?;
             ctx.status = 404;
@@ -308,16 +308,11 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         match ctx.route.as_deref().map(|r| &r.action) {
-            Some(Action::Proxy(p)) => Ok(Box::new(if session.is_upgrade_req() {
-                p.ws_peer.clone()
-            } else {
-                p.peer.clone()
-            })),
+            Some(Action::Proxy(p)) => {
+                Ok(Box::new(if session.is_upgrade_req() { p.ws_peer.clone() } else { p.peer.clone() }))
+            }
             // request_filter answers every other action itself.
-            _ => Error::e_explain(
-                ErrorType::InternalError,
-                "upstream_peer without a proxy route",
-            ),
+            _ => Error::e_explain(ErrorType::InternalError, "upstream_peer without a proxy route"),
         }
     }
 
@@ -337,11 +332,7 @@ impl ProxyHttp for Gateway {
                 path = rest;
             }
         }
-        let path = if path.starts_with('/') {
-            path.to_string()
-        } else {
-            format!("/{path}")
-        };
+        let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
         let pq = match session.req_header().uri.query() {
             Some(q) => format!("{path}?{q}"),
             None => path,
@@ -369,6 +360,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         forwarded::clean_response(upstream_response);
+        if let Some(v) = &ctx.hsts {
+            upstream_response.insert_header("Strict-Transport-Security", &**v)?;
+        }
         if upstream_response.status == 101 && !ctx.upgraded {
             ctx.upgraded = true;
             if let Some(r) = &ctx.route {
@@ -386,10 +380,7 @@ impl ProxyHttp for Gateway {
                     if let Some(Action::Proxy(p)) = ctx.route.as_deref().map(|r| &r.action) {
                         self.metrics.upstream_error(&p.upstream.label, classify(e));
                     }
-                    if matches!(
-                        e.etype(),
-                        ErrorType::ConnectTimedout | ErrorType::ReadTimedout
-                    ) {
+                    if matches!(e.etype(), ErrorType::ConnectTimedout | ErrorType::ReadTimedout) {
                         504
                     } else {
                         502
@@ -416,44 +407,26 @@ impl ProxyHttp for Gateway {
             }
         }
         ctx.status = code;
-        FailToProxy {
-            error_code: code,
-            can_reuse_downstream: false,
-        }
+        FailToProxy { error_code: code, can_reuse_downstream: false }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(ctx.status);
+        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(ctx.status);
         let req = session.req_header();
-        let metrics = ctx
-            .route
-            .as_ref()
-            .map(|r| &r.metrics)
-            .unwrap_or(&self.unrouted);
+        let metrics = ctx.route.as_ref().map(|r| &r.metrics).unwrap_or(&self.unrouted);
         let elapsed = ctx.start.elapsed();
         metrics.count(&req.method, status);
         metrics.duration.observe(elapsed.as_secs_f64());
         if ctx.upgraded {
             metrics.websockets.dec();
         }
-        let access_log = ctx
-            .table
-            .as_ref()
-            .map(|t| t.settings.access_log)
-            .unwrap_or(true);
+        let access_log = ctx.table.as_ref().map(|t| t.settings.access_log).unwrap_or(true);
         if access_log {
             let upstream = match ctx.route.as_deref().map(|r| &r.action) {
                 Some(Action::Proxy(p)) => &*p.upstream.label,
                 _ => "-",
             };
-            let host = req
-                .headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-");
+            let host = req.headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("-");
             tracing::info!(
                 target: "markco::access",
                 method = %req.method,

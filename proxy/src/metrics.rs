@@ -7,13 +7,11 @@
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
-const METHODS: [&str; 8] = [
-    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER",
-];
+const METHODS: [&str; 8] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER"];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 pub fn method_index(m: &http::Method) -> usize {
@@ -82,10 +80,7 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new(
-                "markco_http_requests_total",
-                "HTTP requests handled, by route, method and status class",
-            ),
+            Opts::new("markco_http_requests_total", "HTTP requests handled, by route, method and status class"),
             &["route", "method", "status_class"],
         )
         .expect("static metric definition");
@@ -94,26 +89,17 @@ impl Metrics {
                 "markco_http_request_duration_seconds",
                 "Time from request start to the end of the response, by route",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0,
-            ]),
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
             &["route"],
         )
         .expect("static metric definition");
         let websockets = IntGaugeVec::new(
-            Opts::new(
-                "markco_websockets_open",
-                "Upgraded (websocket) connections open, by route",
-            ),
+            Opts::new("markco_websockets_open", "Upgraded (websocket) connections open, by route"),
             &["route"],
         )
         .expect("static metric definition");
         let upstream_errors = IntCounterVec::new(
-            Opts::new(
-                "markco_upstream_errors_total",
-                "Failures talking to an upstream, by upstream and kind",
-            ),
+            Opts::new("markco_upstream_errors_total", "Failures talking to an upstream, by upstream and kind"),
             &["upstream", "kind"],
         )
         .expect("static metric definition");
@@ -123,18 +109,12 @@ impl Metrics {
         )
         .expect("static metric definition");
         let reloads = IntCounterVec::new(
-            Opts::new(
-                "markco_config_reloads_total",
-                "Config reloads, by result (ok or error)",
-            ),
+            Opts::new("markco_config_reloads_total", "Config reloads, by result (ok or error)"),
             &["result"],
         )
         .expect("static metric definition");
         let bad_requests = IntCounterVec::new(
-            Opts::new(
-                "markco_http_bad_requests_total",
-                "Requests refused before routing, by reason",
-            ),
+            Opts::new("markco_http_bad_requests_total", "Requests refused before routing, by reason"),
             &["reason"],
         )
         .expect("static metric definition");
@@ -176,15 +156,11 @@ impl Metrics {
     }
 
     pub fn upstream_error(&self, upstream: &str, kind: UpstreamErrorKind) {
-        self.upstream_errors
-            .with_label_values(&[upstream, kind.as_str()])
-            .inc();
+        self.upstream_errors.with_label_values(&[upstream, kind.as_str()]).inc();
     }
 
     pub fn reload(&self, ok: bool) {
-        self.reloads
-            .with_label_values(&[if ok { "ok" } else { "error" }])
-            .inc();
+        self.reloads.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
     }
 
     pub fn bad_request(&self, reason: &str) {
@@ -220,11 +196,7 @@ impl RouteMetrics {
     pub fn count(&self, method: &http::Method, status: u16) {
         let (m, c) = (method_index(method), class_index(status));
         self.requests[m][c]
-            .get_or_init(|| {
-                self.owner
-                    .requests
-                    .with_label_values(&[&self.name, METHODS[m], CLASSES[c]])
-            })
+            .get_or_init(|| self.owner.requests.with_label_values(&[&self.name, METHODS[m], CLASSES[c]]))
             .inc();
     }
 }

@@ -18,11 +18,7 @@ const CHUNK: usize = 64 * 1024;
 /// MIME type by extension. The list errs on the side of the types browsers enforce under
 /// `nosniff` (scripts, styles) and the ones the platform serves.
 pub fn mime_for(path: &Path) -> &'static str {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-        .unwrap_or_default();
+    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
     match ext.as_str() {
         "html" | "htm" => "text/html; charset=utf-8",
         "js" | "mjs" | "cjs" => "text/javascript; charset=utf-8",
@@ -89,11 +85,7 @@ fn lookup(action: &StaticAction, path: &str) -> Lookup {
             return Some(Lookup::Forbidden);
         }
         let meta = real.metadata().ok()?;
-        Some(if meta.is_file() {
-            Lookup::File(real, meta)
-        } else {
-            Lookup::NotFound
-        })
+        Some(if meta.is_file() { Lookup::File(real, meta) } else { Lookup::NotFound })
     };
     match std::fs::metadata(&full) {
         Ok(m) if m.is_dir() => {
@@ -115,40 +107,25 @@ fn lookup(action: &StaticAction, path: &str) -> Lookup {
 
 fn etag_of(meta: &std::fs::Metadata) -> (String, Option<SystemTime>) {
     let mtime = meta.modified().ok();
-    let secs = mtime
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let secs = mtime.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
     (format!("\"{:x}-{:x}\"", secs, meta.len()), mtime)
 }
 
 fn not_modified(session: &Session, etag: &str, mtime: Option<SystemTime>) -> bool {
     let headers = &session.req_header().headers;
-    if let Some(inm) = headers
-        .get(http::header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(inm) = headers.get(http::header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
         return inm.split(',').any(|t| {
             let t = t.trim();
             t == "*" || t == etag || t.strip_prefix("W/") == Some(etag)
         });
     }
-    if let (Some(ims), Some(mtime)) = (
-        headers
-            .get(http::header::IF_MODIFIED_SINCE)
-            .and_then(|v| v.to_str().ok()),
-        mtime,
-    ) {
+    if let (Some(ims), Some(mtime)) =
+        (headers.get(http::header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()), mtime)
+    {
         if let Ok(since) = httpdate::parse_http_date(ims) {
             // HTTP dates have one-second resolution.
-            let mtime_secs = mtime
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let since_secs = since
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let mtime_secs = mtime.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let since_secs = since.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             return mtime_secs <= since_secs;
         }
     }
@@ -156,7 +133,7 @@ fn not_modified(session: &Session, etag: &str, mtime: Option<SystemTime>) -> boo
 }
 
 /// Serves `path` from the action's root. Errors are downstream write failures only.
-pub async fn serve(session: &mut Session, action: &StaticAction, path: &str) -> Result<Served> {
+pub async fn serve(session: &mut Session, action: &StaticAction, path: &str, hsts: Option<&str>) -> Result<Served> {
     let method = session.req_header().method.clone();
     if method != http::Method::GET && method != http::Method::HEAD {
         let mut h = ResponseHeader::build(405, Some(3))?;
@@ -168,14 +145,10 @@ pub async fn serve(session: &mut Session, action: &StaticAction, path: &str) -> 
     let (file, meta) = match lookup(action, path) {
         Lookup::File(f, m) => (f, m),
         Lookup::NotFound => {
-            return crate::gateway::respond_text(session, 404, "not found\n")
-                .await
-                .map(|_| Served { status: 404 })
+            return crate::gateway::respond_text(session, 404, "not found\n").await.map(|_| Served { status: 404 })
         }
         Lookup::Forbidden => {
-            return crate::gateway::respond_text(session, 403, "forbidden\n")
-                .await
-                .map(|_| Served { status: 403 })
+            return crate::gateway::respond_text(session, 403, "forbidden\n").await.map(|_| Served { status: 403 })
         }
     };
     let (etag, mtime) = etag_of(&meta);
@@ -183,6 +156,9 @@ pub async fn serve(session: &mut Session, action: &StaticAction, path: &str) -> 
     h.insert_header("Content-Type", mime_for(&file))?;
     h.insert_header("X-Content-Type-Options", "nosniff")?;
     h.insert_header("ETag", etag.as_str())?;
+    if let Some(v) = hsts {
+        h.insert_header("Strict-Transport-Security", v)?;
+    }
     if let Some(t) = mtime {
         h.insert_header("Last-Modified", httpdate::fmt_http_date(t))?;
     }
@@ -208,21 +184,13 @@ pub async fn serve(session: &mut Session, action: &StaticAction, path: &str) -> 
     let mut left = meta.len();
     let mut buf = vec![0u8; CHUNK.min(left as usize)];
     while left > 0 {
-        let n = f
-            .read(&mut buf)
-            .await
-            .or_err(ErrorType::ReadError, "reading static file")?;
+        let n = f.read(&mut buf).await.or_err(ErrorType::ReadError, "reading static file")?;
         if n == 0 {
             // Truncated while we read it: end here; the client sees a short body and retries.
-            return Error::e_explain(
-                ErrorType::ReadError,
-                "static file shrank while being served",
-            );
+            return Error::e_explain(ErrorType::ReadError, "static file shrank while being served");
         }
         left = left.saturating_sub(n as u64);
-        session
-            .write_response_body(Some(Bytes::copy_from_slice(&buf[..n])), left == 0)
-            .await?;
+        session.write_response_body(Some(Bytes::copy_from_slice(&buf[..n])), left == 0).await?;
     }
     Ok(Served { status: 200 })
 }

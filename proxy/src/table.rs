@@ -37,8 +37,7 @@ impl PathPattern {
         match self {
             PathPattern::Exact(p) => path == p,
             PathPattern::Prefix(p) => {
-                path.starts_with(p.as_str())
-                    || (p.len() > 1 && p.ends_with('/') && path == &p[..p.len() - 1])
+                path.starts_with(p.as_str()) || (p.len() > 1 && p.ends_with('/') && path == &p[..p.len() - 1])
             }
         }
     }
@@ -81,15 +80,8 @@ pub struct StaticAction {
 pub enum Action {
     Proxy(ProxyAction),
     Static(StaticAction),
-    Redirect {
-        to: String,
-        status: u16,
-    },
-    Respond {
-        status: u16,
-        body: Bytes,
-        content_type: String,
-    },
+    Redirect { to: String, status: u16 },
+    Respond { status: u16, body: Bytes, content_type: String },
 }
 
 impl Action {
@@ -121,6 +113,8 @@ impl Route {
 #[derive(Debug)]
 pub struct Site {
     pub hosts: Vec<String>,
+    /// Served over HTTPS: plain-HTTP requests are redirected.
+    pub tls: bool,
     pub routes: Vec<Arc<Route>>,
 }
 
@@ -141,6 +135,11 @@ pub struct ProxySettings {
     /// Requests whose header section is larger get 431.
     pub max_header_bytes: usize,
     pub access_log: bool,
+    /// The HTTPS listener's port, when there is one (for redirects).
+    pub https_port: Option<u16>,
+    pub redirect_to_https: bool,
+    /// `Strict-Transport-Security` for HTTPS responses of TLS sites.
+    pub hsts: Option<String>,
 }
 
 impl Default for ProxySettings {
@@ -151,6 +150,9 @@ impl Default for ProxySettings {
             websocket_idle_timeout: Some(Duration::from_secs(3600)),
             max_header_bytes: 64 * 1024,
             access_log: true,
+            https_port: None,
+            redirect_to_https: true,
+            hsts: None,
         }
     }
 }
@@ -202,14 +204,7 @@ impl RouteTable {
         }
         // Longest suffix first, so `*.a.example.com` beats `*.example.com`.
         wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        RouteTable {
-            generation,
-            settings,
-            sites,
-            by_host,
-            wildcards,
-            fallback,
-        }
+        RouteTable { generation, settings, sites, by_host, wildcards, fallback }
     }
 
     /// An empty table (everything 404) for before the first config is loaded.

@@ -29,14 +29,7 @@ impl ConfigError {
         let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
         let column = before[line_start..].chars().count() + 1;
         let snippet = src[line_start..].lines().next().unwrap_or("").to_string();
-        ConfigError {
-            file: file.to_path_buf(),
-            line,
-            column,
-            message: message.into(),
-            help,
-            snippet,
-        }
+        ConfigError { file: file.to_path_buf(), line, column, message: message.into(), help, snippet }
     }
 
     /// An error about the file as a whole (it cannot be read, say).
@@ -57,14 +50,7 @@ impl fmt::Display for ConfigError {
         if self.line == 0 {
             writeln!(f, "error: {}: {}", self.file.display(), self.message)?;
         } else {
-            writeln!(
-                f,
-                "error: {}:{}:{}: {}",
-                self.file.display(),
-                self.line,
-                self.column,
-                self.message
-            )?;
+            writeln!(f, "error: {}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)?;
             let gutter = self.line.to_string().len();
             writeln!(f, "{:gutter$} |", "")?;
             writeln!(f, "{} | {}", self.line, self.snippet)?;

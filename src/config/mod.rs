@@ -2,6 +2,7 @@
 
 mod error;
 mod raw;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -12,10 +13,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ipnet::IpNet;
+use markco_certs::{AcmeConfig, ManagedSite, SiteTls};
 use markco_proxy::metrics::Metrics;
 use markco_proxy::table::{
-    Action, PathPattern, ProxyAction, ProxySettings, Route, RouteTable, Site, StaticAction,
-    Upstream,
+    Action, PathPattern, ProxyAction, ProxySettings, Route, RouteTable, Site, StaticAction, Upstream,
 };
 use pingora::upstreams::peer::HttpPeer;
 use toml::Spanned;
@@ -36,6 +37,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub admin_token: Option<String>,
     pub threads: usize,
@@ -56,25 +58,10 @@ pub struct LogSettings {
 
 #[derive(Debug, Clone)]
 pub enum ActionSpec {
-    Proxy {
-        label: String,
-        addr: SocketAddr,
-        strip_prefix: Option<String>,
-    },
-    Static {
-        root: PathBuf,
-        strip_prefix: Option<String>,
-        index: Vec<String>,
-    },
-    Redirect {
-        to: String,
-        status: u16,
-    },
-    Respond {
-        status: u16,
-        body: String,
-        content_type: String,
-    },
+    Proxy { label: String, addr: SocketAddr, strip_prefix: Option<String> },
+    Static { root: PathBuf, strip_prefix: Option<String>, index: Vec<String> },
+    Redirect { to: String, status: u16 },
+    Respond { status: u16, body: String, content_type: String },
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +74,7 @@ pub struct RouteSpec {
 #[derive(Debug, Clone)]
 pub struct SiteSpec {
     pub hosts: Vec<String>,
+    pub tls: SiteTls,
     pub routes: Vec<RouteSpec>,
 }
 
@@ -96,6 +84,7 @@ pub struct Config {
     pub server: ServerSettings,
     pub proxy: ProxySettings,
     pub log: LogSettings,
+    pub acme: AcmeConfig,
     pub sites: Vec<SiteSpec>,
     /// Things that are allowed but probably not meant (a static root that does not exist yet).
     pub warnings: Vec<String>,
@@ -115,39 +104,19 @@ impl Ctx<'_> {
         msg: impl Into<String>,
         help: impl Into<Option<String>>,
     ) -> Result<T, ConfigError> {
-        Err(ConfigError::at(
-            self.file,
-            self.src,
-            Some(span),
-            msg,
-            help.into(),
-        ))
+        Err(ConfigError::at(self.file, self.src, Some(span), msg, help.into()))
     }
 
-    fn duration(
-        &self,
-        v: &Option<Spanned<String>>,
-        key: &str,
-        default: Duration,
-    ) -> Result<Duration, ConfigError> {
+    fn duration(&self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(default),
             Some(s) => humantime::parse_duration(s.get_ref().trim()).or_else(|e| {
-                self.err(
-                    s.span(),
-                    format!("`{key}` is not a duration: {e}"),
-                    Some(DURATION_HELP.to_string()),
-                )
+                self.err(s.span(), format!("`{key}` is not a duration: {e}"), Some(DURATION_HELP.to_string()))
             }),
         }
     }
 
-    fn addr(
-        &self,
-        v: &Option<Spanned<String>>,
-        key: &str,
-        default: &str,
-    ) -> Result<SocketAddr, ConfigError> {
+    fn addr(&self, v: &Option<Spanned<String>>, key: &str, default: &str) -> Result<SocketAddr, ConfigError> {
         match v {
             None => default.parse().or_else(|_| self.err(0..0, format!("bad built-in default for `{key}`"), None)),
             Some(s) => s.get_ref().trim().parse().or_else(|_| {
@@ -198,10 +167,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
                     return cx.err(
                         f.span(),
                         format!("the admin token file {} is empty", p.display()),
-                        Some(
-                            "put a long random token in it, e.g. `openssl rand -hex 32 > FILE`"
-                                .to_string(),
-                        ),
+                        Some("put a long random token in it, e.g. `openssl rand -hex 32 > FILE`".to_string()),
                     )
                 }
                 Err(e) => {
@@ -215,9 +181,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         }
     };
     let threads = match &s.threads {
-        None => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2),
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         Some(t) if (1..=256).contains(t.get_ref()) => *t.get_ref() as usize,
         Some(t) => {
             return cx.err(
@@ -230,9 +194,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
     let mut trusted_proxies = Vec::new();
     for t in &s.trusted_proxies {
         let v = t.get_ref().trim();
-        let net = v
-            .parse::<IpNet>()
-            .or_else(|_| v.parse::<std::net::IpAddr>().map(IpNet::from));
+        let net = v.parse::<IpNet>().or_else(|_| v.parse::<std::net::IpAddr>().map(IpNet::from));
         match net {
             Ok(n) => trusted_proxies.push(n),
             Err(_) => {
@@ -247,34 +209,21 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
     let max_header_bytes = match &s.max_header_bytes {
         None => 64 * 1024,
         Some(m) if (1024..=1_048_575).contains(m.get_ref()) => *m.get_ref() as usize,
-        Some(m) => {
-            return cx.err(
-                m.span(),
-                "`max_header_bytes` must be between 1024 and 1048575",
-                None,
-            )
-        }
+        Some(m) => return cx.err(m.span(), "`max_header_bytes` must be between 1024 and 1048575", None),
     };
-    let websocket_idle = cx.duration(
-        &s.websocket_idle_timeout,
-        "websocket_idle_timeout",
-        Duration::from_secs(3600),
-    )?;
-    let upstream_idle = cx.duration(
-        &s.upstream_idle_timeout,
-        "upstream_idle_timeout",
-        Duration::from_secs(300),
-    )?;
+    let websocket_idle = cx.duration(&s.websocket_idle_timeout, "websocket_idle_timeout", Duration::from_secs(3600))?;
+    let upstream_idle = cx.duration(&s.upstream_idle_timeout, "upstream_idle_timeout", Duration::from_secs(300))?;
+    let https = match &s.https {
+        None => None,
+        some => Some(cx.addr(some, "https", "0.0.0.0:443")?),
+    };
     let server = ServerSettings {
         http: cx.addr(&s.http, "http", "127.0.0.1:8080")?,
+        https,
         admin: cx.addr(&s.admin, "admin", "127.0.0.1:2019")?,
         admin_token,
         threads,
-        header_timeout: cx.duration(
-            &s.header_timeout,
-            "header_timeout",
-            Duration::from_secs(10),
-        )?,
+        header_timeout: cx.duration(&s.header_timeout, "header_timeout", Duration::from_secs(10))?,
         upstream_connect_timeout: cx.duration(
             &s.upstream_connect_timeout,
             "upstream_connect_timeout",
@@ -282,11 +231,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         )?,
         upstream_idle_timeout: (!upstream_idle.is_zero()).then_some(upstream_idle),
         grace_period: cx.duration(&s.grace_period, "grace_period", Duration::from_secs(10))?,
-        shutdown_timeout: cx.duration(
-            &s.shutdown_timeout,
-            "shutdown_timeout",
-            Duration::from_secs(5),
-        )?,
+        shutdown_timeout: cx.duration(&s.shutdown_timeout, "shutdown_timeout", Duration::from_secs(5))?,
         upgrade_sock: s
             .upgrade_sock
             .as_ref()
@@ -298,6 +243,13 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
             .map(|p| base_dir.join(p.get_ref()))
             .unwrap_or_else(|| PathBuf::from("/tmp/markco.pid")),
     };
+    if Some(server.http) == server.https || Some(server.admin) == server.https {
+        return cx.err(
+            s.https.as_ref().map(|a| a.span()).unwrap_or(0..0),
+            "`https` shares its address with another listener",
+            Some("give each listener its own port".to_string()),
+        );
+    }
     if server.http == server.admin {
         return cx.err(
             s.admin.as_ref().map(|a| a.span()).unwrap_or(0..0),
@@ -307,15 +259,25 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
     }
     let proxy = ProxySettings {
         trusted_proxies,
-        client_idle_timeout: cx.duration(
-            &s.client_idle_timeout,
-            "client_idle_timeout",
-            Duration::from_secs(60),
-        )?,
+        client_idle_timeout: cx.duration(&s.client_idle_timeout, "client_idle_timeout", Duration::from_secs(60))?,
         websocket_idle_timeout: (!websocket_idle.is_zero()).then_some(websocket_idle),
         max_header_bytes,
         access_log: raw.log.access_log.unwrap_or(true),
+        https_port: server.https.map(|a| a.port()),
+        redirect_to_https: s.redirect_to_https.unwrap_or(true),
+        hsts: match &s.hsts {
+            None => None,
+            Some(h) if h.get_ref().trim().starts_with("max-age=") => Some(h.get_ref().trim().to_string()),
+            Some(h) => {
+                return cx.err(
+                    h.span(),
+                    "`hsts` is the Strict-Transport-Security value",
+                    Some("e.g. hsts = \"max-age=31536000; includeSubDomains\"".to_string()),
+                )
+            }
+        },
     };
+    let acme = tls::acme_config(&cx, raw.tls.as_ref(), &base_dir)?;
     let log = LogSettings {
         format: match &raw.log.format {
             None => None,
@@ -344,11 +306,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         }
         let mut hosts = Vec::new();
         for h in site_ref.hosts.get_ref() {
-            let host = h
-                .get_ref()
-                .trim()
-                .trim_end_matches('.')
-                .to_ascii_lowercase();
+            let host = h.get_ref().trim().trim_end_matches('.').to_ascii_lowercase();
             if !valid_host(&host) {
                 return cx.err(h.span(), format!("{:?} is not a host name", h.get_ref()), Some("write a name like \"markco.dev\", a wildcard like \"*.markco.dev\", an IP address, or \"*\"; no scheme, port or path".to_string()));
             }
@@ -356,37 +314,35 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
                 return cx.err(
                     h.span(),
                     format!("host {host:?} belongs to two sites"),
-                    Some(
-                        "each host may appear in one site only; merge the routes into one site"
-                            .to_string(),
-                    ),
+                    Some("each host may appear in one site only; merge the routes into one site".to_string()),
                 );
             }
             hosts.push(host);
         }
+        let site_tls = tls::site_tls(
+            &cx,
+            site_ref.tls.as_ref(),
+            &hosts,
+            server.https.is_some(),
+            &base_dir,
+            site_ref.hosts.span(),
+        )?;
         let mut routes = Vec::new();
         for (i, r) in site_ref.route.iter().enumerate() {
             let route = route_spec(&cx, &base_dir, &hosts, i, r, &mut warnings)?;
             if seen_names.insert(route.name.clone(), ()).is_some() {
-                let span = r
-                    .get_ref()
-                    .name
-                    .as_ref()
-                    .map(|n| n.span())
-                    .unwrap_or(r.span());
-                return cx.err(span, format!("two routes are named {:?}", route.name), Some("route names must be unique: they label metrics and are used by the admin API".to_string()));
+                let span = r.get_ref().name.as_ref().map(|n| n.span()).unwrap_or(r.span());
+                return cx.err(
+                    span,
+                    format!("two routes are named {:?}", route.name),
+                    Some("route names must be unique: they label metrics and are used by the admin API".to_string()),
+                );
             }
             routes.push(route);
         }
-        sites.push(SiteSpec { hosts, routes });
+        sites.push(SiteSpec { hosts, tls: site_tls, routes });
     }
-    Ok(Config {
-        server,
-        proxy,
-        log,
-        sites,
-        warnings,
-    })
+    Ok(Config { server, proxy, log, acme, sites, warnings })
 }
 
 fn valid_host(h: &str) -> bool {
@@ -400,10 +356,7 @@ fn valid_host(h: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
 
@@ -439,10 +392,7 @@ fn route_spec(
         return cx.err(
             raw.patterns.span(),
             "`match` is empty",
-            Some(
-                "list at least one path pattern, e.g. [\"/api/*\"] or [\"/*\"] for everything"
-                    .to_string(),
-            ),
+            Some("list at least one path pattern, e.g. [\"/api/*\"] or [\"/*\"] for everything".to_string()),
         );
     }
     let mut patterns = Vec::new();
@@ -474,11 +424,7 @@ fn route_spec(
         };
         return cx.err(r.span(), msg, Some(action_help));
     }
-    let only_for = |present: bool,
-                    key: &str,
-                    span: Range<usize>,
-                    allowed: &[&str]|
-     -> Result<(), ConfigError> {
+    let only_for = |present: bool, key: &str, span: Range<usize>, allowed: &[&str]| -> Result<(), ConfigError> {
         if present && !allowed.contains(&actions[0]) {
             return cx.err(
                 span,
@@ -521,20 +467,15 @@ fn route_spec(
             Some(v.to_string())
         }
     };
-    let status =
-        |default: u16, allowed: &dyn Fn(u16) -> bool, help: &str| -> Result<u16, ConfigError> {
-            match &raw.status {
-                None => Ok(default),
-                Some(s) => match u16::try_from(*s.get_ref()) {
-                    Ok(v) if allowed(v) => Ok(v),
-                    _ => cx.err(
-                        s.span(),
-                        format!("status {} is not allowed here", s.get_ref()),
-                        Some(help.to_string()),
-                    ),
-                },
-            }
-        };
+    let status = |default: u16, allowed: &dyn Fn(u16) -> bool, help: &str| -> Result<u16, ConfigError> {
+        match &raw.status {
+            None => Ok(default),
+            Some(s) => match u16::try_from(*s.get_ref()) {
+                Ok(v) if allowed(v) => Ok(v),
+                _ => cx.err(s.span(), format!("status {} is not allowed here", s.get_ref()), Some(help.to_string())),
+            },
+        }
+    };
     let action = if let Some(p) = &raw.proxy {
         let text = p.get_ref().trim();
         if text.starts_with("https://") {
@@ -544,10 +485,7 @@ fn route_spec(
                 Some("proxy to a plain HTTP address, e.g. \"127.0.0.1:3000\"".to_string()),
             );
         }
-        let hostport = text
-            .strip_prefix("http://")
-            .unwrap_or(text)
-            .trim_end_matches('/');
+        let hostport = text.strip_prefix("http://").unwrap_or(text).trim_end_matches('/');
         if hostport.contains('/') {
             return cx.err(
                 p.span(),
@@ -561,18 +499,11 @@ fn route_spec(
                 return cx.err(
                     p.span(),
                     format!("cannot resolve the upstream address {text:?}"),
-                    Some(
-                        "write host:port, e.g. \"127.0.0.1:3000\" or \"localhost:3000\""
-                            .to_string(),
-                    ),
+                    Some("write host:port, e.g. \"127.0.0.1:3000\" or \"localhost:3000\"".to_string()),
                 )
             }
         };
-        ActionSpec::Proxy {
-            label: hostport.to_string(),
-            addr,
-            strip_prefix,
-        }
+        ActionSpec::Proxy { label: hostport.to_string(), addr, strip_prefix }
     } else if let Some(root) = &raw.static_root {
         let root_path = base_dir.join(root.get_ref());
         if !root_path.is_dir() {
@@ -585,20 +516,14 @@ fn route_spec(
         ActionSpec::Static {
             root: root_path,
             strip_prefix,
-            index: raw
-                .index
-                .clone()
-                .unwrap_or_else(|| vec!["index.html".to_string()]),
+            index: raw.index.clone().unwrap_or_else(|| vec!["index.html".to_string()]),
         }
     } else if let Some(to) = &raw.redirect {
         if to.get_ref().is_empty() {
             return cx.err(
                 to.span(),
                 "`redirect` is empty",
-                Some(
-                    "give a URL or a path; {uri} and {path} are replaced by the request's"
-                        .to_string(),
-                ),
+                Some("give a URL or a path; {uri} and {path} are replaced by the request's".to_string()),
             );
         }
         ActionSpec::Redirect {
@@ -611,11 +536,7 @@ fn route_spec(
         }
     } else if let Some(body) = &raw.respond {
         ActionSpec::Respond {
-            status: status(
-                200,
-                &|v| (200..=599).contains(&v),
-                "use a status from 200 to 599",
-            )?,
+            status: status(200, &|v| (200..=599).contains(&v), "use a status from 200 to 599")?,
             body: body.get_ref().clone(),
             content_type: raw
                 .content_type
@@ -631,11 +552,7 @@ fn route_spec(
         Some(n) => return cx.err(n.span(), "`name` is empty", None),
         None => format!("{}{}#{}", hosts[0], patterns[0], index + 1),
     };
-    Ok(RouteSpec {
-        name,
-        patterns,
-        action,
-    })
+    Ok(RouteSpec { name, patterns, action })
 }
 
 impl Config {
@@ -646,6 +563,14 @@ impl Config {
 
     pub fn route_count(&self) -> usize {
         self.sites.iter().map(|s| s.routes.len()).sum()
+    }
+
+    /// What the certificate manager must serve.
+    pub fn tls_plan(&self) -> Vec<ManagedSite> {
+        self.sites
+            .iter()
+            .map(|s| ManagedSite { name: s.hosts[0].clone(), hosts: s.hosts.clone(), tls: s.tls.clone() })
+            .collect()
     }
 
     /// Builds the immutable route table for this config.
@@ -663,42 +588,25 @@ impl Config {
             .iter()
             .map(|s| Site {
                 hosts: s.hosts.clone(),
+                tls: s.tls != SiteTls::Off,
                 routes: s
                     .routes
                     .iter()
                     .map(|r| {
                         let action = match &r.action {
-                            ActionSpec::Proxy {
-                                label,
-                                addr,
-                                strip_prefix,
-                            } => Action::Proxy(ProxyAction {
-                                upstream: Upstream {
-                                    label: label.as_str().into(),
-                                    addr: *addr,
-                                },
+                            ActionSpec::Proxy { label, addr, strip_prefix } => Action::Proxy(ProxyAction {
+                                upstream: Upstream { label: label.as_str().into(), addr: *addr },
                                 strip_prefix: strip_prefix.clone(),
                                 peer: peer_for(*addr, self.server.upstream_idle_timeout),
                                 ws_peer: peer_for(*addr, self.proxy.websocket_idle_timeout),
                             }),
-                            ActionSpec::Static {
-                                root,
-                                strip_prefix,
-                                index,
-                            } => Action::Static(StaticAction {
+                            ActionSpec::Static { root, strip_prefix, index } => Action::Static(StaticAction {
                                 root: root.clone(),
                                 strip_prefix: strip_prefix.clone(),
                                 index: index.clone(),
                             }),
-                            ActionSpec::Redirect { to, status } => Action::Redirect {
-                                to: to.clone(),
-                                status: *status,
-                            },
-                            ActionSpec::Respond {
-                                status,
-                                body,
-                                content_type,
-                            } => Action::Respond {
+                            ActionSpec::Redirect { to, status } => Action::Redirect { to: to.clone(), status: *status },
+                            ActionSpec::Respond { status, body, content_type } => Action::Respond {
                                 status: *status,
                                 body: Bytes::from(body.clone()),
                                 content_type: content_type.clone(),

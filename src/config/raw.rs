@@ -10,14 +10,33 @@ pub struct RawConfig {
     pub server: RawServer,
     #[serde(default)]
     pub log: RawLog,
+    pub tls: Option<RawTls>,
     #[serde(default, rename = "site")]
     pub sites: Vec<Spanned<RawSite>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub email: Option<Spanned<String>>,
+    pub acme_directory: Option<Spanned<String>>,
+    pub acme_ca_root: Option<Spanned<String>>,
+    pub storage: Option<Spanned<String>>,
+    pub challenges: Option<Spanned<Vec<Spanned<String>>>>,
+    pub renew_before: Option<Spanned<String>>,
+    pub renew_check_interval: Option<Spanned<String>>,
+    pub retry_initial: Option<Spanned<String>>,
+    pub retry_max: Option<Spanned<String>>,
+    pub order_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub http: Option<Spanned<String>>,
+    pub https: Option<Spanned<String>>,
+    pub redirect_to_https: Option<bool>,
+    pub hsts: Option<Spanned<String>>,
     pub admin: Option<Spanned<String>>,
     pub admin_token_file: Option<Spanned<String>>,
     pub threads: Option<Spanned<i64>>,
@@ -47,6 +66,8 @@ pub struct RawLog {
 #[serde(deny_unknown_fields)]
 pub struct RawSite {
     pub hosts: Spanned<Vec<Spanned<String>>>,
+    /// "acme", "off", or { cert = "...", key = "..." }.
+    pub tls: Option<Spanned<toml::Value>>,
     #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
 }

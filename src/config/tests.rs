@@ -68,12 +68,10 @@ fn errors_point_at_line_and_column() {
 
     let e = err_of("[[site]]\nhosts = [\"a.test\"]\n  [[site.route]]\n  match = [\"/x\"]\n  proxy = \"127.0.0.1:1\"\n  static = \"/tmp\"\n");
     assert!(e.message.contains("several actions"), "{e}");
-    assert!(
-        e.help.as_deref().unwrap_or("").contains("exactly one"),
-        "{e}"
-    );
+    assert!(e.help.as_deref().unwrap_or("").contains("exactly one"), "{e}");
 
-    let e = err_of("[[site]]\nhosts = [\"a.test\"]\n  [[site.route]]\n  match = [\"/a/*/b\"]\n  proxy = \"127.0.0.1:1\"\n");
+    let e =
+        err_of("[[site]]\nhosts = [\"a.test\"]\n  [[site.route]]\n  match = [\"/a/*/b\"]\n  proxy = \"127.0.0.1:1\"\n");
     assert_eq!((e.line, e.column), (4, 12), "{e}");
 
     let e = err_of("[server]\nheader_timeout = \"ten seconds\"\n");
@@ -86,7 +84,9 @@ fn errors_point_at_line_and_column() {
     let e = err_of("[[site]]\nhosts = [\"https://a.test\"]\n");
     assert!(e.message.contains("not a host name"), "{e}");
 
-    let e = err_of("[[site]]\nhosts = [\"a.test\"]\n  [[site.route]]\n  match = [\"/x\"]\n  redirect = \"/y\"\n  status = 200\n");
+    let e = err_of(
+        "[[site]]\nhosts = [\"a.test\"]\n  [[site.route]]\n  match = [\"/x\"]\n  redirect = \"/y\"\n  status = 200\n",
+    );
     assert!(e.message.contains("status 200"), "{e}");
 }
 

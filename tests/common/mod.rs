@@ -24,11 +24,7 @@ pub fn upstream_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = bin_dir().join("markco-testupstream");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first with `cargo build --workspace --bins`",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: build it first with `cargo build --workspace --bins`", p.display());
     p
 }
 
@@ -159,7 +155,8 @@ impl Markco {
 
     /// Rewrites the config file (same template placeholders).
     pub fn write_config(&self, template: &str) {
-        std::fs::write(&self.config_path, render(template, self.http, self.admin, self.dir.path())).expect("write config");
+        std::fs::write(&self.config_path, render(template, self.http, self.admin, self.dir.path()))
+            .expect("write config");
     }
 
     pub fn sighup(&self) {
@@ -240,14 +237,11 @@ pub fn parse_response(raw: &[u8]) -> Option<Resp> {
     let mut lines = head.split("\r\n");
     let status_line = lines.next()?;
     let status = status_line.split_whitespace().nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
     let mut body = raw[end + 4..].to_vec();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
+    let chunked =
+        headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
     if chunked {
         body = dechunk(&body);
     }
@@ -274,7 +268,13 @@ pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::
     request(addr, "GET", path, headers, b"")
 }
 
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Resp> {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Resp> {
     let mut req = format!("{method} {path} HTTP/1.1\r\n");
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         req.push_str(&format!("Host: {addr}\r\n"));

@@ -30,12 +30,7 @@ const PERIOD: usize = 251;
 /// `CHUNK + PERIOD` bytes of the pattern, so any chunk is a zero-copy slice.
 fn pattern() -> &'static Bytes {
     static PATTERN: OnceLock<Bytes> = OnceLock::new();
-    PATTERN.get_or_init(|| {
-        (0..CHUNK + PERIOD)
-            .map(|i| (i % PERIOD) as u8)
-            .collect::<Vec<u8>>()
-            .into()
-    })
+    PATTERN.get_or_init(|| (0..CHUNK + PERIOD).map(|i| (i % PERIOD) as u8).collect::<Vec<u8>>().into())
 }
 
 /// A body of `total` bytes where byte `i` is `(i % 251) as u8`, produced in
@@ -55,10 +50,7 @@ impl Body for LargeBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let remaining = self.total - self.pos;
         if remaining == 0 {
             return Poll::Ready(None);

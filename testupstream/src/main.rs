@@ -67,18 +67,13 @@ fn parse_args() -> Result<Config, String> {
         Some(l) => l,
         None => match std::env::var("PORT") {
             Ok(p) => {
-                let port: u16 = p
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("invalid PORT {p:?}"))?;
+                let port: u16 = p.trim().parse().map_err(|_| format!("invalid PORT {p:?}"))?;
                 format!("0.0.0.0:{port}")
             }
             Err(_) => "127.0.0.1:0".to_owned(),
         },
     };
-    let name = name
-        .or_else(|| std::env::var("MARKCO_TU_NAME").ok())
-        .unwrap_or_else(|| "upstream".to_owned());
+    let name = name.or_else(|| std::env::var("MARKCO_TU_NAME").ok()).unwrap_or_else(|| "upstream".to_owned());
     Ok(Config { listen, name })
 }
 
@@ -91,17 +86,10 @@ fn main() -> ExitCode {
                 let _ = writeln!(err, "markco-testupstream: {e}");
             }
             let _ = writeln!(err, "{USAGE}");
-            return if e.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            };
+            return if e.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) };
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             log(format_args!("cannot start runtime: {e}"));
@@ -134,10 +122,7 @@ async fn run(config: Config) -> ExitCode {
         let _ = writeln!(out, "listening on {addr}");
         let _ = out.flush();
     }
-    let state = Arc::new(State {
-        name: config.name,
-        updates: Mutex::new(Vec::new()),
-    });
+    let state = Arc::new(State { name: config.name, updates: Mutex::new(Vec::new()) });
     tokio::select! {
         () = accept_loop(listener, state) => ExitCode::FAILURE,
         () = shutdown_signal() => ExitCode::SUCCESS,
@@ -165,9 +150,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
                 async move { Ok::<_, Infallible>(routes::handle(req, state, peer).await) }
             });
             // Errors here are client-side resets and the like: not ours to report.
-            let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await;
+            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
         });
     }
 }

@@ -24,11 +24,7 @@ const MAX_COUNT: u64 = 1_000_000;
 /// Upper bound of a JSON body kept in memory (runtime updates).
 const MAX_JSON: usize = 1024 * 1024;
 
-pub async fn handle(
-    req: Request<Incoming>,
-    state: Arc<State>,
-    peer: SocketAddr,
-) -> Response<RespBody> {
+pub async fn handle(req: Request<Incoming>, state: Arc<State>, peer: SocketAddr) -> Response<RespBody> {
     if ws::is_upgrade(&req) {
         return ws::upgrade(req, state);
     }
@@ -37,17 +33,12 @@ pub async fn handle(
     let is_post = req.method() == Method::POST;
     match req.uri().path() {
         "/health" if get => json_resp(StatusCode::OK, &json!({"status": "ok", "name": state.name})),
-        "/mrp/v1/capabilities" if get => json_resp(
-            StatusCode::OK,
-            &json!({"name": state.name, "protocol": "mrp/v1", "capabilities": {}}),
-        ),
+        "/mrp/v1/capabilities" if get => {
+            json_resp(StatusCode::OK, &json!({"name": state.name, "protocol": "mrp/v1", "capabilities": {}}))
+        }
         "/api/runtime/update-port" if is_post => runtime_update(req, &state).await,
         "/_test/runtime-updates" if get => {
-            let updates = state
-                .updates
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
+            let updates = state.updates.lock().unwrap_or_else(PoisonError::into_inner).clone();
             json_resp(StatusCode::OK, &Value::Array(updates))
         }
         "/sse" if get => {
@@ -68,10 +59,7 @@ pub async fn handle(
             let n = query_u64(query, "bytes", 0, MAX_LARGE);
             let mut resp = Response::new(RespBody::new(LargeBody::new(n)));
             let h = resp.headers_mut();
-            h.insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
             h.insert(CONTENT_LENGTH, HeaderValue::from(n));
             resp
         }
@@ -79,8 +67,7 @@ pub async fn handle(
             let n = query_u64(query, "chunks", 5, MAX_COUNT);
             let interval = Duration::from_millis(query_u64(query, "interval_ms", 100, MAX_MS));
             let mut resp = Response::new(ticking(n, interval, |i| format!("chunk {i}\n")));
-            resp.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             resp
         }
         "/upload" if is_post || req.method() == Method::PUT => upload(req).await,
@@ -92,16 +79,14 @@ pub async fn handle(
 fn json_resp(status: StatusCode, v: &Value) -> Response<RespBody> {
     let mut resp = Response::new(full(v.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
 fn text_resp(status: StatusCode, body: impl Into<Bytes>) -> Response<RespBody> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
 }
 
@@ -133,11 +118,7 @@ async fn runtime_update(req: Request<Incoming>, state: &State) -> Response<RespB
         Ok(v) => v,
         Err(e) => return bad_request(format_args!("invalid JSON: {e}")),
     };
-    state
-        .updates
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(value);
+    state.updates.lock().unwrap_or_else(PoisonError::into_inner).push(value);
     json_resp(StatusCode::OK, &json!({"ok": true}))
 }
 
@@ -155,18 +136,13 @@ async fn upload(req: Request<Incoming>) -> Response<RespBody> {
     let (mut bytes, mut checksum) = (0u64, 0u64);
     let res = drain(req.into_body(), |d| {
         bytes += d.len() as u64;
-        checksum = d
-            .iter()
-            .fold(checksum, |acc, b| acc.wrapping_add(u64::from(*b)));
+        checksum = d.iter().fold(checksum, |acc, b| acc.wrapping_add(u64::from(*b)));
     })
     .await;
     if let Err(e) = res {
         return bad_request(format_args!("reading body: {e}"));
     }
-    json_resp(
-        StatusCode::OK,
-        &json!({"bytes": bytes, "checksum": checksum}),
-    )
+    json_resp(StatusCode::OK, &json!({"bytes": bytes, "checksum": checksum}))
 }
 
 async fn echo(req: Request<Incoming>, state: &State, peer: SocketAddr) -> Response<RespBody> {
@@ -179,11 +155,7 @@ async fn echo(req: Request<Incoming>, state: &State, peer: SocketAddr) -> Respon
             .iter()
             .map(|v| Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()))
             .collect();
-        let v = if values.len() == 1 {
-            values.pop().unwrap_or(Value::Null)
-        } else {
-            Value::Array(values)
-        };
+        let v = if values.len() == 1 { values.pop().unwrap_or(Value::Null) } else { Value::Array(values) };
         headers.insert(name.as_str().to_owned(), v);
     }
     let mut body_bytes = 0u64;

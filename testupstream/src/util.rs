@@ -26,10 +26,7 @@ pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 /// Parses query parameter `name` as a `u64`, falling back to `default` when
 /// it is absent or not a number, and clamping the result to `max`.
 pub fn query_u64(query: Option<&str>, name: &str, default: u64, max: u64) -> u64 {
-    query_param(query, name)
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(default)
-        .min(max)
+    query_param(query, name).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(default).min(max)
 }
 
 /// Parses the `NNN` of `/status/NNN`; `None` when it is not a final status
@@ -45,11 +42,10 @@ pub fn parse_status(s: &str) -> Option<u16> {
 /// Whether a comma-separated header (e.g. `Connection`) contains `token`,
 /// case-insensitively, in any of its occurrences.
 pub fn header_has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-            .unwrap_or(false)
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| v.to_str().map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))).unwrap_or(false))
 }
 
 /// The first subprotocol offered in `Sec-WebSocket-Protocol`, if any.
@@ -72,10 +68,7 @@ mod tests {
 
     #[test]
     fn accept_key_rfc6455_example() {
-        assert_eq!(
-            ws_accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        assert_eq!(ws_accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]
@@ -125,10 +118,7 @@ mod tests {
         h.append(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
         assert!(header_has_token(&h, CONNECTION, "upgrade"));
         assert!(!header_has_token(&h, CONNECTION, "close"));
-        h.append(
-            SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(" , chat, superchat"),
-        );
+        h.append(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(" , chat, superchat"));
         h.append(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("other"));
         assert_eq!(first_subprotocol(&h).as_deref(), Some("chat"));
         assert_eq!(first_subprotocol(&HeaderMap::new()), None);

@@ -3,9 +3,7 @@
 use std::sync::Arc;
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use http::header::{
-    CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, UPGRADE,
-};
+use http::header::{CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -27,18 +25,10 @@ pub fn is_upgrade(req: &Request<Incoming>) -> bool {
 
 /// Answers 101 and spawns the echo loop on the upgraded connection.
 pub fn upgrade(mut req: Request<Incoming>, state: Arc<State>) -> Response<RespBody> {
-    let key = req
-        .headers()
-        .get(SEC_WEBSOCKET_KEY)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
+    let key = req.headers().get(SEC_WEBSOCKET_KEY).map(|v| v.as_bytes()).unwrap_or_default();
     let accept = ws_accept_key(key);
     let protocol = first_subprotocol(req.headers());
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|pq| pq.as_str().to_owned())
-        .unwrap_or_else(|| "/".to_owned());
+    let path = req.uri().path_and_query().map(|pq| pq.as_str().to_owned()).unwrap_or_else(|| "/".to_owned());
 
     let mut resp = Response::new(empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -56,9 +46,7 @@ pub fn upgrade(mut req: Request<Incoming>, state: Arc<State>) -> Response<RespBo
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
-                        .await;
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
                 echo_loop(ws, &state.name, &path).await;
             }
             Err(e) => log(format_args!("websocket upgrade failed: {e}")),
