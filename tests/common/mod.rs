@@ -84,6 +84,8 @@ impl Upstream {
 /// A running markco.
 pub struct Markco {
     pub http: SocketAddr,
+    /// Allocated for every instance; used when the config says `https = "{https}"`.
+    pub https: SocketAddr,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
@@ -91,11 +93,28 @@ pub struct Markco {
     pub proc: Proc,
 }
 
-/// Replaces `{http}`, `{admin}` and `{dir}` in a config template.
-pub fn render(template: &str, http: SocketAddr, admin: SocketAddr, dir: &Path) -> String {
+/// The three listen addresses of one markco.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Ports {
+    /// Fresh free loopback ports.
+    pub fn free() -> Ports {
+        let a = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().expect("addr") };
+        Ports { http: a(free_port()), https: a(free_port()), admin: a(free_port()) }
+    }
+}
+
+/// Replaces `{http}`, `{https}`, `{admin}` and `{dir}` in a config template.
+pub fn render(template: &str, ports: Ports, dir: &Path) -> String {
     template
-        .replace("{http}", &http.to_string())
-        .replace("{admin}", &admin.to_string())
+        .replace("{http}", &ports.http.to_string())
+        .replace("{https}", &ports.https.to_string())
+        .replace("{admin}", &ports.admin.to_string())
         .replace("{dir}", &dir.display().to_string())
 }
 
@@ -106,11 +125,15 @@ impl Markco {
     }
 
     pub fn start_with_args(template: &str, extra: &[&str]) -> Markco {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), Ports::free(), template, extra)
+    }
+
+    /// Starts markco in a given directory on given ports (to restart one on the same state, or
+    /// to tell another process, such as an ACME server, where it will listen).
+    pub fn start_in(dir: tempfile::TempDir, ports: Ports, template: &str, extra: &[&str]) -> Markco {
+        let Ports { http, https, admin } = ports;
         let config_path = dir.path().join("markco.toml");
-        std::fs::write(&config_path, render(template, http, admin, dir.path())).expect("write config");
+        std::fs::write(&config_path, render(template, ports, dir.path())).expect("write config");
         let log_path = dir.path().join("markco.log");
         let log = std::fs::File::create(&log_path).expect("log file");
         let child = Command::new(markco_bin())
@@ -123,7 +146,7 @@ impl Markco {
             .stderr(log)
             .spawn()
             .expect("start markco");
-        let m = Markco { http, admin, dir, config_path, log_path, proc: Proc { child } };
+        let m = Markco { http, https, admin, dir, config_path, log_path, proc: Proc { child } };
         m.wait_ready();
         m
     }
@@ -153,10 +176,23 @@ impl Markco {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    pub fn ports(&self) -> Ports {
+        Ports { http: self.http, https: self.https, admin: self.admin }
+    }
+
     /// Rewrites the config file (same template placeholders).
     pub fn write_config(&self, template: &str) {
-        std::fs::write(&self.config_path, render(template, self.http, self.admin, self.dir.path()))
-            .expect("write config");
+        std::fs::write(&self.config_path, render(template, self.ports(), self.dir.path())).expect("write config");
+    }
+
+    /// Stops the process (SIGKILL) and hands back its directory, to start again on the same state.
+    pub fn stop(mut self) -> (tempfile::TempDir, Ports) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        let ports = self.ports();
+        // Swap the directory out; dropping `self` then removes only the empty stand-in.
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        (dir, ports)
     }
 
     pub fn sighup(&self) {
