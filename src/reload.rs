@@ -81,13 +81,14 @@ impl Reloader {
             );
         }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let table = cfg.build_table(generation, &self.metrics);
+        let routing = Arc::new(cfg.build_routing(&self.metrics));
         // Certificates first: a site that gains TLS must have its certificate before its
         // plain-HTTP requests start being redirected.
         for problem in self.certs.apply(cfg.acme.clone(), cfg.tls_plan()) {
             tracing::error!(target: "markco::reload", "{problem}");
         }
-        self.table.store(Arc::new(table));
+        // Workspaces and kill switches carry over; only the config's part changes.
+        self.table.rcu(|old| old.with_routing(generation, routing.clone()));
         self.admin_token.store(Arc::new(cfg.server.admin_token.clone()));
         self.metrics.table_generation.set(generation as i64);
         self.metrics.reload(true);

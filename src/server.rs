@@ -11,7 +11,7 @@ use markco_certs::alpn::PreTlsHook;
 use markco_certs::manager::HandshakeCounter;
 use markco_certs::{CertManager, CertStore, TlsMetrics};
 use markco_proxy::app::EdgeApp;
-use markco_proxy::{Gateway, Metrics};
+use markco_proxy::{Gateway, Metrics, RouteTable};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -83,7 +83,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         }
     }
     let metrics = Metrics::new();
-    let table = Arc::new(ArcSwap::from_pointee(cfg.build_table(1, &metrics)));
+    let table = Arc::new(ArcSwap::from_pointee(RouteTable::new(1, cfg.build_routing(&metrics))));
     metrics.table_generation.set(1);
 
     let conf = ServerConf {
@@ -116,8 +116,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         tls.set_cert_resolver(store.clone());
         tls.enable_h2();
         edge.add_tls_with_settings(&https.to_string(), None, tls);
-        edge.endpoints()
-            .set_pre_tls_callback(Arc::new(PreTlsHook { store: store.clone(), hello_timeout: cfg.server.header_timeout }));
+        edge.endpoints().set_pre_tls_callback(Arc::new(PreTlsHook {
+            store: store.clone(),
+            hello_timeout: cfg.server.header_timeout,
+        }));
     }
 
     let http_addr = cfg.server.http;

@@ -18,10 +18,11 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
 use crate::forwarded;
+use crate::identity::{self, ControlApi, Identity, IdentityError, NoIdentity, WorkspaceStarter};
 use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
 use crate::path;
 use crate::static_files;
-use crate::table::{canonical_host, Action, Route, RouteTable};
+use crate::table::{canonical_host, Action, PathPattern, ProxySettings, Route, RouteTable};
 
 /// ACME HTTP-01 answers (token → key authorization), published by the certificate manager.
 pub type AcmeTokens = Arc<ArcSwap<HashMap<String, String>>>;
@@ -33,6 +34,9 @@ pub struct Gateway {
     table: Arc<ArcSwap<RouteTable>>,
     metrics: Arc<Metrics>,
     acme_tokens: AcmeTokens,
+    identity: Arc<dyn Identity>,
+    control: Option<Arc<dyn ControlApi>>,
+    starter: Option<Arc<dyn WorkspaceStarter>>,
     /// Requests that matched no site or route.
     unrouted: RouteMetrics,
 }
@@ -40,8 +44,37 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(table: Arc<ArcSwap<RouteTable>>, metrics: Arc<Metrics>, acme_tokens: AcmeTokens) -> Gateway {
         let unrouted = metrics.route("none");
-        Gateway { table, metrics, acme_tokens, unrouted }
+        Gateway { table, metrics, acme_tokens, identity: Arc::new(NoIdentity), control: None, starter: None, unrouted }
     }
+
+    /// The control plane's session lookups.
+    pub fn with_identity(mut self, identity: Arc<dyn Identity>) -> Gateway {
+        self.identity = identity;
+        self
+    }
+
+    pub fn with_control(mut self, control: Arc<dyn ControlApi>) -> Gateway {
+        self.control = Some(control);
+        self
+    }
+
+    pub fn with_starter(mut self, starter: Arc<dyn WorkspaceStarter>) -> Gateway {
+        self.starter = Some(starter);
+        self
+    }
+}
+
+/// Where a proxied request goes and how it is rewritten on the way.
+struct Forward {
+    peer: HttpPeer,
+    /// The path to send (the normalised one, prefix stripped where the route says so).
+    path: String,
+    /// Remove `token` from the query (identity routes: the upstream must not see it).
+    drop_token: bool,
+    /// `X-User-Id` set by us (client-sent ones are always removed on identity routes).
+    user_header: Option<Arc<str>>,
+    /// Metrics label of the upstream (bounded: never a user id).
+    label: Arc<str>,
 }
 
 /// Per-request state.
@@ -58,6 +91,7 @@ pub struct Ctx {
     trusted_peer: bool,
     /// `Strict-Transport-Security` to add to this response.
     hsts: Option<Arc<str>>,
+    forward: Option<Forward>,
 }
 
 /// A short plain-text response; the body names no internals.
@@ -130,6 +164,24 @@ fn redacted_uri(req: &RequestHeader) -> String {
     }
 }
 
+/// `path` without `prefix` (at a segment boundary), always starting with `/`.
+fn strip_path(path: &str, prefix: &str) -> String {
+    match path.strip_prefix(prefix) {
+        Some(rest) if rest.is_empty() => "/".to_string(),
+        Some(rest) if rest.starts_with('/') => rest.to_string(),
+        _ => path.to_string(),
+    }
+}
+
+/// Idle timeouts only: a long response or an SSE stream is fine while bytes flow.
+fn set_client_timeouts(session: &mut Session, settings: &ProxySettings) {
+    if session.is_upgrade_req() {
+        session.set_read_timeout(settings.websocket_idle_timeout);
+    } else {
+        session.set_read_timeout(Some(settings.client_idle_timeout));
+    }
+}
+
 fn classify(e: &Error) -> UpstreamErrorKind {
     match e.etype() {
         ErrorType::ConnectRefused => UpstreamErrorKind::ConnectRefused,
@@ -143,15 +195,40 @@ fn classify(e: &Error) -> UpstreamErrorKind {
 impl Gateway {
     async fn run_action(&self, session: &mut Session, ctx: &mut Ctx, route: &Route) -> Result<bool> {
         match &route.action {
-            Action::Proxy(_) => {
-                let settings = &ctx.table.as_ref().expect("table loaded").settings;
-                // Idle timeouts only: a long response or an SSE stream is fine while bytes flow.
-                if session.is_upgrade_req() {
-                    session.set_read_timeout(settings.websocket_idle_timeout);
-                } else {
-                    session.set_read_timeout(Some(settings.client_idle_timeout));
-                }
+            Action::Proxy(p) => {
+                let upgrade = session.is_upgrade_req();
+                let path = match &p.strip_prefix {
+                    Some(prefix) => strip_path(&ctx.path, prefix),
+                    None => ctx.path.clone(),
+                };
+                ctx.forward = Some(Forward {
+                    peer: if upgrade { p.ws_peer.clone() } else { p.peer.clone() },
+                    path,
+                    drop_token: false,
+                    user_header: None,
+                    label: p.upstream.label.clone(),
+                });
+                set_client_timeouts(session, &ctx.table.as_ref().expect("table loaded").settings);
                 Ok(false)
+            }
+            Action::Workspace | Action::Runtime | Action::UserService(_) => self.user_route(session, ctx, route).await,
+            Action::Control => {
+                let Some(control) = &self.control else {
+                    return self.json(session, ctx, 503, r#"{"error":"control plane not running"}"#).await;
+                };
+                let req = session.req_header();
+                let auth = req.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+                let r = control.respond(&req.method, &ctx.path, auth).await;
+                let mut h = ResponseHeader::build(r.status, Some(3))?;
+                h.insert_header(header::CONTENT_TYPE, r.content_type)?;
+                h.insert_header(header::CONTENT_LENGTH, r.body.len().to_string())?;
+                h.insert_header(header::CACHE_CONTROL, "no-store")?;
+                session.write_response_header(Box::new(h), r.body.is_empty()).await?;
+                if !r.body.is_empty() {
+                    session.write_response_body(Some(r.body), true).await?;
+                }
+                ctx.status = r.status;
+                Ok(true)
             }
             Action::Static(s) => {
                 let served = static_files::serve(session, s, &ctx.path, ctx.hsts.as_deref()).await?;
@@ -191,6 +268,107 @@ impl Gateway {
         }
     }
 
+    /// A short JSON response.
+    async fn json(&self, session: &mut Session, ctx: &mut Ctx, status: u16, body: &'static str) -> Result<bool> {
+        let mut h = ResponseHeader::build(status, Some(4))?;
+        h.insert_header(header::CONTENT_TYPE, "application/json")?;
+        h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        h.insert_header(header::CACHE_CONTROL, "no-store")?;
+        if status == 503 {
+            h.insert_header(header::RETRY_AFTER, "5")?;
+        }
+        session.write_response_header(Box::new(h), false).await?;
+        session.write_response_body(Some(Bytes::from_static(body.as_bytes())), true).await?;
+        ctx.status = status;
+        Ok(true)
+    }
+
+    /// `/u/<id>/`, `/r/<id>/`, `/sync/<id>/`, `/tunnel/<id>`: a valid session of `<id>` itself,
+    /// then that user's upstream. The owner is read from the normalised path, so no spelling of
+    /// the path reaches another user's upstream.
+    async fn user_route(&self, session: &mut Session, ctx: &mut Ctx, route: &Route) -> Result<bool> {
+        let prefix = route
+            .patterns
+            .iter()
+            .find_map(|p| match p {
+                PathPattern::Prefix(pre) if pre.ends_with('/') && p.matches(&ctx.path) => Some(pre.as_str()),
+                _ => None,
+            })
+            .unwrap_or("/");
+        let Some(owner) = identity::owner_segment(&ctx.path, prefix).map(str::to_owned) else {
+            return self.json(session, ctx, 404, r#"{"error":"Not found"}"#).await;
+        };
+        let upgrade = session.is_upgrade_req();
+        let token = identity::session_token(session.req_header());
+        let user = match &token {
+            None => None,
+            Some(t) => match self.identity.user_of(t).await {
+                Ok(u) => u,
+                Err(IdentityError::Unavailable(why)) => {
+                    tracing::warn!("session lookup failed: {why}");
+                    return self.json(session, ctx, 503, r#"{"error":"Authentication service unavailable"}"#).await;
+                }
+            },
+        };
+        let Some(user) = user else {
+            if !upgrade && identity::wants_html(session.req_header()) {
+                let mut h = ResponseHeader::build(302, Some(2))?;
+                h.insert_header(header::LOCATION, "/login")?;
+                h.insert_header(header::CONTENT_LENGTH, "0")?;
+                session.write_response_header(Box::new(h), true).await?;
+                ctx.status = 302;
+                return Ok(true);
+            }
+            let body = if token.is_some() {
+                r#"{"error":"Invalid or expired session"}"#
+            } else {
+                r#"{"error":"Authentication required"}"#
+            };
+            return self.json(session, ctx, 401, body).await;
+        };
+        // User ids are compared exactly: no case folding, no decoding beyond normalisation.
+        if *user != *owner {
+            return self.json(session, ctx, 403, r#"{"error":"Forbidden"}"#).await;
+        }
+        let table = ctx.table.clone().expect("table loaded");
+        let settings = &table.settings;
+        let user_prefix_len = prefix.len() + owner.len();
+        let (addr, label, path, user_header) = match &route.action {
+            Action::UserService(p) => {
+                let path = match &p.strip_prefix {
+                    Some(pre) => strip_path(&ctx.path, pre),
+                    None => ctx.path.clone(),
+                };
+                (p.upstream.addr, p.upstream.label.clone(), path, Some(user.clone()))
+            }
+            action => {
+                let mut routes = table.user(&owner).cloned();
+                if routes.as_ref().is_none_or(|r| !r.running) && !upgrade {
+                    // A plain request may start the workspace; a websocket never does.
+                    if let Some(starter) = &self.starter {
+                        match starter.ensure_running(&owner).await {
+                            Ok(true) => routes = self.table.load().user(&owner).cloned(),
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!(user = %owner, "workspace start failed: {e}"),
+                        }
+                    }
+                }
+                let Some(routes) = routes.filter(|r| r.running) else {
+                    return self.json(session, ctx, 503, r#"{"error":"Workspace not running; retry shortly"}"#).await;
+                };
+                let rest = &ctx.path[user_prefix_len.min(ctx.path.len())..];
+                let path = if rest.is_empty() { "/".to_string() } else { rest.to_string() };
+                match action {
+                    Action::Runtime => (routes.runtime, Arc::from("workspace:runtime"), path, None),
+                    _ => (routes.editor, Arc::from("workspace:editor"), path, None),
+                }
+            }
+        };
+        ctx.forward = Some(Forward { peer: settings.peer(addr, upgrade), path, drop_token: true, user_header, label });
+        set_client_timeouts(session, settings);
+        Ok(false)
+    }
+
     async fn refuse(
         &self,
         session: &mut Session,
@@ -222,6 +400,7 @@ impl ProxyHttp for Gateway {
             upgraded: false,
             trusted_peer: false,
             hsts: None,
+            forward: None,
         }
     }
 
@@ -303,16 +482,19 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         };
         ctx.route = Some(route.clone());
+        if ctx.table.as_ref().is_some_and(|t| t.is_disabled(&route.name)) {
+            return self
+                .json(session, ctx, 503, r#"{"error":"This service is temporarily disabled; retry later"}"#)
+                .await;
+        }
         self.run_action(session, ctx, &route).await
     }
 
-    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        match ctx.route.as_deref().map(|r| &r.action) {
-            Some(Action::Proxy(p)) => {
-                Ok(Box::new(if session.is_upgrade_req() { p.ws_peer.clone() } else { p.peer.clone() }))
-            }
-            // request_filter answers every other action itself.
-            _ => Error::e_explain(ErrorType::InternalError, "upstream_peer without a proxy route"),
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        match &ctx.forward {
+            Some(f) => Ok(Box::new(f.peer.clone())),
+            // request_filter answers every non-proxied action itself.
+            None => Error::e_explain(ErrorType::InternalError, "upstream_peer without a forward target"),
         }
     }
 
@@ -322,20 +504,17 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let Some(Action::Proxy(p)) = ctx.route.as_deref().map(|r| &r.action) else {
+        let Some(f) = &ctx.forward else {
             return Ok(());
         };
-        // Forward the path we routed on, so the upstream sees exactly what was matched.
-        let mut path: &str = &ctx.path;
-        if let Some(prefix) = &p.strip_prefix {
-            if let Some(rest) = path.strip_prefix(prefix.as_str()) {
-                path = rest;
-            }
-        }
-        let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
-        let pq = match session.req_header().uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
+        let query = if f.drop_token {
+            identity::query_without_token(session.req_header().uri.query())
+        } else {
+            session.req_header().uri.query().map(str::to_owned)
+        };
+        let pq = match query {
+            Some(q) => format!("{}?{q}", f.path),
+            None => f.path.clone(),
         };
         if upstream.uri.path_and_query().map(|x| x.as_str()) != Some(pq.as_str()) {
             let uri = http::Uri::builder()
@@ -343,6 +522,13 @@ impl ProxyHttp for Gateway {
                 .build()
                 .or_err(ErrorType::InvalidHTTPHeader, "rebuilding the upstream URI")?;
             upstream.set_uri(uri);
+        }
+        if f.drop_token {
+            // Identity routes: only we say who the user is.
+            upstream.remove_header("x-user-id");
+        }
+        if let Some(user) = &f.user_header {
+            upstream.insert_header("X-User-Id", &**user)?;
         }
         forwarded::prepare_upstream_request(
             upstream,
@@ -377,8 +563,8 @@ impl ProxyHttp for Gateway {
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {
                 ErrorSource::Upstream => {
-                    if let Some(Action::Proxy(p)) = ctx.route.as_deref().map(|r| &r.action) {
-                        self.metrics.upstream_error(&p.upstream.label, classify(e));
+                    if let Some(f) = &ctx.forward {
+                        self.metrics.upstream_error(&f.label, classify(e));
                     }
                     if matches!(e.etype(), ErrorType::ConnectTimedout | ErrorType::ReadTimedout) {
                         504
@@ -422,10 +608,7 @@ impl ProxyHttp for Gateway {
         }
         let access_log = ctx.table.as_ref().map(|t| t.settings.access_log).unwrap_or(true);
         if access_log {
-            let upstream = match ctx.route.as_deref().map(|r| &r.action) {
-                Some(Action::Proxy(p)) => &*p.upstream.label,
-                _ => "-",
-            };
+            let upstream = ctx.forward.as_ref().map(|f| &*f.label).unwrap_or("-");
             let host = req.headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("-");
             tracing::info!(
                 target: "markco::access",

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod forwarded;
 pub mod gateway;
+pub mod identity;
 pub mod metrics;
 pub mod path;
 pub mod static_files;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ipnet::IpNet;
 use pingora::upstreams::peer::HttpPeer;
+use rpds::{HashTrieMapSync, HashTrieSetSync};
 use serde::Serialize;
 
 use crate::metrics::RouteMetrics;
@@ -80,8 +81,24 @@ pub struct StaticAction {
 pub enum Action {
     Proxy(ProxyAction),
     Static(StaticAction),
-    Redirect { to: String, status: u16 },
-    Respond { status: u16, body: Bytes, content_type: String },
+    Redirect {
+        to: String,
+        status: u16,
+    },
+    Respond {
+        status: u16,
+        body: Bytes,
+        content_type: String,
+    },
+    /// `/u/<userId>/...`: identity and owner check, then the user's editor, prefix stripped.
+    Workspace,
+    /// `/r/<userId>/...`: the same, to the user's runtime.
+    Runtime,
+    /// `/sync/<userId>/...`, `/tunnel/<userId>`: identity and owner check, then a shared service
+    /// with `X-User-Id` set by us.
+    UserService(ProxyAction),
+    /// The embedded control API (`/api/health`, `/api/services`, `/health`).
+    Control,
 }
 
 impl Action {
@@ -91,6 +108,10 @@ impl Action {
             Action::Static(_) => "static",
             Action::Redirect { .. } => "redirect",
             Action::Respond { .. } => "respond",
+            Action::Workspace => "workspace",
+            Action::Runtime => "runtime",
+            Action::UserService(_) => "user_service",
+            Action::Control => "control",
         }
     }
 }
@@ -140,6 +161,21 @@ pub struct ProxySettings {
     pub redirect_to_https: bool,
     /// `Strict-Transport-Security` for HTTPS responses of TLS sites.
     pub hsts: Option<String>,
+    pub upstream_connect_timeout: Duration,
+    /// Idle time between upstream bytes (`None`: no limit).
+    pub upstream_idle_timeout: Option<Duration>,
+}
+
+impl ProxySettings {
+    /// A peer for `addr` with our timeouts; `upgrade` selects the websocket idle timeout.
+    pub fn peer(&self, addr: SocketAddr, upgrade: bool) -> HttpPeer {
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(self.upstream_connect_timeout);
+        peer.options.total_connection_timeout = Some(self.upstream_connect_timeout);
+        peer.options.read_timeout = if upgrade { self.websocket_idle_timeout } else { self.upstream_idle_timeout };
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        peer
+    }
 }
 
 impl Default for ProxySettings {
@@ -153,13 +189,15 @@ impl Default for ProxySettings {
             https_port: None,
             redirect_to_https: true,
             hsts: None,
+            upstream_connect_timeout: Duration::from_secs(1),
+            upstream_idle_timeout: Some(Duration::from_secs(300)),
         }
     }
 }
 
+/// The part of the table that comes from the config: sites, routes and settings.
 #[derive(Debug)]
-pub struct RouteTable {
-    pub generation: u64,
+pub struct Routing {
     pub settings: ProxySettings,
     sites: Vec<Arc<Site>>,
     by_host: HashMap<String, Arc<Site>>,
@@ -185,8 +223,8 @@ pub fn canonical_host(raw: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()
 }
 
-impl RouteTable {
-    pub fn new(generation: u64, settings: ProxySettings, sites: Vec<Site>) -> RouteTable {
+impl Routing {
+    pub fn new(settings: ProxySettings, sites: Vec<Site>) -> Routing {
         let mut by_host = HashMap::new();
         let mut wildcards = Vec::new();
         let mut fallback = None;
@@ -204,12 +242,7 @@ impl RouteTable {
         }
         // Longest suffix first, so `*.a.example.com` beats `*.example.com`.
         wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        RouteTable { generation, settings, sites, by_host, wildcards, fallback }
-    }
-
-    /// An empty table (everything 404) for before the first config is loaded.
-    pub fn empty() -> RouteTable {
-        RouteTable::new(0, ProxySettings::default(), Vec::new())
+        Routing { settings, sites, by_host, wildcards, fallback }
     }
 
     /// The site for an already canonical host.
@@ -234,15 +267,15 @@ impl RouteTable {
     }
 
     /// A JSON view for `GET /routes`.
-    pub fn describe(&self) -> TableView {
+    pub fn describe(&self, generation: u64, disabled: &HashTrieSetSync<Arc<str>>) -> TableView {
         TableView {
-            generation: self.generation,
+            generation,
             sites: self
                 .sites
                 .iter()
                 .map(|s| SiteView {
                     hosts: s.hosts.clone(),
-                    routes: s.routes.iter().map(|r| RouteView::of(r)).collect(),
+                    routes: s.routes.iter().map(|r| RouteView::of(r, disabled.contains(&r.name))).collect(),
                 })
                 .collect(),
         }
@@ -271,15 +304,18 @@ pub struct RouteView {
     pub target: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    pub disabled: bool,
 }
 
 impl RouteView {
-    fn of(r: &Route) -> RouteView {
+    fn of(r: &Route, disabled: bool) -> RouteView {
         let (target, status) = match &r.action {
             Action::Proxy(p) => (Some(p.upstream.label.to_string()), None),
             Action::Static(s) => (Some(s.root.display().to_string()), None),
             Action::Redirect { to, status } => (Some(to.clone()), Some(*status)),
             Action::Respond { status, .. } => (None, Some(*status)),
+            Action::UserService(p) => (Some(p.upstream.label.to_string()), None),
+            Action::Workspace | Action::Runtime | Action::Control => (None, None),
         };
         RouteView {
             name: r.name.to_string(),
@@ -287,7 +323,96 @@ impl RouteView {
             action: r.action.kind(),
             target,
             status,
+            disabled,
         }
+    }
+}
+
+/// Where one user's requests go: their editor and runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserRoutes {
+    pub editor: SocketAddr,
+    pub runtime: SocketAddr,
+    /// Only a running workspace receives traffic; any other state answers 503 + Retry-After.
+    pub running: bool,
+}
+
+/// The live table: the config's routing plus the per-user workspace map and the route kill
+/// switches. Cloning is cheap (an `Arc` and two persistent maps), so a per-user change builds a
+/// new table in O(log n) without copying the other users.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    /// Increases with every applied config reload.
+    pub generation: u64,
+    pub routing: Arc<Routing>,
+    pub workspaces: HashTrieMapSync<Arc<str>, Arc<UserRoutes>>,
+    pub disabled: HashTrieSetSync<Arc<str>>,
+}
+
+impl std::ops::Deref for RouteTable {
+    type Target = Routing;
+
+    fn deref(&self) -> &Routing {
+        &self.routing
+    }
+}
+
+impl RouteTable {
+    pub fn new(generation: u64, routing: Routing) -> RouteTable {
+        RouteTable {
+            generation,
+            routing: Arc::new(routing),
+            workspaces: HashTrieMapSync::new_sync(),
+            disabled: HashTrieSetSync::new_sync(),
+        }
+    }
+
+    /// An empty table (everything 404).
+    pub fn empty() -> RouteTable {
+        RouteTable::new(0, Routing::new(ProxySettings::default(), Vec::new()))
+    }
+
+    /// The same workspaces and switches under a new config.
+    pub fn with_routing(&self, generation: u64, routing: Arc<Routing>) -> RouteTable {
+        RouteTable { generation, routing, workspaces: self.workspaces.clone(), disabled: self.disabled.clone() }
+    }
+
+    pub fn with_user(&self, user: &str, routes: UserRoutes) -> RouteTable {
+        let mut t = self.clone();
+        t.workspaces.insert_mut(Arc::from(user), Arc::new(routes));
+        t
+    }
+
+    pub fn without_user(&self, user: &str) -> RouteTable {
+        let mut t = self.clone();
+        t.workspaces.remove_mut(user);
+        t
+    }
+
+    pub fn user(&self, user: &str) -> Option<&Arc<UserRoutes>> {
+        self.workspaces.get(user)
+    }
+
+    pub fn with_route_disabled(&self, name: &str, disabled: bool) -> RouteTable {
+        let mut t = self.clone();
+        if disabled {
+            t.disabled.insert_mut(Arc::from(name));
+        } else {
+            t.disabled.remove_mut(name);
+        }
+        t
+    }
+
+    pub fn is_disabled(&self, name: &str) -> bool {
+        !self.disabled.is_empty() && self.disabled.contains(name)
+    }
+
+    pub fn describe(&self) -> TableView {
+        self.routing.describe(self.generation, &self.disabled)
+    }
+
+    pub fn has_route(&self, name: &str) -> bool {
+        self.routing.routes().any(|r| &*r.name == name)
     }
 }
 

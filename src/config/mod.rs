@@ -16,9 +16,8 @@ use ipnet::IpNet;
 use markco_certs::{AcmeConfig, ManagedSite, SiteTls};
 use markco_proxy::metrics::Metrics;
 use markco_proxy::table::{
-    Action, PathPattern, ProxyAction, ProxySettings, Route, RouteTable, Site, StaticAction, Upstream,
+    Action, PathPattern, ProxyAction, ProxySettings, Route, Routing, Site, StaticAction, Upstream,
 };
-use pingora::upstreams::peer::HttpPeer;
 use toml::Spanned;
 
 pub use error::ConfigError;
@@ -42,8 +41,6 @@ pub struct ServerSettings {
     pub admin_token: Option<String>,
     pub threads: usize,
     pub header_timeout: Duration,
-    pub upstream_connect_timeout: Duration,
-    pub upstream_idle_timeout: Option<Duration>,
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
     pub upgrade_sock: PathBuf,
@@ -59,6 +56,10 @@ pub struct LogSettings {
 #[derive(Debug, Clone)]
 pub enum ActionSpec {
     Proxy { label: String, addr: SocketAddr, strip_prefix: Option<String> },
+    Workspace,
+    Runtime,
+    UserService { label: String, addr: SocketAddr, strip_prefix: Option<String> },
+    Control,
     Static { root: PathBuf, strip_prefix: Option<String>, index: Vec<String> },
     Redirect { to: String, status: u16 },
     Respond { status: u16, body: String, content_type: String },
@@ -224,12 +225,6 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         admin_token,
         threads,
         header_timeout: cx.duration(&s.header_timeout, "header_timeout", Duration::from_secs(10))?,
-        upstream_connect_timeout: cx.duration(
-            &s.upstream_connect_timeout,
-            "upstream_connect_timeout",
-            Duration::from_secs(1),
-        )?,
-        upstream_idle_timeout: (!upstream_idle.is_zero()).then_some(upstream_idle),
         grace_period: cx.duration(&s.grace_period, "grace_period", Duration::from_secs(10))?,
         shutdown_timeout: cx.duration(&s.shutdown_timeout, "shutdown_timeout", Duration::from_secs(5))?,
         upgrade_sock: s
@@ -259,6 +254,12 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
     }
     let proxy = ProxySettings {
         trusted_proxies,
+        upstream_connect_timeout: cx.duration(
+            &s.upstream_connect_timeout,
+            "upstream_connect_timeout",
+            Duration::from_secs(1),
+        )?,
+        upstream_idle_timeout: (!upstream_idle.is_zero()).then_some(upstream_idle),
         client_idle_timeout: cx.duration(&s.client_idle_timeout, "client_idle_timeout", Duration::from_secs(60))?,
         websocket_idle_timeout: (!websocket_idle.is_zero()).then_some(websocket_idle),
         max_header_bytes,
@@ -379,6 +380,34 @@ fn valid_pattern(p: &str) -> Result<(), &'static str> {
     }
 }
 
+/// An upstream "host:port" (optionally "http://host:port"), resolved once at load.
+fn upstream_addr(cx: &Ctx<'_>, p: &Spanned<String>) -> Result<(String, SocketAddr), ConfigError> {
+    let text = p.get_ref().trim();
+    if text.starts_with("https://") {
+        return cx.err(
+            p.span(),
+            "TLS to upstreams is not supported yet",
+            Some("proxy to a plain HTTP address, e.g. \"127.0.0.1:3000\"".to_string()),
+        );
+    }
+    let hostport = text.strip_prefix("http://").unwrap_or(text).trim_end_matches('/');
+    if hostport.contains('/') {
+        return cx.err(
+            p.span(),
+            "an upstream is an address, not a URL with a path",
+            Some("write host:port; use strip_prefix to change the path".to_string()),
+        );
+    }
+    match hostport.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => Ok((hostport.to_string(), a)),
+        _ => cx.err(
+            p.span(),
+            format!("cannot resolve the upstream address {text:?}"),
+            Some("write host:port, e.g. \"127.0.0.1:3000\" or \"localhost:3000\"".to_string()),
+        ),
+    }
+}
+
 fn route_spec(
     cx: &Ctx<'_>,
     base_dir: &Path,
@@ -411,6 +440,10 @@ fn route_spec(
         raw.static_root.as_ref().map(|_| "static"),
         raw.redirect.as_ref().map(|_| "redirect"),
         raw.respond.as_ref().map(|_| "respond"),
+        raw.workspace.as_ref().filter(|b| *b.get_ref()).map(|_| "workspace"),
+        raw.runtime.as_ref().filter(|b| *b.get_ref()).map(|_| "runtime"),
+        raw.user_service.as_ref().map(|_| "user_service"),
+        raw.control.as_ref().filter(|b| *b.get_ref()).map(|_| "control"),
     ]
     .into_iter()
     .flatten()
@@ -476,34 +509,28 @@ fn route_spec(
             },
         }
     };
-    let action = if let Some(p) = &raw.proxy {
-        let text = p.get_ref().trim();
-        if text.starts_with("https://") {
+    if matches!(actions[0], "workspace" | "runtime" | "user_service") {
+        // The owner is the path segment after the prefix, so only prefix patterns make sense.
+        if let Some(p) = raw.patterns.get_ref().iter().find(|p| !p.get_ref().ends_with("/*")) {
             return cx.err(
                 p.span(),
-                "TLS to upstreams is not supported yet",
-                Some("proxy to a plain HTTP address, e.g. \"127.0.0.1:3000\"".to_string()),
+                format!("a `{}` route needs prefix patterns ending in \"/*\"", actions[0]),
+                Some("e.g. match = [\"/u/*\"]: the user id is the segment after the prefix".to_string()),
             );
         }
-        let hostport = text.strip_prefix("http://").unwrap_or(text).trim_end_matches('/');
-        if hostport.contains('/') {
-            return cx.err(
-                p.span(),
-                "a proxy target is an address, not a URL with a path",
-                Some("write host:port; use strip_prefix to change the path".to_string()),
-            );
-        }
-        let addr = match hostport.to_socket_addrs().map(|mut a| a.next()) {
-            Ok(Some(a)) => a,
-            _ => {
-                return cx.err(
-                    p.span(),
-                    format!("cannot resolve the upstream address {text:?}"),
-                    Some("write host:port, e.g. \"127.0.0.1:3000\" or \"localhost:3000\"".to_string()),
-                )
-            }
-        };
-        ActionSpec::Proxy { label: hostport.to_string(), addr, strip_prefix }
+    }
+    let action = if raw.workspace.as_ref().is_some_and(|b| *b.get_ref()) {
+        ActionSpec::Workspace
+    } else if raw.runtime.as_ref().is_some_and(|b| *b.get_ref()) {
+        ActionSpec::Runtime
+    } else if raw.control.as_ref().is_some_and(|b| *b.get_ref()) {
+        ActionSpec::Control
+    } else if let Some(p) = &raw.user_service {
+        let (label, addr) = upstream_addr(cx, p)?;
+        ActionSpec::UserService { label, addr, strip_prefix }
+    } else if let Some(p) = &raw.proxy {
+        let (label, addr) = upstream_addr(cx, p)?;
+        ActionSpec::Proxy { label, addr, strip_prefix }
     } else if let Some(root) = &raw.static_root {
         let root_path = base_dir.join(root.get_ref());
         if !root_path.is_dir() {
@@ -574,14 +601,13 @@ impl Config {
     }
 
     /// Builds the immutable route table for this config.
-    pub fn build_table(&self, generation: u64, metrics: &Arc<Metrics>) -> RouteTable {
-        let peer_for = |addr: SocketAddr, read_timeout: Option<Duration>| {
-            let mut peer = HttpPeer::new(addr, false, String::new());
-            peer.options.connection_timeout = Some(self.server.upstream_connect_timeout);
-            peer.options.total_connection_timeout = Some(self.server.upstream_connect_timeout);
-            peer.options.read_timeout = read_timeout;
-            peer.options.idle_timeout = Some(Duration::from_secs(60));
-            peer
+    /// Builds the immutable routing (sites, routes, settings) for this config.
+    pub fn build_routing(&self, metrics: &Arc<Metrics>) -> Routing {
+        let proxy_action = |label: &String, addr: SocketAddr, strip_prefix: &Option<String>| ProxyAction {
+            upstream: Upstream { label: label.as_str().into(), addr },
+            strip_prefix: strip_prefix.clone(),
+            peer: self.proxy.peer(addr, false),
+            ws_peer: self.proxy.peer(addr, true),
         };
         let sites = self
             .sites
@@ -594,12 +620,9 @@ impl Config {
                     .iter()
                     .map(|r| {
                         let action = match &r.action {
-                            ActionSpec::Proxy { label, addr, strip_prefix } => Action::Proxy(ProxyAction {
-                                upstream: Upstream { label: label.as_str().into(), addr: *addr },
-                                strip_prefix: strip_prefix.clone(),
-                                peer: peer_for(*addr, self.server.upstream_idle_timeout),
-                                ws_peer: peer_for(*addr, self.proxy.websocket_idle_timeout),
-                            }),
+                            ActionSpec::Proxy { label, addr, strip_prefix } => {
+                                Action::Proxy(proxy_action(label, *addr, strip_prefix))
+                            }
                             ActionSpec::Static { root, strip_prefix, index } => Action::Static(StaticAction {
                                 root: root.clone(),
                                 strip_prefix: strip_prefix.clone(),
@@ -611,6 +634,12 @@ impl Config {
                                 body: Bytes::from(body.clone()),
                                 content_type: content_type.clone(),
                             },
+                            ActionSpec::Workspace => Action::Workspace,
+                            ActionSpec::Runtime => Action::Runtime,
+                            ActionSpec::Control => Action::Control,
+                            ActionSpec::UserService { label, addr, strip_prefix } => {
+                                Action::UserService(proxy_action(label, *addr, strip_prefix))
+                            }
                         };
                         Arc::new(Route {
                             name: r.name.as_str().into(),
@@ -622,7 +651,7 @@ impl Config {
                     .collect(),
             })
             .collect();
-        RouteTable::new(generation, self.proxy.clone(), sites)
+        Routing::new(self.proxy.clone(), sites)
     }
 }
 

@@ -87,4 +87,8 @@ pub struct RawRoute {
     pub content_type: Option<Spanned<String>>,
     pub strip_prefix: Option<Spanned<String>>,
     pub index: Option<Vec<String>>,
+    pub workspace: Option<Spanned<bool>>,
+    pub runtime: Option<Spanned<bool>>,
+    pub user_service: Option<Spanned<String>>,
+    pub control: Option<Spanned<bool>>,
 }
