@@ -1,6 +1,11 @@
-//! The admin API (loopback by default): health, metrics, the live route table, reload.
+//! The admin API (loopback by default): health, metrics, the live route table, certificates,
+//! reload, and the control plane's operator calls (workspaces, runtime moves, kill switches).
 
 use std::sync::Arc;
+
+use markco_control::api::same_token;
+use markco_control::db::WorkspaceRow;
+use markco_control::plane::{ControlPlane, PlaneError};
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -11,6 +16,171 @@ use crate::reload::Reloader;
 
 pub struct AdminApp {
     pub reloader: Arc<Reloader>,
+    pub plane: Arc<ControlPlane>,
+}
+
+const MAX_BODY: usize = 64 * 1024;
+
+/// Reads a small JSON body.
+async fn read_json(session: &mut ServerSession) -> Result<serde_json::Value, String> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk);
+                if body.len() > MAX_BODY {
+                    return Err(format!("body larger than {MAX_BODY} bytes"));
+                }
+            }
+            Ok(None) => break,
+            Err(e) => return Err(format!("reading the body: {e}")),
+        }
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("the body is not valid JSON: {e}"))
+}
+
+fn plane_error(e: PlaneError) -> Response<Vec<u8>> {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json(status, serde_json::json!({"error": e.to_string()}))
+}
+
+fn bad_request(msg: impl Into<String>) -> Response<Vec<u8>> {
+    json(StatusCode::BAD_REQUEST, serde_json::json!({"error": msg.into()}))
+}
+
+/// "host:port" → (host, port).
+fn host_port(v: &serde_json::Value, key: &str) -> Result<(String, u16), String> {
+    let s = v.get(key).and_then(|x| x.as_str()).ok_or_else(|| format!("`{key}` is required, as \"host:port\""))?;
+    let (h, p) = s.rsplit_once(':').ok_or_else(|| format!("`{key}` must be \"host:port\""))?;
+    let port = p.parse::<u16>().map_err(|_| format!("`{key}` has a bad port {p:?}"))?;
+    if h.is_empty() || port == 0 {
+        return Err(format!("`{key}` must be \"host:port\""));
+    }
+    Ok((h.trim_matches(|c| c == '[' || c == ']').to_string(), port))
+}
+
+/// A user id in a path: what the auth service issues (UUIDs) and nothing that could be a path trick.
+fn valid_user_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl AdminApp {
+    /// The control plane's admin calls; `None` when the path is not one of them.
+    async fn control(&self, session: &mut ServerSession, method: &Method, path: &str) -> Option<Response<Vec<u8>>> {
+        if path == "/api/admin/workspaces" {
+            return Some(match *method {
+                Method::GET => match self.plane.list_workspaces().await {
+                    Ok(rows) => json(StatusCode::OK, serde_json::json!({"workspaces": rows})),
+                    Err(e) => plane_error(e),
+                },
+                _ => json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method not allowed"})),
+            });
+        }
+        if let Some(user) = path.strip_prefix("/api/admin/workspaces/") {
+            if !valid_user_id(user) {
+                return Some(bad_request("bad user id"));
+            }
+            return Some(match *method {
+                Method::GET => match self.plane.get_workspace(user).await {
+                    Ok(Some(row)) => json(StatusCode::OK, serde_json::to_value(row).unwrap_or_default()),
+                    Ok(None) => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "no workspace for this user"})),
+                    Err(e) => plane_error(e),
+                },
+                Method::PUT => {
+                    let body = match read_json(session).await {
+                        Ok(b) => b,
+                        Err(e) => return Some(bad_request(e)),
+                    };
+                    let (editor, runtime) = match (host_port(&body, "editor"), host_port(&body, "runtime")) {
+                        (Ok(e), Ok(r)) => (e, r),
+                        (Err(e), _) | (_, Err(e)) => return Some(bad_request(e)),
+                    };
+                    let state = body.get("state").and_then(|s| s.as_str()).unwrap_or("running").to_string();
+                    let row = WorkspaceRow {
+                        user_id: user.to_string(),
+                        editor_host: editor.0,
+                        editor_port: editor.1,
+                        runtime_host: runtime.0,
+                        runtime_port: runtime.1,
+                        state,
+                        editor_container: None,
+                        runtime_container: None,
+                        updated_at: 0,
+                    };
+                    match self.plane.put_workspace(row.clone()).await {
+                        Ok(()) => json(StatusCode::OK, serde_json::to_value(row).unwrap_or_default()),
+                        Err(e) => plane_error(e),
+                    }
+                }
+                Method::DELETE => match self.plane.delete_workspace(user).await {
+                    Ok(true) => json(StatusCode::OK, serde_json::json!({"deleted": user})),
+                    Ok(false) => {
+                        json(StatusCode::NOT_FOUND, serde_json::json!({"error": "no workspace for this user"}))
+                    }
+                    Err(e) => plane_error(e),
+                },
+                _ => json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method not allowed"})),
+            });
+        }
+        if path == "/api/runtime/update-port" {
+            if *method != Method::POST {
+                return Some(json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "POST only"})));
+            }
+            let body = match read_json(session).await {
+                Ok(b) => b,
+                Err(e) => return Some(bad_request(e)),
+            };
+            let Some(user) = body.get("userId").and_then(|u| u.as_str()).filter(|u| valid_user_id(u)) else {
+                return Some(bad_request("`userId` is required"));
+            };
+            let Some(port) =
+                body.get("port").and_then(|p| p.as_u64()).and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0)
+            else {
+                return Some(bad_request("`port` must be a port number"));
+            };
+            let host = body.get("host").and_then(|h| h.as_str()).map(str::to_owned);
+            return Some(match self.plane.move_runtime(user, host, port).await {
+                Ok(outcome) => json(StatusCode::OK, serde_json::to_value(outcome).unwrap_or_default()),
+                Err(e) => plane_error(e),
+            });
+        }
+        if let Some(rest) = path.strip_prefix("/api/admin/routes/") {
+            let (name, verb) = rest.rsplit_once('/')?;
+            let disable = match verb {
+                "disable" => true,
+                "enable" => false,
+                _ => return None,
+            };
+            if *method != Method::POST {
+                return Some(json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "POST only"})));
+            }
+            let name = percent_decode(name);
+            if !self.reloader.table().has_route(&name) {
+                return Some(json(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({"error": format!("no route named {name:?}")}),
+                ));
+            }
+            self.plane.table.rcu(|t| t.with_route_disabled(&name, disable));
+            tracing::warn!(route = %name, disabled = disable, "route switched by an admin");
+            return Some(json(StatusCode::OK, serde_json::json!({"route": name, "disabled": disable})));
+        }
+        if let Some(user) = path.strip_prefix("/api/admin/users/").and_then(|r| r.strip_suffix("/invalidate")) {
+            if *method != Method::POST {
+                return Some(json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "POST only"})));
+            }
+            if !valid_user_id(user) {
+                return Some(bad_request("bad user id"));
+            }
+            self.plane.sessions.invalidate_user(user);
+            return Some(json(StatusCode::OK, serde_json::json!({"invalidated": user})));
+        }
+        None
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
@@ -22,11 +192,6 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
         .header("Cache-Control", "no-store")
         .body(body)
         .unwrap_or_default()
-}
-
-/// Compares in time independent of where the first difference is.
-fn same_token(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl AdminApp {
@@ -59,6 +224,9 @@ impl ServeHttp for AdminApp {
                 serde_json::json!({"error": "admin token required: send Authorization: Bearer <token>"}),
             );
             r.headers_mut().insert("WWW-Authenticate", http::HeaderValue::from_static("Bearer"));
+            return r;
+        }
+        if let Some(r) = self.control(session, &method, &path).await {
             return r;
         }
         match (method, path.as_str()) {
@@ -101,7 +269,7 @@ impl ServeHttp for AdminApp {
             }
             _ => json(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /metrics", "GET /routes", "GET /certs", "POST /reload"]}),
+                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /metrics", "GET /routes", "GET /certs", "POST /reload", "GET /api/admin/workspaces", "GET|PUT|DELETE /api/admin/workspaces/<userId>", "POST /api/runtime/update-port", "POST /api/admin/routes/<name>/disable|enable", "POST /api/admin/users/<userId>/invalidate"]}),
             ),
         }
     }
@@ -109,12 +277,18 @@ impl ServeHttp for AdminApp {
 
 #[cfg(test)]
 mod tests {
-    use super::same_token;
+    use super::*;
 
     #[test]
-    fn token_compare() {
-        assert!(same_token(b"abc", b"abc"));
-        assert!(!same_token(b"abc", b"abd"));
-        assert!(!same_token(b"abc", b"abcd"));
+    fn user_ids_and_addresses() {
+        assert!(valid_user_id("3f2b9c1e-aaaa-bbbb-cccc-0123456789ab"));
+        assert!(!valid_user_id("../x"));
+        assert!(!valid_user_id(""));
+        let v = serde_json::json!({"editor": "127.0.0.1:20001", "bad": "x", "port0": "h:0"});
+        assert_eq!(host_port(&v, "editor"), Ok(("127.0.0.1".to_string(), 20001)));
+        assert!(host_port(&v, "bad").is_err());
+        assert!(host_port(&v, "port0").is_err());
+        assert!(host_port(&v, "missing").is_err());
+        assert_eq!(percent_decode("a%20b"), "a b");
     }
 }

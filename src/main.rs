@@ -47,8 +47,63 @@ enum Command {
         #[arg(long, short = 'c')]
         config: PathBuf,
     },
+    /// Run the database migrations (they also run at every start).
+    Migrate {
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+    },
+    /// Manage users of the embedded identity store (for trying markco locally).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user and print its id and a new session token.
+    Add {
+        email: String,
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        /// Print {"id": ..., "token": ...} as JSON.
+        #[arg(long)]
+        json: bool,
+        /// How long the session is valid.
+        #[arg(long, default_value = "30d")]
+        session_ttl: String,
+    },
+}
+
+/// The config given, or the embedded default; exits with the error otherwise.
+fn load_or_default(path: &Option<PathBuf>) -> Result<config::Config, ExitCode> {
+    let loaded = match path {
+        Some(p) => config::load(p),
+        None => config::Config::embedded(),
+    };
+    loaded.map_err(|e| {
+        eprint!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -59,6 +114,45 @@ fn main() -> ExitCode {
         Command::Version => {
             println!("markco {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
+        }
+        Command::Migrate { config } => {
+            let cfg = match load_or_default(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            block_on(async move {
+                let db = markco_control::db::Db::connect(&cfg.plane.database_url).await?;
+                db.migrate().await?;
+                println!("{}: migrations applied ({})", server::redact_url(&cfg.plane.database_url), db.backend());
+                db.close().await;
+                Ok(())
+            })
+        }
+        Command::User { command: UserCommand::Add { email, config, json, session_ttl } } => {
+            let cfg = match load_or_default(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let ttl = match humantime::parse_duration(&session_ttl) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: --session-ttl {session_ttl:?}: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            block_on(async move {
+                let db = markco_control::db::Db::connect(&cfg.plane.database_url).await?;
+                db.migrate().await?;
+                let id = db.create_user(&email).await?;
+                let token = db.create_session(&id, ttl).await?;
+                db.close().await;
+                if json {
+                    println!("{}", serde_json::json!({"id": id, "token": token}));
+                } else {
+                    println!("user   {id}\ntoken  {token}\n\ntry:   curl -H 'Authorization: Bearer {token}' http://{}/u/{id}/", cfg.server.http);
+                }
+                Ok(())
+            })
         }
         Command::Check { config } => match config::load(&config) {
             Ok(c) => {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use markco_certs::CertManager;
+use markco_control::plane::ControlPlane;
 use markco_proxy::{Metrics, RouteTable};
 
 use crate::config::{self, Config};
@@ -15,9 +16,10 @@ pub struct Reloader {
     table: Arc<ArcSwap<RouteTable>>,
     metrics: Arc<Metrics>,
     pub certs: Arc<CertManager>,
+    plane: Arc<ControlPlane>,
     generation: AtomicU64,
     /// The admin bearer token; a reload may change it.
-    pub admin_token: ArcSwap<Option<String>>,
+    pub admin_token: Arc<ArcSwap<Option<String>>>,
     /// What the listeners were started with: these need a restart to change.
     started: Config,
     /// One reload at a time, so generations are applied in order.
@@ -30,6 +32,8 @@ impl Reloader {
         table: Arc<ArcSwap<RouteTable>>,
         metrics: Arc<Metrics>,
         certs: Arc<CertManager>,
+        plane: Arc<ControlPlane>,
+        admin_token: Arc<ArcSwap<Option<String>>>,
         started: Config,
     ) -> Reloader {
         let generation = table.load().generation;
@@ -38,8 +42,9 @@ impl Reloader {
             table,
             metrics,
             certs,
+            plane,
             generation: AtomicU64::new(generation),
-            admin_token: ArcSwap::from_pointee(started.server.admin_token.clone()),
+            admin_token,
             started,
             lock: Mutex::new(()),
         }
@@ -90,6 +95,7 @@ impl Reloader {
         // Workspaces and kill switches carry over; only the config's part changes.
         self.table.rcu(|old| old.with_routing(generation, routing.clone()));
         self.admin_token.store(Arc::new(cfg.server.admin_token.clone()));
+        self.plane.reconfigure(cfg.plane.clone());
         self.metrics.table_generation.set(generation as i64);
         self.metrics.reload(true);
         tracing::info!(target: "markco::reload", generation, sites = cfg.sites.len(), routes = cfg.route_count(), "config reloaded");

@@ -10,6 +10,8 @@ use async_trait::async_trait;
 use markco_certs::alpn::PreTlsHook;
 use markco_certs::manager::HandshakeCounter;
 use markco_certs::{CertManager, CertStore, TlsMetrics};
+use markco_control::api::PublicApi;
+use markco_control::plane::{self, ControlPlane};
 use markco_proxy::app::EdgeApp;
 use markco_proxy::{Gateway, Metrics, RouteTable};
 use pingora::server::configuration::{Opt, ServerConf};
@@ -62,11 +64,37 @@ impl BackgroundService for CertService {
     }
 }
 
+/// The control plane's loop (database, session lookups, workspace changes, health checks).
+struct ControlService {
+    plane: Arc<ControlPlane>,
+}
+
+#[async_trait]
+impl BackgroundService for ControlService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.plane.clone().run(shutdown).await;
+    }
+}
+
 /// Fails early, with the address in the message, when a port is taken (Pingora would panic).
 fn check_bindable(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
     TcpListener::bind(addr)
         .map(drop)
         .with_context(|| format!("cannot listen on {addr} for the {what} listener (is another process using it? change `{what}` under [server])"))
+}
+
+/// A database URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }
 
 pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<()> {
@@ -83,7 +111,14 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         }
     }
     let metrics = Metrics::new();
-    let table = Arc::new(ArcSwap::from_pointee(RouteTable::new(1, cfg.build_routing(&metrics))));
+    // The workspace map comes from the database before any listener accepts a request.
+    let rows = plane::bootstrap(&cfg.plane.database_url)
+        .with_context(|| format!("opening the database {}", redact_url(&cfg.plane.database_url)))?;
+    tracing::info!(workspaces = rows.len(), "state loaded from the database");
+    let table = RouteTable::new(1, cfg.build_routing(&metrics));
+    let table = Arc::new(ArcSwap::from_pointee(plane::with_workspaces(table, &rows)));
+    let control = ControlPlane::new(table.clone(), cfg.plane.clone());
+    let admin_token = Arc::new(ArcSwap::from_pointee(cfg.server.admin_token.clone()));
     metrics.table_generation.set(1);
 
     let conf = ServerConf {
@@ -105,7 +140,9 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         tracing::error!("{problem}");
     }
 
-    let gateway = Gateway::new(table.clone(), metrics.clone(), certs.tokens.clone());
+    let gateway = Gateway::new(table.clone(), metrics.clone(), certs.tokens.clone())
+        .with_identity(control.sessions.clone())
+        .with_control(Arc::new(PublicApi { plane: control.clone(), admin_token: admin_token.clone() }));
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let mut edge = Service::new("markco edge".to_string(), EdgeApp::new(proxy, cfg.server.header_timeout));
     edge.add_tcp(&cfg.server.http.to_string());
@@ -125,8 +162,9 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     let http_addr = cfg.server.http;
     let admin_addr = cfg.server.admin;
     let https_addr = cfg.server.https;
-    let reloader = Arc::new(Reloader::new(path, table, metrics, certs.clone(), cfg));
-    let mut admin = Service::new("markco admin".to_string(), AdminApp { reloader: reloader.clone() });
+    let reloader = Arc::new(Reloader::new(path, table, metrics, certs.clone(), control.clone(), admin_token, cfg));
+    let mut admin =
+        Service::new("markco admin".to_string(), AdminApp { reloader: reloader.clone(), plane: control.clone() });
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
 
@@ -134,6 +172,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     server.add_service(admin);
     server.add_service(background_service("reload on SIGHUP", HangupReload { reloader }));
     server.add_service(background_service("certificates", CertService { manager: certs }));
+    server.add_service(background_service("control plane", ControlService { plane: control }));
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         http = %http_addr,

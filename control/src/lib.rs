@@ -1,1 +1,8 @@
-//! placeholder
+//! markco's control plane: identity (session cache), per-user workspaces and runtime moves, the
+//! state in SQLite or PostgreSQL, health checks, and the control API.
+
+pub mod api;
+pub mod db;
+pub mod http_client;
+pub mod plane;
+pub mod sessions;

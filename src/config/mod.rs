@@ -1,5 +1,6 @@
 //! Loading and validating the config file, and turning it into a route table.
 
+mod control;
 mod error;
 mod raw;
 mod tls;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ipnet::IpNet;
 use markco_certs::{AcmeConfig, ManagedSite, SiteTls};
+use markco_control::plane::PlaneConfig;
 use markco_proxy::metrics::Metrics;
 use markco_proxy::table::{
     Action, PathPattern, ProxyAction, ProxySettings, Route, Routing, Site, StaticAction, Upstream,
@@ -86,6 +88,7 @@ pub struct Config {
     pub proxy: ProxySettings,
     pub log: LogSettings,
     pub acme: AcmeConfig,
+    pub plane: PlaneConfig,
     pub sites: Vec<SiteSpec>,
     /// Things that are allowed but probably not meant (a static root that does not exist yet).
     pub warnings: Vec<String>,
@@ -279,6 +282,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         },
     };
     let acme = tls::acme_config(&cx, raw.tls.as_ref(), &base_dir)?;
+    let plane = control::plane_config(&cx, &raw, &base_dir)?;
     let log = LogSettings {
         format: match &raw.log.format {
             None => None,
@@ -343,7 +347,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         }
         sites.push(SiteSpec { hosts, tls: site_tls, routes });
     }
-    Ok(Config { server, proxy, log, acme, sites, warnings })
+    Ok(Config { server, proxy, log, acme, plane, sites, warnings })
 }
 
 fn valid_host(h: &str) -> bool {

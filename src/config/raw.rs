@@ -11,6 +11,11 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     pub tls: Option<RawTls>,
+    pub database: Option<RawDatabase>,
+    pub sessions: Option<RawSessions>,
+    pub runtime_moves: Option<RawMoves>,
+    #[serde(default, rename = "health_check")]
+    pub health_checks: Vec<Spanned<RawHealthCheck>>,
     #[serde(default, rename = "site")]
     pub sites: Vec<Spanned<RawSite>>,
 }
@@ -91,4 +96,38 @@ pub struct RawRoute {
     pub runtime: Option<Spanned<bool>>,
     pub user_service: Option<Spanned<String>>,
     pub control: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    pub url: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessions {
+    pub cache_ttl: Option<Spanned<String>>,
+    pub negative_cache_ttl: Option<Spanned<String>>,
+    pub cache_capacity: Option<Spanned<i64>>,
+    pub lookup_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMoves {
+    pub max_moves: Option<Spanned<i64>>,
+    pub window: Option<Spanned<String>>,
+    pub probe_timeout: Option<Spanned<String>>,
+    pub notify_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub name: Spanned<String>,
+    pub url: Spanned<String>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub disable_route: Option<Spanned<String>>,
 }

@@ -2,6 +2,8 @@
 //! processes on loopback, with free ports and a temporary directory each.
 #![allow(dead_code)]
 
+pub mod pebble;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -363,4 +365,30 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
             None
         }
     })
+}
+
+/// Creates a user and a session through `markco user add --json` on this markco's config.
+pub fn add_user(m: &Markco, email: &str) -> (String, String) {
+    let out = Command::new(markco_bin())
+        .args(["user", "add", email, "--json", "--config"])
+        .arg(&m.config_path)
+        .output()
+        .expect("run markco user add");
+    assert!(out.status.success(), "user add failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("user add prints JSON");
+    (v["id"].as_str().expect("id").to_string(), v["token"].as_str().expect("token").to_string())
+}
+
+/// Registers a workspace through the admin API.
+pub fn put_workspace(m: &Markco, user: &str, editor: SocketAddr, runtime: SocketAddr) {
+    let body = serde_json::json!({"editor": editor.to_string(), "runtime": runtime.to_string()}).to_string();
+    let r = request(
+        m.admin,
+        "PUT",
+        &format!("/api/admin/workspaces/{user}"),
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .expect("PUT workspace");
+    assert_eq!(r.status, 200, "PUT workspace: {}", r.body_text());
 }

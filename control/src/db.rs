@@ -1,0 +1,368 @@
+//! The control plane's database: SQLite as the embedded default, PostgreSQL for production and for
+//! several gateways sharing state (it adopts today's `markco` database, see `migrations/postgres`).
+//!
+//! A [`Db`] belongs to the control plane's tokio runtime; nothing on a request's path calls it.
+//!
+//! Representation decisions, the same on both backends as seen through this API:
+//! - ids are uuid v4 strings (canonical lowercase); PostgreSQL stores them as `uuid` (today's
+//!   columns), SQLite as TEXT. User ids that reach `runtimes` must therefore be UUIDs.
+//! - times cross this API as unix seconds (`i64`). PostgreSQL stores `timestamptz` and compares
+//!   with the server's `now()`; SQLite stores INTEGER unix seconds and compares with this
+//!   process's clock.
+//! - ports are `u16` here, `integer` in the database.
+
+mod postgres;
+mod sqlite;
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use base64::Engine as _;
+use futures_util::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+/// A handle on the control plane's database. Cheap to clone (it is a connection pool).
+#[derive(Debug, Clone)]
+pub enum Db {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+/// One user's workspace: where its editor and runtime listen. The routing table is rebuilt from
+/// these rows after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceRow {
+    pub user_id: String,
+    pub editor_host: String,
+    pub editor_port: u16,
+    pub runtime_host: String,
+    pub runtime_port: u16,
+    /// "running" | "stopped" | "starting" | ...; copied to the `runtimes` row.
+    pub state: String,
+    pub editor_container: Option<String>,
+    pub runtime_container: Option<String>,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
+/// A runtime move (`update-port`) to record in today's `migrations` table.
+#[derive(Debug, Clone)]
+pub struct MoveRecord {
+    pub user_id: String,
+    /// "host:port" before the move.
+    pub from: String,
+    /// "host:port" after the move.
+    pub to: String,
+    /// "completed" or "failed: <why>".
+    pub status: String,
+    /// Time to probe the new target (stored as `checkpoint_ms`).
+    pub probe_ms: i64,
+    /// Time to tell the editor (stored as `restore_ms`).
+    pub notify_ms: i64,
+    /// Unix seconds.
+    pub started_at: i64,
+    /// Unix seconds.
+    pub completed_at: i64,
+}
+
+/// Errors a caller may want to tell apart (`err.downcast_ref::<DbError>()`); every other error is
+/// an `anyhow` error with context.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DbError {
+    #[error("a user with this email exists")]
+    EmailExists,
+    #[error("no user {0}")]
+    UnknownUser(String),
+    #[error("no workspace for user {0}")]
+    NoWorkspace(String),
+    /// Another workspace holds this address (the DB's unique constraints); allocate another port.
+    #[error("{kind} address {host}:{port} is already used by another workspace")]
+    AddressInUse { kind: &'static str, host: String, port: u16 },
+    #[error("user id {0:?} is not a UUID")]
+    InvalidUserId(String),
+}
+
+impl Db {
+    /// Opens a pool on `url`:
+    /// - `sqlite://PATH` (relative to the process's working directory; `sqlite:///abs/path` for an
+    ///   absolute one): creates the file and its parent directories if missing, WAL journal,
+    ///   busy timeout 5 s, foreign keys on;
+    /// - `sqlite::memory:`: a private in-memory database (one connection, gone when dropped);
+    /// - `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (or `postgresql://`): one probe connection
+    ///   first, so a failure says what to fix (server not running, authentication, missing database).
+    ///
+    /// Does not migrate; call [`Db::migrate`].
+    pub async fn connect(url: &str) -> Result<Db> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Db::Postgres(postgres::connect(url).await?))
+        } else if url.starts_with("sqlite:") {
+            Ok(Db::Sqlite(sqlite::connect(url).await?))
+        } else {
+            let scheme = url.split_once(':').map_or("(none)", |(scheme, _)| scheme);
+            bail!(
+                "unsupported database URL scheme {scheme:?}: use sqlite://PATH, sqlite::memory: or \
+                 postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+            )
+        }
+    }
+
+    /// Runs the migrations embedded for this backend (`migrations/sqlite` or `migrations/postgres`).
+    /// Idempotent; several gateways may run it at once on one PostgreSQL database (sqlx takes an
+    /// advisory lock).
+    pub async fn migrate(&self) -> Result<()> {
+        match self {
+            Db::Sqlite(pool) => sqlite::migrate(pool).await,
+            Db::Postgres(pool) => postgres::migrate(pool).await,
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Db::Sqlite(_) => "sqlite",
+            Db::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Closes the pool, waiting for connections in use to come back.
+    pub async fn close(&self) {
+        match self {
+            Db::Sqlite(pool) => pool.close().await,
+            Db::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    /// The user of a valid session: a `sessions` row with this token, `expires_at` in the future,
+    /// and an existing user.
+    pub async fn session_user(&self, token: &str) -> Result<Option<String>> {
+        match self {
+            Db::Sqlite(pool) => sqlite::session_user(pool, token).await,
+            Db::Postgres(pool) => postgres::session_user(pool, token).await,
+        }
+    }
+
+    /// Creates a user (id: uuid v4; plan 'free'). [`DbError::EmailExists`] if the email is taken.
+    pub async fn create_user(&self, email: &str) -> Result<String> {
+        let id = new_id();
+        match self {
+            Db::Sqlite(pool) => sqlite::create_user(pool, &id, email).await?,
+            Db::Postgres(pool) => postgres::create_user(pool, &id, email).await?,
+        }
+        Ok(id)
+    }
+
+    pub async fn user_by_email(&self, email: &str) -> Result<Option<String>> {
+        match self {
+            Db::Sqlite(pool) => sqlite::user_by_email(pool, email).await,
+            Db::Postgres(pool) => postgres::user_by_email(pool, email).await,
+        }
+    }
+
+    /// A new session for `user_id`, valid for `ttl`. The token is 32 random bytes from the OS's
+    /// CSPRNG, base64url without padding (43 characters).
+    pub async fn create_session(&self, user_id: &str, ttl: Duration) -> Result<String> {
+        check_user_id(user_id)?;
+        let token = new_token()?;
+        let id = new_id();
+        match self {
+            Db::Sqlite(pool) => sqlite::create_session(pool, &id, user_id, &token, ttl).await?,
+            Db::Postgres(pool) => postgres::create_session(pool, &id, user_id, &token, ttl).await?,
+        }
+        Ok(token)
+    }
+
+    /// Deletes a session; true if it existed. On PostgreSQL every gateway hears of it through
+    /// [`Db::session_changes`].
+    pub async fn delete_session(&self, token: &str) -> Result<bool> {
+        match self {
+            Db::Sqlite(pool) => sqlite::delete_session(pool, token).await,
+            Db::Postgres(pool) => postgres::delete_session(pool, token).await,
+        }
+    }
+
+    /// Every workspace, ordered by user id.
+    pub async fn list_workspaces(&self) -> Result<Vec<WorkspaceRow>> {
+        match self {
+            Db::Sqlite(pool) => sqlite::list_workspaces(pool).await,
+            Db::Postgres(pool) => postgres::list_workspaces(pool).await,
+        }
+    }
+
+    pub async fn get_workspace(&self, user_id: &str) -> Result<Option<WorkspaceRow>> {
+        match self {
+            Db::Sqlite(pool) => sqlite::get_workspace(pool, user_id).await,
+            Db::Postgres(pool) => postgres::get_workspace(pool, user_id).await,
+        }
+    }
+
+    /// Inserts or replaces the user's workspace (`updated_at` stored as given), in one transaction
+    /// with the `runtimes` row of its runtime: that row is updated in place (container name, host,
+    /// port, state) while it describes the same container; when `runtime_container` names another
+    /// container, the old row is marked 'stopped' and a new row is created, as compute-manager did.
+    /// [`DbError::AddressInUse`] if another workspace holds the editor or runtime address.
+    pub async fn upsert_workspace(&self, row: &WorkspaceRow) -> Result<()> {
+        check_user_id(&row.user_id)?;
+        match self {
+            Db::Sqlite(pool) => sqlite::upsert_workspace(pool, row).await,
+            Db::Postgres(pool) => postgres::upsert_workspace(pool, row).await,
+        }
+    }
+
+    /// Deletes the user's workspace; true if it existed. Its `runtimes` row is kept (moves refer to
+    /// it) and marked 'stopped'.
+    pub async fn delete_workspace(&self, user_id: &str) -> Result<bool> {
+        match self {
+            Db::Sqlite(pool) => sqlite::delete_workspace(pool, user_id).await,
+            Db::Postgres(pool) => postgres::delete_workspace(pool, user_id).await,
+        }
+    }
+
+    /// Moves the user's runtime to `host:port` (the workspace row and its `runtimes` row; nothing
+    /// else changes). Persisted, so it survives a restart. [`DbError::NoWorkspace`] if the user has
+    /// no workspace, [`DbError::AddressInUse`] if another workspace's runtime is there.
+    pub async fn set_runtime(&self, user_id: &str, host: &str, port: u16) -> Result<()> {
+        match self {
+            Db::Sqlite(pool) => sqlite::set_runtime(pool, user_id, host, port).await,
+            Db::Postgres(pool) => postgres::set_runtime(pool, user_id, host, port).await,
+        }
+    }
+
+    /// Records a runtime move in today's `migrations` table, referencing the workspace's `runtimes`
+    /// row: from/to_instance "host:port", from/to_type "local", strategy "update-port",
+    /// checkpoint_ms = probe time, transfer_ms = 0, restore_ms = editor-notify time.
+    /// [`DbError::NoWorkspace`] if the user has no workspace (with a runtime row).
+    pub async fn record_move(&self, m: &MoveRecord) -> Result<()> {
+        let id = new_id();
+        match self {
+            Db::Sqlite(pool) => sqlite::record_move(pool, &id, m).await,
+            Db::Postgres(pool) => postgres::record_move(pool, &id, m).await,
+        }
+    }
+
+    /// How many moves (`migrations` rows) the user's runtimes have had, including the ones
+    /// compute-manager recorded before markco.
+    pub async fn count_moves(&self, user_id: &str) -> Result<i64> {
+        if uuid::Uuid::parse_str(user_id).is_err() {
+            return Ok(0);
+        }
+        match self {
+            Db::Sqlite(pool) => sqlite::count_moves(pool, user_id).await,
+            Db::Postgres(pool) => postgres::count_moves(pool, user_id).await,
+        }
+    }
+
+    /// PostgreSQL only (`None` on SQLite, where this process is the only writer): the tokens of
+    /// sessions deleted or updated by anyone (logout, account deletion, the auth service), from
+    /// `LISTEN markco_sessions`, fed by a trigger on `sessions`.
+    ///
+    /// The stream holds one pooled connection for as long as it lives and ends when the pool is
+    /// closed. A lost connection is re-established (by `PgListener`, or here after an error, retried
+    /// every second); notifications sent while it was down are lost, which the session cache's TTL
+    /// covers: a cached session outlives its deletion by at most one TTL.
+    pub async fn session_changes(&self) -> Result<Option<BoxStream<'static, String>>> {
+        match self {
+            Db::Sqlite(_) => Ok(None),
+            Db::Postgres(pool) => Ok(Some(postgres::session_changes(pool).await?)),
+        }
+    }
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn new_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("cannot get random bytes from the OS: {e}"))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn check_user_id(user_id: &str) -> Result<(), DbError> {
+    match uuid::Uuid::parse_str(user_id) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(DbError::InvalidUserId(user_id.to_owned())),
+    }
+}
+
+/// Milliseconds as stored in today's `integer` columns (saturating).
+fn ms_i32(ms: i64) -> i32 {
+    i32::try_from(ms.max(0)).unwrap_or(i32::MAX)
+}
+
+/// Whether the workspace's existing `runtimes` row (for container `old`) still describes its
+/// runtime (container `new`); an empty name means "not known".
+fn same_runtime(old: &str, new: &str) -> bool {
+    old == new || old.is_empty() || new.is_empty()
+}
+
+/// The columns of `markco_workspaces` as both backends select them.
+type WorkspaceTuple = (String, String, i64, String, i64, String, Option<String>, Option<String>, i64);
+
+fn workspace_from_tuple(t: WorkspaceTuple) -> Result<WorkspaceRow> {
+    let (
+        user_id,
+        editor_host,
+        editor_port,
+        runtime_host,
+        runtime_port,
+        state,
+        editor_container,
+        runtime_container,
+        updated_at,
+    ) = t;
+    let port = |p: i64, what: &str| {
+        u16::try_from(p).map_err(|_| anyhow::anyhow!("workspace of user {user_id} has an invalid {what} port {p}"))
+    };
+    Ok(WorkspaceRow {
+        editor_port: port(editor_port, "editor")?,
+        runtime_port: port(runtime_port, "runtime")?,
+        user_id,
+        editor_host,
+        runtime_host,
+        state,
+        editor_container,
+        runtime_container,
+        updated_at,
+    })
+}
+
+/// Maps a unique violation of `markco_workspaces`' address constraints to
+/// [`DbError::AddressInUse`]; any other error gets `context`.
+fn address_conflict(
+    err: sqlx::Error,
+    editor: Option<(&str, u16)>,
+    runtime: (&str, u16),
+    context: String,
+) -> anyhow::Error {
+    if let Some(db_err) = err.as_database_error() {
+        if db_err.is_unique_violation() {
+            // PostgreSQL names the constraint; SQLite says "UNIQUE constraint failed: t.editor_host, ...".
+            let what = format!("{} {}", db_err.constraint().unwrap_or(""), db_err.message());
+            let (kind, (host, port)) = match editor {
+                Some(editor) if what.contains("editor") => ("editor", editor),
+                _ => ("runtime", runtime),
+            };
+            return DbError::AddressInUse { kind, host: host.to_owned(), port }.into();
+        }
+    }
+    anyhow::Error::new(err).context(context)
+}
+
+/// Maps the unique violation of `users.email` to [`DbError::EmailExists`].
+fn user_insert_error(err: sqlx::Error, email: &str) -> anyhow::Error {
+    match err.as_database_error() {
+        Some(db_err) if db_err.is_unique_violation() => DbError::EmailExists.into(),
+        _ => anyhow::Error::new(err).context(format!("creating user {email}")),
+    }
+}
+
+/// Maps a foreign-key violation on `sessions.user_id` to [`DbError::UnknownUser`].
+fn session_insert_error(err: sqlx::Error, user_id: &str) -> anyhow::Error {
+    match err.as_database_error() {
+        Some(db_err) if db_err.is_foreign_key_violation() => DbError::UnknownUser(user_id.to_owned()).into(),
+        _ => anyhow::Error::new(err).context(format!("creating a session for user {user_id}")),
+    }
+}

@@ -1,0 +1,483 @@
+//! The control plane: owns the database (on its own runtime), answers session lookups, applies
+//! workspace changes and runtime moves to the route table, and watches configured services.
+//! It reaches the data plane only by publishing new route-table snapshots.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use markco_proxy::table::{RouteTable, UserRoutes};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::db::{Db, MoveRecord, WorkspaceRow};
+use crate::http_client;
+use crate::sessions::{Lookup, SessionCache, SessionSettings};
+
+#[derive(Debug, Clone)]
+pub struct MoveLimits {
+    /// At most this many moves of one user's runtime...
+    pub max_moves: usize,
+    /// ...within this window; more get 429 (no migration loops).
+    pub window: Duration,
+    pub probe_timeout: Duration,
+    pub notify_timeout: Duration,
+}
+
+impl Default for MoveLimits {
+    fn default() -> Self {
+        MoveLimits {
+            max_moves: 5,
+            window: Duration::from_secs(600),
+            probe_timeout: Duration::from_secs(3),
+            notify_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// A route disabled while this check fails, re-enabled when it passes again.
+    pub disable_route: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlaneConfig {
+    pub database_url: String,
+    pub sessions: SessionSettings,
+    pub moves: MoveLimits,
+    pub health_checks: Vec<HealthCheck>,
+}
+
+/// What an admin call can fail with, mapped to an HTTP status by the API.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaneError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    TooMany(String),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl PlaneError {
+    pub fn status(&self) -> u16 {
+        match self {
+            PlaneError::NotFound(_) => 404,
+            PlaneError::Invalid(_) => 400,
+            PlaneError::Conflict(_) => 409,
+            PlaneError::TooMany(_) => 429,
+            PlaneError::Internal(_) => 500,
+        }
+    }
+}
+
+/// The answer to a successful `update-port`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoveOutcome {
+    pub ok: bool,
+    #[serde(rename = "userId")]
+    pub user_id: String,
+    pub from: String,
+    pub to: String,
+    pub probe_ms: u64,
+    pub editor_notified: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub editor_error: Option<String>,
+    pub notify_ms: u64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, PlaneError>>;
+
+enum Command {
+    List(Reply<Vec<WorkspaceRow>>),
+    Get(String, Reply<Option<WorkspaceRow>>),
+    Put(WorkspaceRow, Reply<()>),
+    Delete(String, Reply<bool>),
+    Move { user: String, host: Option<String>, port: u16, reply: Reply<MoveOutcome> },
+}
+
+/// The control plane's shared state; `run` is its loop on the control runtime.
+pub struct ControlPlane {
+    pub table: Arc<ArcSwap<RouteTable>>,
+    pub sessions: Arc<SessionCache>,
+    config: ArcSwap<PlaneConfig>,
+    health: ArcSwap<BTreeMap<String, bool>>,
+    lookups: Mutex<Option<mpsc::Receiver<Lookup>>>,
+    commands: mpsc::Sender<Command>,
+    command_rx: Mutex<Option<mpsc::Receiver<Command>>>,
+    recent_moves: Mutex<HashMap<String, VecDeque<Instant>>>,
+    health_wake: tokio::sync::Notify,
+}
+
+pub fn routes_of(row: &WorkspaceRow) -> Option<UserRoutes> {
+    let editor = resolve(&row.editor_host, row.editor_port)?;
+    let runtime = resolve(&row.runtime_host, row.runtime_port)?;
+    Some(UserRoutes { editor, runtime, running: row.state == "running" })
+}
+
+fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let host = if host == "localhost" { "127.0.0.1" } else { host };
+    (host, port).to_socket_addrs().ok()?.next()
+}
+
+/// Loads the workspace map from the database before any listener accepts traffic. Runs on a
+/// short-lived runtime of its own: the pool it opens is closed before the control runtime starts.
+pub fn bootstrap(url: &str) -> anyhow::Result<Vec<WorkspaceRow>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let db = Db::connect(url).await?;
+        db.migrate().await?;
+        let rows = db.list_workspaces().await?;
+        db.close().await;
+        Ok(rows)
+    })
+}
+
+/// Puts the rows into a table, skipping (and logging) rows whose addresses do not resolve.
+pub fn with_workspaces(mut table: RouteTable, rows: &[WorkspaceRow]) -> RouteTable {
+    for row in rows {
+        match routes_of(row) {
+            Some(r) => table = table.with_user(&row.user_id, r),
+            None => tracing::error!(user = %row.user_id, "workspace row has an unresolvable address; skipped"),
+        }
+    }
+    table
+}
+
+impl ControlPlane {
+    pub fn new(table: Arc<ArcSwap<RouteTable>>, config: PlaneConfig) -> Arc<ControlPlane> {
+        let (sessions, lookups) = SessionCache::new(config.sessions);
+        let (commands, command_rx) = mpsc::channel(256);
+        Arc::new(ControlPlane {
+            table,
+            sessions,
+            config: ArcSwap::from_pointee(config),
+            health: ArcSwap::default(),
+            lookups: Mutex::new(Some(lookups)),
+            commands,
+            command_rx: Mutex::new(Some(command_rx)),
+            recent_moves: Mutex::new(HashMap::new()),
+            health_wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Applies a reloaded config (health checks, move limits). The database URL and session
+    /// cache settings need a restart.
+    pub fn reconfigure(&self, config: PlaneConfig) {
+        let old = self.config.load();
+        if old.database_url != config.database_url {
+            tracing::warn!("the database URL changed in the file but applies only after a restart");
+        }
+        let keep = PlaneConfig { database_url: old.database_url.clone(), sessions: old.sessions, ..config };
+        self.config.store(Arc::new(keep));
+        self.health_wake.notify_one();
+    }
+
+    /// Service states by name (`true`: passing).
+    pub fn health(&self) -> Arc<BTreeMap<String, bool>> {
+        self.health.load_full()
+    }
+
+    pub fn health_checks(&self) -> Vec<HealthCheck> {
+        self.config.load().health_checks.clone()
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, PlaneError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| PlaneError::Internal(anyhow::anyhow!("the control plane is not running")))?;
+        rx.await.map_err(|_| PlaneError::Internal(anyhow::anyhow!("the control plane stopped")))?
+    }
+
+    pub async fn list_workspaces(&self) -> Result<Vec<WorkspaceRow>, PlaneError> {
+        self.ask(Command::List).await
+    }
+
+    pub async fn get_workspace(&self, user: &str) -> Result<Option<WorkspaceRow>, PlaneError> {
+        self.ask(|r| Command::Get(user.to_string(), r)).await
+    }
+
+    pub async fn put_workspace(&self, row: WorkspaceRow) -> Result<(), PlaneError> {
+        self.ask(|r| Command::Put(row, r)).await
+    }
+
+    pub async fn delete_workspace(&self, user: &str) -> Result<bool, PlaneError> {
+        self.ask(|r| Command::Delete(user.to_string(), r)).await
+    }
+
+    pub async fn move_runtime(&self, user: &str, host: Option<String>, port: u16) -> Result<MoveOutcome, PlaneError> {
+        self.ask(|reply| Command::Move { user: user.to_string(), host, port, reply }).await
+    }
+
+    /// The control plane's loop; returns when `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let url = self.config.load().database_url.clone();
+        let db = loop {
+            match Db::connect(&url).await {
+                Ok(db) => break Arc::new(db),
+                Err(e) => {
+                    tracing::error!("control plane cannot open its database ({e:#}); retrying in 2s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        };
+        let lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let commands = self.command_rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (Some(mut lookups), Some(mut commands)) = (lookups, commands) else {
+            tracing::error!("control plane started twice");
+            return;
+        };
+        // Session lookups: each in its own task, so a slow query does not hold up the others.
+        let lookup_db = db.clone();
+        let lookup_task = tokio::spawn(async move {
+            while let Some(Lookup { token, reply }) = lookups.recv().await {
+                let db = lookup_db.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(db.session_user(&token).await);
+                });
+            }
+        });
+        let notify_task = tokio::spawn(Self::follow_session_changes(self.clone(), db.clone()));
+        let health_task = tokio::spawn(Self::health_loop(self.clone()));
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.handle(&db, cmd).await,
+                    None => break,
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+        lookup_task.abort();
+        notify_task.abort();
+        health_task.abort();
+        db.close().await;
+    }
+
+    /// PostgreSQL: a deleted or changed session row (logout in the auth service) is dropped from
+    /// the cache at once. A notification lost while reconnecting is covered by the cache TTL.
+    async fn follow_session_changes(self: Arc<Self>, db: Arc<Db>) {
+        use futures_util::StreamExt;
+        loop {
+            match db.session_changes().await {
+                Ok(None) => return,
+                Ok(Some(mut stream)) => {
+                    tracing::info!("following session changes through LISTEN/NOTIFY");
+                    while let Some(token) = stream.next().await {
+                        self.sessions.invalidate_token(&token);
+                    }
+                }
+                Err(e) => tracing::warn!("cannot LISTEN for session changes ({e:#}); retrying"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn handle(&self, db: &Db, cmd: Command) {
+        match cmd {
+            Command::List(r) => {
+                let _ = r.send(db.list_workspaces().await.map_err(PlaneError::from));
+            }
+            Command::Get(u, r) => {
+                let _ = r.send(db.get_workspace(&u).await.map_err(PlaneError::from));
+            }
+            Command::Put(row, r) => {
+                let _ = r.send(self.put(db, row).await);
+            }
+            Command::Delete(u, r) => {
+                let res = db.delete_workspace(&u).await.map_err(PlaneError::from);
+                if matches!(res, Ok(true)) {
+                    self.table.rcu(|t| t.without_user(&u));
+                }
+                let _ = r.send(res);
+            }
+            Command::Move { user, host, port, reply } => {
+                let _ = reply.send(self.move_runtime_now(db, &user, host, port).await);
+            }
+        }
+    }
+
+    async fn put(&self, db: &Db, row: WorkspaceRow) -> Result<(), PlaneError> {
+        let routes =
+            routes_of(&row).ok_or_else(|| PlaneError::Invalid("editor or runtime address does not resolve".into()))?;
+        db.upsert_workspace(&row).await.map_err(|e| {
+            let text = format!("{e:#}");
+            if text.contains("UNIQUE") || text.contains("unique") || text.contains("duplicate") {
+                PlaneError::Conflict(format!("port already used by another workspace: {text}"))
+            } else {
+                PlaneError::Internal(e)
+            }
+        })?;
+        self.table.rcu(|t| t.with_user(&row.user_id, routes.clone()));
+        Ok(())
+    }
+
+    /// Probes the new runtime, then moves the route, persists, tells the editor, records the move.
+    async fn move_runtime_now(
+        &self,
+        db: &Db,
+        user: &str,
+        host: Option<String>,
+        port: u16,
+    ) -> Result<MoveOutcome, PlaneError> {
+        let limits = self.config.load().moves.clone();
+        let started = Instant::now();
+        let started_unix = chrono::Utc::now().timestamp();
+        {
+            let mut recent = self.recent_moves.lock().unwrap_or_else(|p| p.into_inner());
+            let q = recent.entry(user.to_string()).or_default();
+            while q.front().is_some_and(|t| started.duration_since(*t) > limits.window) {
+                q.pop_front();
+            }
+            if q.len() >= limits.max_moves {
+                return Err(PlaneError::TooMany(format!(
+                    "{} moves of this runtime within {:?} already; wait before moving it again",
+                    q.len(),
+                    limits.window
+                )));
+            }
+        }
+        let Some(row) = db.get_workspace(user).await? else {
+            return Err(PlaneError::NotFound(format!("no workspace for user {user}")));
+        };
+        let host = host.unwrap_or_else(|| row.runtime_host.clone());
+        let Some(target) = resolve(&host, port) else {
+            return Err(PlaneError::Invalid(format!("cannot resolve {host}:{port}")));
+        };
+        let from = format!("{}:{}", row.runtime_host, row.runtime_port);
+        let to = format!("{host}:{port}");
+        let probe = http_client::call(target, "GET", "/mrp/v1/capabilities", None, limits.probe_timeout).await;
+        let probe_ms = started.elapsed().as_millis() as u64;
+        let probe_error = match probe {
+            Ok(r) if (200..300).contains(&r.status) => None,
+            Ok(r) => Some(format!("the new runtime answered {} to /mrp/v1/capabilities", r.status)),
+            Err(e) => Some(format!("the new runtime did not answer /mrp/v1/capabilities: {e:#}")),
+        };
+        if let Some(why) = probe_error {
+            let rec = MoveRecord {
+                user_id: user.to_string(),
+                from,
+                to,
+                status: format!("failed: {why}"),
+                probe_ms: probe_ms as i64,
+                notify_ms: 0,
+                started_at: started_unix,
+                completed_at: chrono::Utc::now().timestamp(),
+            };
+            if let Err(e) = db.record_move(&rec).await {
+                tracing::warn!("cannot record the failed move: {e:#}");
+            }
+            return Err(PlaneError::Conflict(format!("{why}; the user stays on {}", rec.from)));
+        }
+        db.set_runtime(user, &host, port).await?;
+        let editor = resolve(&row.editor_host, row.editor_port);
+        self.table.rcu(|t| match t.user(user) {
+            Some(r) => t.with_user(user, UserRoutes { runtime: target, ..(**r).clone() }),
+            None => (**t).clone(),
+        });
+        self.recent_moves
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(user.to_string())
+            .or_default()
+            .push_back(started);
+        let notify_start = Instant::now();
+        let body = serde_json::json!({"port": port, "host": host}).to_string();
+        let notified = match editor {
+            Some(e) => http_client::call(e, "POST", "/api/runtime/update-port", Some(&body), limits.notify_timeout)
+                .await
+                .and_then(|r| {
+                    if (200..300).contains(&r.status) {
+                        Ok(())
+                    } else {
+                        Err(anyhow::anyhow!("editor answered {}", r.status))
+                    }
+                }),
+            None => Err(anyhow::anyhow!("editor address does not resolve")),
+        };
+        let notify_ms = notify_start.elapsed().as_millis() as u64;
+        let rec = MoveRecord {
+            user_id: user.to_string(),
+            from: from.clone(),
+            to: to.clone(),
+            status: "completed".into(),
+            probe_ms: probe_ms as i64,
+            notify_ms: notify_ms as i64,
+            started_at: started_unix,
+            completed_at: chrono::Utc::now().timestamp(),
+        };
+        if let Err(e) = db.record_move(&rec).await {
+            tracing::warn!("cannot record the move: {e:#}");
+        }
+        let editor_error = notified.err().map(|e| format!("{e:#}"));
+        if let Some(e) = &editor_error {
+            tracing::warn!(user, "runtime moved but the editor was not told: {e}");
+        }
+        tracing::info!(user, %from, %to, probe_ms, notify_ms, "runtime moved");
+        Ok(MoveOutcome {
+            ok: true,
+            user_id: user.to_string(),
+            from,
+            to,
+            probe_ms,
+            editor_notified: editor_error.is_none(),
+            editor_error,
+            notify_ms,
+        })
+    }
+
+    /// Probes configured services concurrently; a `disable_route` follows its check.
+    async fn health_loop(self: Arc<Self>) {
+        loop {
+            let checks = self.config.load().health_checks.clone();
+            let interval = checks.iter().map(|c| c.interval).min().unwrap_or(Duration::from_secs(3600));
+            let results = futures_util::future::join_all(checks.iter().map(|c| async move {
+                let ok = matches!(
+                    http_client::call(c.addr, "GET", &c.path, None, c.timeout).await,
+                    Ok(r) if (200..300).contains(&r.status)
+                );
+                (c.clone(), ok)
+            }))
+            .await;
+            let old = self.health.load_full();
+            let mut states = BTreeMap::new();
+            for (check, ok) in results {
+                if old.get(&check.name) != Some(&ok) {
+                    if ok {
+                        tracing::info!(service = %check.name, "health check passes");
+                    } else {
+                        tracing::warn!(service = %check.name, "health check fails");
+                    }
+                    if let Some(route) = &check.disable_route {
+                        self.table.rcu(|t| t.with_route_disabled(route, !ok));
+                        tracing::warn!(route = %route, disabled = !ok, "route switched by the health of {}", check.name);
+                    }
+                }
+                states.insert(check.name.clone(), ok);
+            }
+            self.health.store(Arc::new(states));
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.health_wake.notified() => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Identity and per-user routing on the embedded default store (SQLite): who reaches which
+//! editor, runtime and user service, and the isolation suite (requests a hostile logged-in user
+//! could send, none of which may reach another user's upstreams).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+const CONFIG: &str = r#"
+[server]
+http = "{http}"
+admin = "{admin}"
+upgrade_sock = "{dir}/upgrade.sock"
+pid_file = "{dir}/markco.pid"
+
+[database]
+url = "sqlite://{dir}/markco.db"
+
+[sessions]
+cache_ttl = "30s"
+negative_cache_ttl = "1s"
+
+[[site]]
+hosts = ["*"]
+
+  [[site.route]]
+  name = "workspace"
+  match = ["/u/*"]
+  workspace = true
+
+  [[site.route]]
+  name = "runtime"
+  match = ["/r/*"]
+  runtime = true
+
+  [[site.route]]
+  name = "sync"
+  match = ["/sync/*", "/tunnel/*"]
+  user_service = "{sync}"
+
+  [[site.route]]
+  name = "control"
+  match = ["/api/health", "/api/services", "/health"]
+  control = true
+
+  [[site.route]]
+  name = "fallback"
+  match = ["/*"]
+  respond = "fallback\n"
+  status = 404
+"#;
+
+struct World {
+    m: Markco,
+    alice: (String, String),
+    bob: (String, String),
+    _ups: Vec<Upstream>,
+}
+
+/// markco with two users, each with an editor and a runtime, and a shared sync service.
+fn world() -> World {
+    let sync = Upstream::start("sync");
+    let m = Markco::start(&CONFIG.replace("{sync}", &sync.addr.to_string()));
+    let alice = add_user(&m, "alice@example.com");
+    let bob = add_user(&m, "bob@example.com");
+    let ea = Upstream::start("editor-alice");
+    let ra = Upstream::start("runtime-alice");
+    let eb = Upstream::start("editor-bob");
+    let rb = Upstream::start("runtime-bob");
+    put_workspace(&m, &alice.0, ea.addr, ra.addr);
+    put_workspace(&m, &bob.0, eb.addr, rb.addr);
+    World { m, alice, bob, _ups: vec![sync, ea, ra, eb, rb] }
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// Nothing of Bob's upstreams (nor the sync service, which would act for the user in the path)
+/// may answer.
+fn assert_not_bobs(what: &str, r: &Resp) {
+    let body = r.body_text();
+    for marker in ["editor-bob", "runtime-bob", "\"name\":\"sync\""] {
+        assert!(!body.contains(marker), "{what}: reached {marker}: {body}");
+    }
+    assert!(matches!(r.status, 302 | 400 | 401 | 403 | 404), "{what}: unexpected status {} {body}", r.status);
+}
+
+#[test]
+fn owner_reaches_own_editor_runtime_and_sync() {
+    let w = world();
+    let (alice, token) = &w.alice;
+    let auth = bearer(token);
+    let r = http_get(w.m.http, &format!("/u/{alice}/some/page?x=1&token={token}"), &[("Authorization", &auth)])
+        .expect("get");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let v = r.json();
+    assert_eq!(v["name"], "editor-alice");
+    assert_eq!(v["path"], "/some/page", "the /u/<id> prefix is stripped");
+    assert_eq!(v["query"], "x=1", "the token never reaches the upstream");
+    let r = http_get(w.m.http, &format!("/u/{alice}"), &[("Authorization", &auth)]).expect("get");
+    assert_eq!(r.json()["path"], "/");
+    let r = http_get(w.m.http, &format!("/r/{alice}/mrp/v1/x"), &[("Cookie", &format!("session_token={token}"))])
+        .expect("get");
+    assert_eq!(r.json()["name"], "runtime-alice");
+    assert_eq!(r.json()["path"], "/mrp/v1/x");
+    let r = http_get(w.m.http, &format!("/sync/{alice}/proj/doc.md?token={token}"), &[("X-User-Id", &w.bob.0)])
+        .expect("get");
+    let v = r.json();
+    assert_eq!(v["name"], "sync");
+    assert_eq!(v["path"], format!("/sync/{alice}/proj/doc.md"));
+    assert_eq!(v["headers"]["x-user-id"], alice.as_str(), "markco sets X-User-Id; the client's is dropped");
+}
+
+#[test]
+fn no_or_bad_token() {
+    let w = world();
+    let bob = &w.bob.0;
+    let r = http_get(w.m.http, &format!("/u/{bob}/"), &[("Accept", "text/html")]).expect("get");
+    assert_eq!(r.status, 302);
+    assert_eq!(r.header("location"), Some("/login"));
+    let r = http_get(w.m.http, &format!("/u/{bob}/"), &[("Accept", "application/json")]).expect("get");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "Authentication required");
+    let r =
+        http_get(w.m.http, &format!("/u/{bob}/"), &[("Accept", "application/json"), ("Authorization", "Bearer nope")])
+            .expect("get");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "Invalid or expired session");
+}
+
+#[test]
+fn isolation_suite() {
+    let w = world();
+    let (alice, at) = (&w.alice.0, &w.alice.1);
+    let bob = &w.bob.0;
+    let auth = bearer(at);
+    let cookie = format!("session_token={at}");
+    let upper = bob.to_uppercase();
+    let enc_first = format!("%{:02X}{}", bob.as_bytes()[0], &bob[1..]);
+    let cases: Vec<(String, Vec<(&str, String)>)> = vec![
+        (format!("/u/{bob}/"), vec![]),
+        (format!("/u/{bob}"), vec![]),
+        (format!("/u/{bob}/index.html"), vec![]),
+        (format!("/u/{alice}/../{bob}/"), vec![]),
+        (format!("/u/{alice}/%2e%2e/{bob}/"), vec![]),
+        (format!("/u/{alice}/%2E%2E/{bob}/"), vec![]),
+        (format!("/u/{alice}/./../{bob}/x"), vec![]),
+        (format!("/u/{alice}/../../u/{bob}/"), vec![]),
+        (format!("/u/{enc_first}/"), vec![]),
+        (format!("//u//{bob}//"), vec![]),
+        (format!("/u/./{bob}/"), vec![]),
+        (format!("/u/{upper}/"), vec![]),
+        (format!("/U/{bob}/"), vec![]),
+        (format!("/u/{bob}%2F/"), vec![]),
+        (format!("/u/{alice}%2F..%2F{bob}/"), vec![]),
+        (format!("/u/{bob}%00/"), vec![]),
+        (format!("/u/{bob}x/"), vec![]),
+        (format!("/u/{bob};/"), vec![]),
+        (format!("/u/{bob}/..;/"), vec![]),
+        (format!("/u%2F{bob}/"), vec![]),
+        (format!("/r/{bob}/"), vec![]),
+        (format!("/r/{alice}/../{bob}/"), vec![]),
+        (format!("/sync/{bob}/proj/doc.md"), vec![]),
+        (format!("/sync/{alice}/../{bob}/doc"), vec![]),
+        (format!("/tunnel/{bob}?role=provider"), vec![]),
+        (format!("/tunnel/{bob}"), vec![("X-User-Id", bob.clone())]),
+        (format!("/sync/{bob}/p/d"), vec![("X-User-Id", bob.clone())]),
+        (format!("/u/{bob}/?token={at}"), vec![]),
+        (format!("/u/{bob}/"), vec![("X-Forwarded-For", "127.0.0.1".into()), ("X-User-Id", bob.clone())]),
+        (format!("/u/{bob}/"), vec![("Cookie", format!("session_token={at}; session_token=x"))]),
+    ];
+    assert!(cases.len() >= 30);
+    for (path, extra) in &cases {
+        for how in ["bearer", "cookie", "query"] {
+            let mut headers: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let path = match how {
+                "bearer" => {
+                    headers.push(("Authorization", &auth));
+                    path.clone()
+                }
+                "cookie" => {
+                    headers.push(("Cookie", &cookie));
+                    path.clone()
+                }
+                _ => format!("{path}{}token={at}", if path.contains('?') { "&" } else { "?" }),
+            };
+            let r = http_get(w.m.http, &path, &headers).expect("get");
+            assert_not_bobs(&format!("{path} ({how})"), &r);
+        }
+    }
+    // A websocket upgrade with Alice's token to Bob's editor, runtime and tunnel: refused.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        for path in [format!("/u/{bob}/events"), format!("/r/{bob}/ws"), format!("/tunnel/{bob}?role=consumer")] {
+            for with_query in [false, true] {
+                let sep = if path.contains('?') { '&' } else { '?' };
+                let url = if with_query {
+                    format!("ws://{}{path}{sep}token={at}", w.m.http)
+                } else {
+                    format!("ws://{}{path}", w.m.http)
+                };
+                let mut req = url.as_str().into_client_request().expect("request");
+                if !with_query {
+                    req.headers_mut().insert("Cookie", cookie.parse().expect("header"));
+                }
+                match tokio_tungstenite::connect_async(req).await {
+                    Ok(_) => panic!("websocket {url} to Bob's upstream was accepted"),
+                    Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                        assert_eq!(resp.status().as_u16(), 403, "{url}")
+                    }
+                    Err(e) => panic!("{url}: unexpected error {e}"),
+                }
+            }
+        }
+        // Alice's own websocket works and reaches her editor.
+        let mut req = format!("ws://{}/u/{alice}/events", w.m.http).into_client_request().expect("request");
+        req.headers_mut().insert("Cookie", cookie.parse().expect("header"));
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("own websocket");
+        ws.send(Message::Text("__whoami".into())).await.expect("send");
+        let msg = ws.next().await.expect("reply").expect("message");
+        assert_eq!(msg.into_text().expect("text").as_str(), "editor-alice");
+    });
+}
+
+#[test]
+fn services_hide_users_without_the_admin_token() {
+    let w = world();
+    let r = http_get(w.m.http, "/api/services", &[]).expect("get");
+    assert_eq!(r.status, 200);
+    let body = r.body_text();
+    for secret in [&w.alice.0, &w.bob.0] {
+        assert!(!body.contains(secret.as_str()), "user id leaked: {body}");
+    }
+    assert!(!body.contains("editors"), "{body}");
+    let r = http_get(w.m.http, "/api/health", &[]).expect("get");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(r.json()["status"], "ok");
+}
+
+#[test]
+fn deleted_session_and_admin_invalidation() {
+    let w = world();
+    let (alice, token) = &w.alice;
+    let auth = bearer(token);
+    let path = format!("/u/{alice}/");
+    assert_eq!(http_get(w.m.http, &path, &[("Authorization", &auth)]).expect("get").status, 200);
+    // Logout in the auth service deletes the row; on SQLite the admin call drops the cache entry.
+    let db = w.m.dir.path().join("markco.db");
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('delete from sessions where token=?', (sys.argv[2],)); c.commit()")
+        .arg(&db)
+        .arg(token)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = request(w.m.admin, "POST", &format!("/api/admin/users/{alice}/invalidate"), &[], b"").expect("invalidate");
+    assert_eq!(r.status, 200);
+    let r = http_get(w.m.http, &path, &[("Authorization", &auth), ("Accept", "application/json")]).expect("get");
+    assert_eq!(r.status, 401, "a deleted session is refused right after invalidation");
+}
+
+#[test]
+fn missing_workspace_and_disabled_route_answer_503() {
+    let sync = Upstream::start("sync");
+    let m = Markco::start(&CONFIG.replace("{sync}", &sync.addr.to_string()));
+    let (carol, token) = add_user(&m, "carol@example.com");
+    let auth = bearer(&token);
+    let r = http_get(m.http, &format!("/u/{carol}/"), &[("Authorization", &auth)]).expect("get");
+    assert_eq!(r.status, 503);
+    assert!(r.header("retry-after").is_some());
+    // The kill switch: sync disabled, then enabled again.
+    let r = request(m.admin, "POST", "/api/admin/routes/sync/disable", &[], b"").expect("disable");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let r = http_get(m.http, &format!("/sync/{carol}/p/d"), &[("Authorization", &auth)]).expect("get");
+    assert_eq!(r.status, 503);
+    assert!(r.header("retry-after").is_some());
+    let r = request(m.admin, "POST", "/api/admin/routes/sync/enable", &[], b"").expect("enable");
+    assert_eq!(r.status, 200);
+    let r = http_get(m.http, &format!("/sync/{carol}/p/d"), &[("Authorization", &auth)]).expect("get");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["name"], "sync");
+    let r = request(m.admin, "POST", "/api/admin/routes/nosuch/disable", &[], b"").expect("disable");
+    assert_eq!(r.status, 404);
+    let _ = Duration::from_secs(0);
+}
