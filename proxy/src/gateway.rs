@@ -164,10 +164,20 @@ fn redacted_uri(req: &RequestHeader) -> String {
     }
 }
 
+/// Any `Connection` line lists `close`.
+fn wants_close(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
 /// `path` without `prefix` (at a segment boundary), always starting with `/`.
 fn strip_path(path: &str, prefix: &str) -> String {
     match path.strip_prefix(prefix) {
-        Some(rest) if rest.is_empty() => "/".to_string(),
+        Some("") => "/".to_string(),
         Some(rest) if rest.starts_with('/') => rest.to_string(),
         _ => path.to_string(),
     }
@@ -422,6 +432,12 @@ impl ProxyHttp for Gateway {
         if header_too_large(session.req_header(), settings.max_header_bytes) {
             ctx.table = Some(table);
             return self.refuse(session, ctx, 431, "header_too_large", "request header fields too large\n").await;
+        }
+        // Pingora reads only the first `Connection` line; honour a `close` on any of them.
+        if session.req_header().headers.get_all(header::CONNECTION).iter().count() > 1
+            && wants_close(session.req_header())
+        {
+            session.set_keepalive(None);
         }
         ctx.trusted_peer = forwarded::is_trusted(peer_ip(session), &settings.trusted_proxies);
         let req = session.req_header();

@@ -241,7 +241,7 @@ impl Routing {
             }
         }
         // Longest suffix first, so `*.a.example.com` beats `*.example.com`.
-        wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        wildcards.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         Routing { settings, sites, by_host, wildcards, fallback }
     }
 

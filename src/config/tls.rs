@@ -1,6 +1,6 @@
 //! The `[tls]` section and each site's `tls` setting.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use markco_certs::acme::Challenge;
@@ -147,7 +147,7 @@ pub(super) fn site_tls(
                 return cx.err(v.span(), format!("unknown key `{extra}` in tls"), Some(help));
             }
             match markco_certs::pem::load_for_hosts(&cert, &key, hosts) {
-                Ok(_) => SiteTls::Files { cert: PathBuf::from(cert), key: PathBuf::from(key) },
+                Ok(_) => SiteTls::Files { cert, key },
                 Err(e) => {
                     return cx.err(
                         v.span(),

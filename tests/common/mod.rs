@@ -288,8 +288,7 @@ pub fn parse_response(raw: &[u8]) -> Option<Resp> {
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else { break };
+    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
         let size_str = std::str::from_utf8(&b[..nl]).unwrap_or("0");
         let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
         if size == 0 || b.len() < nl + 2 + size {

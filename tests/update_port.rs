@@ -1,0 +1,149 @@
+//! Runtime moves with `POST /api/runtime/update-port`: under load with wrk, to a dead target,
+//! rate limited, and persisted across a restart.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn config(max_moves: usize) -> String {
+    format!(
+        r#"
+[server]
+http = "{{http}}"
+admin = "{{admin}}"
+upgrade_sock = "{{dir}}/upgrade.sock"
+pid_file = "{{dir}}/markco.pid"
+
+[database]
+url = "sqlite://{{dir}}/markco.db"
+
+[runtime_moves]
+max_moves = {max_moves}
+window = "10m"
+probe_timeout = "1s"
+
+[log]
+access_log = false
+
+[[site]]
+hosts = ["*"]
+
+  [[site.route]]
+  name = "runtime"
+  match = ["/r/*"]
+  runtime = true
+
+  [[site.route]]
+  name = "workspace"
+  match = ["/u/*"]
+  workspace = true
+"#
+    )
+}
+
+fn move_to(m: &Markco, user: &str, port: u16) -> Resp {
+    let body = serde_json::json!({"userId": user, "port": port, "host": "127.0.0.1"}).to_string();
+    request(m.admin, "POST", "/api/runtime/update-port", &[("Content-Type", "application/json")], body.as_bytes())
+        .expect("update-port")
+}
+
+fn runtime_name(m: &Markco, user: &str, token: &str) -> String {
+    let r =
+        http_get(m.http, &format!("/r/{user}/whoami"), &[("Authorization", &format!("Bearer {token}"))]).expect("get");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    r.json()["name"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn hundred_moves_under_load_lose_no_request() {
+    let m = Markco::start(&config(1000));
+    let (user, token) = add_user(&m, "mover@example.com");
+    let editor = Upstream::start("editor");
+    let one = Upstream::start("one");
+    let two = Upstream::start("two");
+    put_workspace(&m, &user, editor.addr, one.addr);
+    assert_eq!(runtime_name(&m, &user, &token), "one");
+
+    // wrk keeps 16 connections busy on the runtime route while we move it back and forth.
+    let url = format!("http://{}/r/{user}/load", m.http);
+    let wrk = Command::new("wrk")
+        .args(["-t2", "-c16", "-d12s", "-H", &format!("Authorization: Bearer {token}"), &url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("wrk is installed (apt-get install wrk)");
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    for i in 0..100 {
+        let (target, name) = if i % 2 == 0 { (&two, "two") } else { (&one, "one") };
+        let r = move_to(&m, &user, target.addr.port());
+        assert_eq!(r.status, 200, "move {i}: {}", r.body_text());
+        assert_eq!(r.json()["editor_notified"], true, "move {i}: {}", r.body_text());
+        // The very next request goes to the new runtime.
+        assert_eq!(runtime_name(&m, &user, &token), name, "move {i}");
+    }
+    let moves_took = started.elapsed();
+    let out = wrk.wait_with_output().expect("wrk output");
+    let report = String::from_utf8_lossy(&out.stdout);
+    println!("100 moves in {moves_took:?}\n{report}");
+    assert!(out.status.success(), "wrk failed: {report} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!report.contains("Non-2xx"), "failed requests during the moves:\n{report}");
+    assert!(!report.contains("Socket errors"), "socket errors during the moves:\n{report}");
+    assert!(report.contains("requests in"), "{report}");
+
+    // The editor was told every time, in order, with the new port.
+    let r = http_get(editor.addr, "/_test/runtime-updates", &[]).expect("updates");
+    let updates = r.json();
+    let updates = updates.as_array().expect("array");
+    assert_eq!(updates.len(), 100);
+    assert_eq!(updates[0]["port"], two.addr.port());
+    assert_eq!(updates[99]["port"], one.addr.port());
+    assert_eq!(updates[99]["host"], "127.0.0.1");
+}
+
+#[test]
+fn dead_target_is_refused_and_nothing_changes_and_moves_survive_restart() {
+    let m = Markco::start(&config(3));
+    let (user, token) = add_user(&m, "stay@example.com");
+    let editor = Upstream::start("editor");
+    let one = Upstream::start("one");
+    let two = Upstream::start("two");
+    put_workspace(&m, &user, editor.addr, one.addr);
+
+    let dead = free_port();
+    let r = move_to(&m, &user, dead);
+    assert_eq!(r.status, 409, "{}", r.body_text());
+    assert!(r.json()["error"].as_str().unwrap_or("").contains("stays on"), "{}", r.body_text());
+    assert_eq!(runtime_name(&m, &user, &token), "one", "a failed probe leaves the user where they were");
+    let r = http_get(editor.addr, "/_test/runtime-updates", &[]).expect("updates");
+    assert_eq!(r.json().as_array().map(|a| a.len()), Some(0), "the editor is not told about a refused move");
+
+    let r = move_to(&m, &user, two.addr.port());
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(runtime_name(&m, &user, &token), "two");
+
+    // Unknown user, bad body.
+    let body =
+        serde_json::json!({"userId": "00000000-0000-4000-8000-000000000000", "port": two.addr.port()}).to_string();
+    let r = request(m.admin, "POST", "/api/runtime/update-port", &[], body.as_bytes()).expect("post");
+    assert_eq!(r.status, 404, "{}", r.body_text());
+    let r = request(m.admin, "POST", "/api/runtime/update-port", &[], b"{not json").expect("post");
+    assert_eq!(r.status, 400);
+
+    // Rate limit: 3 moves per window here; one was done, two more pass, the next gets 429.
+    assert_eq!(move_to(&m, &user, one.addr.port()).status, 200);
+    assert_eq!(move_to(&m, &user, two.addr.port()).status, 200);
+    let r = move_to(&m, &user, one.addr.port());
+    assert_eq!(r.status, 429, "{}", r.body_text());
+    assert_eq!(runtime_name(&m, &user, &token), "two");
+
+    // A restart keeps the last move.
+    let (dir, ports) = m.stop();
+    let m = Markco::start_in(dir, ports, &config(3), &[]);
+    assert_eq!(runtime_name(&m, &user, &token), "two", "the moved runtime is where the restart finds it");
+    let r = http_get(m.admin, &format!("/api/admin/workspaces/{user}"), &[]).expect("get");
+    assert_eq!(r.json()["runtime_port"], two.addr.port());
+}
