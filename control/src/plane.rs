@@ -12,7 +12,7 @@ use markco_proxy::table::{RouteTable, UserRoutes};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::db::{Db, MoveRecord, WorkspaceRow};
+use crate::db::{Db, DbError, MoveRecord, WorkspaceRow};
 use crate::http_client;
 use crate::sessions::{Lookup, SessionCache, SessionSettings};
 
@@ -80,6 +80,16 @@ impl PlaneError {
             PlaneError::TooMany(_) => 429,
             PlaneError::Internal(_) => 500,
         }
+    }
+}
+
+/// Database errors a caller can act on get their own status; the rest are internal.
+fn db_error(e: anyhow::Error) -> PlaneError {
+    match e.downcast_ref::<DbError>() {
+        Some(DbError::AddressInUse { .. }) => PlaneError::Conflict(format!("{e:#}")),
+        Some(DbError::InvalidUserId(_)) => PlaneError::Invalid(format!("{e:#}")),
+        Some(DbError::NoWorkspace(_)) | Some(DbError::UnknownUser(_)) => PlaneError::NotFound(format!("{e:#}")),
+        _ => PlaneError::Internal(e),
     }
 }
 
@@ -318,14 +328,7 @@ impl ControlPlane {
     async fn put(&self, db: &Db, row: WorkspaceRow) -> Result<(), PlaneError> {
         let routes =
             routes_of(&row).ok_or_else(|| PlaneError::Invalid("editor or runtime address does not resolve".into()))?;
-        db.upsert_workspace(&row).await.map_err(|e| {
-            let text = format!("{e:#}");
-            if text.contains("UNIQUE") || text.contains("unique") || text.contains("duplicate") {
-                PlaneError::Conflict(format!("port already used by another workspace: {text}"))
-            } else {
-                PlaneError::Internal(e)
-            }
-        })?;
+        db.upsert_workspace(&row).await.map_err(db_error)?;
         self.table.rcu(|t| t.with_user(&row.user_id, routes.clone()));
         Ok(())
     }

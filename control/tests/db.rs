@@ -343,7 +343,7 @@ async fn workspaces(t: TestDb) {
     assert_eq!(db_error(&err), Some(&DbError::AddressInUse { kind: "runtime", host: "10.0.0.9".into(), port: 41000 }));
     let nobody = uuid::Uuid::new_v4().to_string();
     let err = db.set_runtime(&nobody, "10.0.0.9", 42000).await.expect_err("no workspace");
-    assert_eq!(db_error(&err), Some(&DbError::NoWorkspace(nobody)));
+    assert_eq!(db_error(&err), Some(&DbError::NoWorkspace(nobody.clone())));
     // b has no runtime container name: moving it still works.
     db.set_runtime(&b, "127.0.0.1", 40022).await.expect("move b's runtime");
 
@@ -909,6 +909,10 @@ async fn postgres_refuses_to_adopt_incompatible_types() {
     assert_eq!(markco_tables, 0, "a failed adoption changes nothing");
 }
 
+async fn next_change(changes: &mut futures_util::stream::BoxStream<'static, String>) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(1), changes.next()).await.expect("a session change within 1 s")
+}
+
 #[tokio::test]
 async fn postgres_session_changes_arrive_within_a_second() {
     let pg = PgTestDb::create().await;
@@ -921,24 +925,20 @@ async fn postgres_session_changes_arrive_within_a_second() {
     let mut changes = db.session_changes().await.expect("session_changes").expect("a stream on PostgreSQL");
 
     let mut other = pg.plain().await;
-    let next = |changes: &mut futures_util::stream::BoxStream<'static, String>| {
-        let fut = changes.next();
-        async move { tokio::time::timeout(Duration::from_secs(1), fut).await.expect("a change within 1 s") }
-    };
 
     sqlx::query("DELETE FROM sessions WHERE token = $1").bind(&deleted).execute(&mut other).await.expect("delete");
-    assert_eq!(next(&mut changes).await, Some(deleted));
+    assert_eq!(next_change(&mut changes).await, Some(deleted));
 
     sqlx::query("UPDATE sessions SET expires_at = now() WHERE token = $1")
         .bind(&updated)
         .execute(&mut other)
         .await
         .expect("update");
-    assert_eq!(next(&mut changes).await, Some(updated.clone()));
+    assert_eq!(next_change(&mut changes).await, Some(updated.clone()));
 
     // Account deletion: sessions go through ON DELETE CASCADE.
     sqlx::query("DELETE FROM users WHERE id = $1::uuid").bind(&user).execute(&mut other).await.expect("delete user");
-    let mut tokens = vec![next(&mut changes).await, next(&mut changes).await];
+    let mut tokens = vec![next_change(&mut changes).await, next_change(&mut changes).await];
     tokens.sort();
     let mut expected = vec![Some(updated), Some(cascaded)];
     expected.sort();
