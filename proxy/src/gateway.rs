@@ -480,7 +480,11 @@ impl ProxyHttp for Gateway {
         if site.tls {
             if tls {
                 ctx.hsts = settings.hsts.as_deref().map(Arc::from);
-            } else if let (true, Some(port)) = (settings.redirect_to_https, settings.https_port) {
+            } else if let (true, Some(port), false) =
+                (settings.redirect_to_https, settings.https_port, ctx.path.starts_with(ACME_CHALLENGE_PREFIX))
+            {
+                // (An ACME challenge we do not know is not redirected: another client may be
+                // validating this name through the site's own routes.)
                 let req = session.req_header();
                 let authority = if port == 443 { host.clone() } else { format!("{host}:{port}") };
                 let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
