@@ -23,6 +23,7 @@ use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
 use crate::path;
 use crate::static_files;
 use crate::table::{canonical_host, Action, PathPattern, ProxySettings, Route, RouteTable};
+use crate::tunnel;
 
 /// ACME HTTP-01 answers (token → key authorization), published by the certificate manager.
 pub type AcmeTokens = Arc<ArcSwap<HashMap<String, String>>>;
@@ -67,6 +68,7 @@ impl Gateway {
 /// Where a proxied request goes and how it is rewritten on the way.
 struct Forward {
     peer: HttpPeer,
+    addr: std::net::SocketAddr,
     /// The path to send (the normalised one, prefix stripped where the route says so).
     path: String,
     /// Remove `token` from the query (identity routes: the upstream must not see it).
@@ -164,6 +166,41 @@ fn redacted_uri(req: &RequestHeader) -> String {
     }
 }
 
+/// The request as the upstream gets it: our path, no `token` on identity routes, our
+/// `X-User-Id`, forwarded headers, no hop-by-hop headers.
+fn rewrite_request(session: &Session, f: &Forward, trusted_peer: bool, upstream: &mut RequestHeader) -> Result<()> {
+    let query = if f.drop_token {
+        identity::query_without_token(session.req_header().uri.query())
+    } else {
+        session.req_header().uri.query().map(str::to_owned)
+    };
+    let pq = match query {
+        Some(q) => format!("{}?{q}", f.path),
+        None => f.path.clone(),
+    };
+    if upstream.uri.path_and_query().map(|x| x.as_str()) != Some(pq.as_str()) {
+        let uri = http::Uri::builder()
+            .path_and_query(pq)
+            .build()
+            .or_err(ErrorType::InvalidHTTPHeader, "rebuilding the upstream URI")?;
+        upstream.set_uri(uri);
+    }
+    if f.drop_token {
+        // Identity routes: only we say who the user is.
+        upstream.remove_header("x-user-id");
+    }
+    if let Some(user) = &f.user_header {
+        upstream.insert_header("X-User-Id", &**user)?;
+    }
+    forwarded::prepare_upstream_request(
+        upstream,
+        peer_ip(session),
+        trusted_peer,
+        is_tls(session),
+        session.is_upgrade_req(),
+    )
+}
+
 /// Any `Connection` line lists `close`.
 fn wants_close(req: &RequestHeader) -> bool {
     req.headers
@@ -213,12 +250,16 @@ impl Gateway {
                 };
                 ctx.forward = Some(Forward {
                     peer: if upgrade { p.ws_peer.clone() } else { p.peer.clone() },
+                    addr: p.upstream.addr,
                     path,
                     drop_token: false,
                     user_header: None,
                     label: p.upstream.label.clone(),
                 });
                 set_client_timeouts(session, &ctx.table.as_ref().expect("table loaded").settings);
+                if upgrade {
+                    return self.relay_upgrade(session, ctx).await;
+                }
                 Ok(false)
             }
             Action::Workspace | Action::Runtime | Action::UserService(_) => self.user_route(session, ctx, route).await,
@@ -374,9 +415,34 @@ impl Gateway {
                 }
             }
         };
-        ctx.forward = Some(Forward { peer: settings.peer(addr, upgrade), path, drop_token: true, user_header, label });
+        ctx.forward =
+            Some(Forward { peer: settings.peer(addr, upgrade), addr, path, drop_token: true, user_header, label });
         set_client_timeouts(session, settings);
+        if upgrade {
+            return self.relay_upgrade(session, ctx).await;
+        }
         Ok(false)
+    }
+
+    /// A websocket (or other upgrade): relayed by [`tunnel::relay`], not by Pingora's loop.
+    async fn relay_upgrade(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let Some(f) = &ctx.forward else {
+            return Error::e_explain(ErrorType::InternalError, "upgrade without a forward target");
+        };
+        let mut req = session.req_header().clone();
+        rewrite_request(session, f, ctx.trusted_peer, &mut req)?;
+        let settings = &ctx.table.as_ref().expect("table loaded").settings;
+        let (connect, idle, addr) = (settings.upstream_connect_timeout, settings.websocket_idle_timeout, f.addr);
+        let route = ctx.route.clone();
+        let on_upgrade = || {
+            if let Some(r) = &route {
+                r.metrics.websockets.inc();
+            }
+        };
+        let outcome = tunnel::relay(session, &req, addr, connect, idle, on_upgrade).await?;
+        ctx.status = outcome.status;
+        ctx.upgraded = outcome.upgraded;
+        Ok(true)
     }
 
     async fn refuse(
@@ -527,36 +593,7 @@ impl ProxyHttp for Gateway {
         let Some(f) = &ctx.forward else {
             return Ok(());
         };
-        let query = if f.drop_token {
-            identity::query_without_token(session.req_header().uri.query())
-        } else {
-            session.req_header().uri.query().map(str::to_owned)
-        };
-        let pq = match query {
-            Some(q) => format!("{}?{q}", f.path),
-            None => f.path.clone(),
-        };
-        if upstream.uri.path_and_query().map(|x| x.as_str()) != Some(pq.as_str()) {
-            let uri = http::Uri::builder()
-                .path_and_query(pq)
-                .build()
-                .or_err(ErrorType::InvalidHTTPHeader, "rebuilding the upstream URI")?;
-            upstream.set_uri(uri);
-        }
-        if f.drop_token {
-            // Identity routes: only we say who the user is.
-            upstream.remove_header("x-user-id");
-        }
-        if let Some(user) = &f.user_header {
-            upstream.insert_header("X-User-Id", &**user)?;
-        }
-        forwarded::prepare_upstream_request(
-            upstream,
-            peer_ip(session),
-            ctx.trusted_peer,
-            is_tls(session),
-            session.is_upgrade_req(),
-        )
+        rewrite_request(session, f, ctx.trusted_peer, upstream)
     }
 
     async fn response_filter(

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod path;
 pub mod static_files;
 pub mod table;
+pub mod tunnel;
 
 pub use gateway::Gateway;
 pub use metrics::Metrics;

@@ -1,0 +1,219 @@
+//! Upgraded connections (websockets), relayed by us rather than by Pingora's HTTP/1 proxy loop.
+//!
+//! Pingora 0.9's loop can end a tunnel right after the 101 when the end of the (empty)
+//! pre-upgrade request body is processed after the upstream's 101 (a scheduling race that shows
+//! under load; cloudflare/pingora#946). A tunnel is simple enough to own: connect, send the
+//! rewritten request, read the response head, answer the client, then copy bytes both ways until
+//! either side closes or the idle timeout passes. The tunnel holds its own socket, so no route
+//! swap can touch it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use pingora::ErrorType;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::forwarded;
+
+const MAX_HEAD: usize = 64 * 1024;
+/// A refused upgrade's body is relayed up to this size (they are short error pages).
+const MAX_REFUSAL_BODY: usize = 1024 * 1024;
+
+/// How a tunnel ended, for the caller's metrics and logs.
+pub struct Outcome {
+    pub status: u16,
+    pub upgraded: bool,
+}
+
+fn up_err(etype: ErrorType, why: impl Into<String>) -> Box<Error> {
+    let mut e = Error::explain(etype, why.into());
+    e.esource = ErrorSource::Upstream;
+    e
+}
+
+fn head_bytes(req: &RequestHeader) -> Vec<u8> {
+    let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(format!("{} {pq} HTTP/1.1\r\n", req.method).as_bytes());
+    for (k, v) in req.headers.iter() {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Reads the upstream's response head. Returns it and any bytes read past it.
+async fn read_head(up: &mut TcpStream, timeout: Duration) -> Result<(ResponseHeader, Vec<u8>, Option<usize>, bool)> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, up.read(&mut chunk)).await {
+            Ok(Ok(0)) => {
+                return Err(up_err(ErrorType::ConnectionClosed, "upstream closed before answering the upgrade"))
+            }
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(up_err(ErrorType::ReadError, format!("reading the upgrade answer: {e}"))),
+            Err(_) => return Err(up_err(ErrorType::ReadTimedout, "no answer to the upgrade request")),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = resp.code.unwrap_or(502);
+                let mut h = ResponseHeader::build(status, Some(resp.headers.len()))?;
+                let mut content_length = None;
+                let mut chunked = false;
+                for hd in resp.headers.iter() {
+                    if hd.name.eq_ignore_ascii_case("content-length") {
+                        content_length = std::str::from_utf8(hd.value).ok().and_then(|v| v.trim().parse().ok());
+                    }
+                    if hd.name.eq_ignore_ascii_case("transfer-encoding") {
+                        chunked = String::from_utf8_lossy(hd.value).to_ascii_lowercase().contains("chunked");
+                    }
+                    h.append_header(hd.name.to_string(), hd.value)?;
+                }
+                return Ok((h, buf.split_off(len), content_length, chunked));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => {
+                return Err(up_err(ErrorType::InvalidHTTPHeader, "upgrade answer head too large"))
+            }
+            Err(e) => return Err(up_err(ErrorType::InvalidHTTPHeader, format!("malformed upgrade answer: {e}"))),
+        }
+    }
+}
+
+/// Relays one upgrade request to `addr`. Errors before anything was written to the client are
+/// returned for the caller to answer (502/504); later ones just end the tunnel.
+pub async fn relay(
+    session: &mut Session,
+    req: &RequestHeader,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    idle: Option<Duration>,
+    mut on_upgrade: impl FnMut(),
+) -> Result<Outcome> {
+    let mut up = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            return Err(up_err(ErrorType::ConnectRefused, format!("connecting to {addr}")))
+        }
+        Ok(Err(e)) => return Err(up_err(ErrorType::ConnectError, format!("connecting to {addr}: {e}"))),
+        Err(_) => return Err(up_err(ErrorType::ConnectTimedout, format!("connecting to {addr}"))),
+    };
+    let _ = up.set_nodelay(true);
+    up.write_all(&head_bytes(req))
+        .await
+        .map_err(|e| up_err(ErrorType::WriteError, format!("sending the upgrade: {e}")))?;
+    let (mut resp, leftover, content_length, chunked) =
+        read_head(&mut up, connect_timeout.max(Duration::from_secs(10))).await?;
+    forwarded::clean_response(&mut resp);
+    let status = resp.status.as_u16();
+    if status != 101 {
+        // The upstream refused the upgrade: relay its (short) answer as a plain response.
+        let body = refusal_body(&mut up, leftover, content_length, chunked).await;
+        resp.remove_header("transfer-encoding");
+        resp.insert_header("Content-Length", body.len().to_string())?;
+        session.write_response_header(Box::new(resp), body.is_empty()).await?;
+        if !body.is_empty() {
+            session.write_response_body(Some(Bytes::from(body)), true).await?;
+        }
+        return Ok(Outcome { status, upgraded: false });
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    on_upgrade();
+    if !leftover.is_empty() && session.write_response_body(Some(Bytes::from(leftover)), false).await.is_err() {
+        return Ok(Outcome { status, upgraded: true });
+    }
+    let idle = idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            down = session.as_downstream_mut().read_body_or_idle(false) => match down {
+                Ok(Some(data)) => {
+                    if up.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                // The client closed (or broke) its side: the tunnel is over.
+                Ok(None) | Err(_) => break,
+            },
+            n = up.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if session.write_response_body(Some(Bytes::copy_from_slice(&buf[..n])), false).await.is_err() {
+                        break;
+                    }
+                }
+            },
+            _ = tokio::time::sleep(idle) => break,
+        }
+    }
+    let _ = up.shutdown().await;
+    let _ = session.write_response_body(None, true).await;
+    Ok(Outcome { status, upgraded: true })
+}
+
+async fn refusal_body(up: &mut TcpStream, mut body: Vec<u8>, content_length: Option<usize>, chunked: bool) -> Vec<u8> {
+    let want = content_length.unwrap_or(MAX_REFUSAL_BODY).min(MAX_REFUSAL_BODY);
+    let mut chunk = [0u8; 8192];
+    let done = |b: &Vec<u8>| b.len() >= want || (chunked && b.ends_with(b"0\r\n\r\n"));
+    while !done(&body) {
+        match tokio::time::timeout(Duration::from_secs(5), up.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    body.truncate(want);
+    if chunked {
+        return dechunk(&body);
+    }
+    body
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&b[..nl])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok())
+            .unwrap_or(0);
+        if size == 0 || b.len() < nl + 2 + size {
+            break;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
+        b = &b[(nl + 4 + size).min(b.len())..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_head() {
+        let mut r = RequestHeader::build("GET", b"/ws?a=1", None).expect("req");
+        r.insert_header("Host", "a.test").expect("h");
+        r.insert_header("Upgrade", "websocket").expect("h");
+        let h = String::from_utf8(head_bytes(&r)).expect("utf8");
+        assert!(h.starts_with("GET /ws?a=1 HTTP/1.1\r\n"), "{h}");
+        assert!(h.contains("host: a.test\r\n") || h.contains("Host: a.test\r\n"), "{h}");
+        assert!(h.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn chunked_refusal() {
+        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
+    }
+}
