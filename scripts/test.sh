@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds everything and runs every test: formatting, lints, unit tests and the integration tests
-# that start the real markco binary against real peers.
+# that start the real markco binary against real peers (PostgreSQL, pebble, wrk; see
+# `./scripts/setup.sh --test`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+export MARKCO_TEST_PG_URL="${MARKCO_TEST_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
 # Hundreds of sockets are opened by the websocket tests.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
