@@ -65,7 +65,7 @@ fn check_reports_file_line_column_and_help() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/markco.example.toml");
     let out = Command::new(markco_bin()).args(["check", "--config", example]).output().expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("11 routes"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("15 routes"));
 }
 
 #[test]

@@ -164,7 +164,6 @@ fn example_config_routes_go_where_they_should() {
         ("/analytics", "umami"),
         ("/analytics/websites/1", "umami"),
         ("/analytics-x", "orchestrator"),
-        ("/api/health", "orchestrator"),
         ("/api/logout", "orchestrator"),
         ("/login", "orchestrator"),
         ("/dashboard", "orchestrator"),

@@ -347,6 +347,17 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         }
         sites.push(SiteSpec { hosts, tls: site_tls, routes });
     }
+    for hc in &raw.health_checks {
+        if let Some(route) = &hc.get_ref().disable_route {
+            if !seen_names.contains_key(route.get_ref()) {
+                return cx.err(
+                    route.span(),
+                    format!("`disable_route` names no route: {:?}", route.get_ref()),
+                    Some("give the route a `name = \"...\"` and use that name here".to_string()),
+                );
+            }
+        }
+    }
     Ok(Config { server, proxy, log, acme, plane, sites, warnings })
 }
 
