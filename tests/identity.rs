@@ -289,3 +289,41 @@ fn missing_workspace_and_disabled_route_answer_503() {
     assert_eq!(r.status, 404);
     let _ = Duration::from_secs(0);
 }
+
+#[test]
+fn failing_health_check_disables_its_route_and_api_health_says_so() {
+    let relay = Upstream::start("sync");
+    let port = relay.addr.port();
+    let template = CONFIG.replace("{sync}", &relay.addr.to_string())
+        + &format!("\n[[health_check]]\nname = \"sync-relay\"\nurl = \"http://127.0.0.1:{port}/health\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\ndisable_route = \"sync\"\n");
+    let m = Markco::start(&template);
+    let (carol, token) = add_user(&m, "carol@example.com");
+    let auth = bearer(&token);
+    let sync_path = format!("/sync/{carol}/p/d");
+    eventually(Duration::from_secs(5), "health passes", || {
+        http_get(m.http, "/api/health", &[]).is_ok_and(|r| r.status == 200)
+    });
+    let r = http_get(m.http, "/api/health", &[]).expect("get");
+    assert_eq!(r.json()["services"]["sync-relay"], "ok");
+    assert_eq!(http_get(m.http, &sync_path, &[("Authorization", &auth)]).expect("get").status, 200);
+
+    // The relay dies: /api/health turns 503 "degraded" and the sync route answers 503 + Retry-After.
+    drop(relay);
+    eventually(Duration::from_secs(5), "health fails", || {
+        http_get(m.http, "/api/health", &[]).is_ok_and(|r| r.status == 503)
+    });
+    let r = http_get(m.http, "/api/health", &[]).expect("get");
+    assert_eq!(r.json()["status"], "degraded");
+    assert_eq!(r.json()["services"]["sync-relay"], "down");
+    eventually(Duration::from_secs(5), "sync disabled", || {
+        http_get(m.http, &sync_path, &[("Authorization", &auth)])
+            .is_ok_and(|r| r.status == 503 && r.header("retry-after").is_some())
+    });
+
+    // It comes back on the same port: the route is enabled again.
+    let _relay = Upstream::start_on("sync", &format!("127.0.0.1:{port}"));
+    eventually(Duration::from_secs(5), "sync enabled again", || {
+        http_get(m.http, &sync_path, &[("Authorization", &auth)]).is_ok_and(|r| r.status == 200)
+    });
+    assert_eq!(http_get(m.http, "/api/health", &[]).expect("get").status, 200);
+}
