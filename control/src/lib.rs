@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod db;
+pub mod engine;
 pub mod http_client;
 pub mod plane;
 pub mod sessions;
