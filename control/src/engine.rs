@@ -23,7 +23,7 @@ pub struct PodSpec {
     pub publish: Vec<(u16, u16)>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContainerSpec {
     pub name: String,
     pub pod: String,
