@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn server_url() -> String {
-    std::env::var("MARKCO_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("MARKCO_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
 }
 
 fn psql(url: &str, sql: &str) -> String {
@@ -82,11 +83,19 @@ const ANN: &str = "11111111-1111-4111-8111-111111111111";
 #[test]
 fn adopts_todays_schema_and_serves_its_users() {
     let db = TestDb::new();
-    let schema = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/today_schema.sql")).expect("fixture");
+    let schema = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/today_schema.sql"))
+        .expect("fixture");
     psql(&db.url, &schema);
     let before: Vec<String> = ["users", "sessions", "invites", "magic_links", "runtimes", "snapshots", "migrations"]
         .iter()
-        .map(|t| psql(&db.url, &format!("SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM {t} t")))
+        .map(|t| {
+            psql(
+                &db.url,
+                &format!(
+                    "SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM {t} t"
+                ),
+            )
+        })
         .collect();
     let columns_before = psql(&db.url, "SELECT string_agg(table_name || '.' || column_name || ':' || data_type, ',' ORDER BY table_name, column_name) FROM information_schema.columns WHERE table_schema = 'public' AND table_name NOT LIKE 'markco_%' AND table_name <> '_sqlx_migrations'");
 
@@ -100,7 +109,14 @@ fn adopts_todays_schema_and_serves_its_users() {
     }
     let after: Vec<String> = ["users", "sessions", "invites", "magic_links", "runtimes", "snapshots", "migrations"]
         .iter()
-        .map(|t| psql(&db.url, &format!("SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM {t} t")))
+        .map(|t| {
+            psql(
+                &db.url,
+                &format!(
+                    "SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM {t} t"
+                ),
+            )
+        })
         .collect();
     let columns_after = psql(&db.url, "SELECT string_agg(table_name || '.' || column_name || ':' || data_type, ',' ORDER BY table_name, column_name) FROM information_schema.columns WHERE table_schema = 'public' AND table_name NOT LIKE 'markco_%' AND table_name <> '_sqlx_migrations'");
     assert_eq!(before, after, "every row of today's tables is kept, unchanged");
@@ -116,14 +132,21 @@ fn adopts_todays_schema_and_serves_its_users() {
     let r = http_get(m.http, &format!("/u/{ANN}/x"), &[("Authorization", "Bearer ann-live-token")]).expect("get");
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert_eq!(r.json()["name"], "editor-ann");
-    let r = http_get(m.http, &format!("/u/{ANN}/x"), &[("Authorization", "Bearer ann-old-token"), ("Accept", "application/json")])
-        .expect("get");
+    let r = http_get(
+        m.http,
+        &format!("/u/{ANN}/x"),
+        &[("Authorization", "Bearer ann-old-token"), ("Accept", "application/json")],
+    )
+    .expect("get");
     assert_eq!(r.status, 401);
     let r = http_get(m.http, &format!("/u/{ANN}/x"), &[("Authorization", "Bearer ben-live-token")]).expect("get");
     assert_eq!(r.status, 403);
     // The workspace is markco's own table; today's runtimes row for Ann is still there.
     assert_eq!(psql(&db.url, &format!("SELECT count(*) FROM markco_workspaces WHERE user_id = '{ANN}'")), "1");
-    assert_eq!(psql(&db.url, "SELECT container_name FROM runtimes WHERE id = '33333333-3333-4333-8333-333333333333'"), "rt-ann-1");
+    assert_eq!(
+        psql(&db.url, "SELECT container_name FROM runtimes WHERE id = '33333333-3333-4333-8333-333333333333'"),
+        "rt-ann-1"
+    );
 }
 
 #[test]
@@ -147,7 +170,11 @@ fn logout_in_the_database_is_refused_within_a_second() {
         if r.status == 401 {
             break;
         }
-        assert!(deleted.elapsed() < Duration::from_secs(1), "a deleted session still served after {:?}", deleted.elapsed());
+        assert!(
+            deleted.elapsed() < Duration::from_secs(1),
+            "a deleted session still served after {:?}",
+            deleted.elapsed()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     println!("deleted session refused after {:?}", deleted.elapsed());
