@@ -76,6 +76,31 @@ impl AdminApp {
                 _ => json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method not allowed"})),
             });
         }
+        if let Some(rest) = path.strip_prefix("/api/admin/workspaces/") {
+            if let Some((user, verb)) = rest.split_once('/') {
+                if *method != Method::POST {
+                    return Some(json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "POST only"})));
+                }
+                if !valid_user_id(user) {
+                    return Some(bad_request("bad user id"));
+                }
+                return Some(match verb {
+                    "start" => match self.plane.ensure_workspace(user).await {
+                        Ok(true) => json(StatusCode::OK, serde_json::json!({"user": user, "running": true})),
+                        Ok(false) => json(
+                            StatusCode::CONFLICT,
+                            serde_json::json!({"error": "no [workspaces] section: markco starts no containers"}),
+                        ),
+                        Err(e) => plane_error(e),
+                    },
+                    "stop" => match self.plane.stop_workspace(user).await {
+                        Ok(()) => json(StatusCode::OK, serde_json::json!({"user": user, "running": false})),
+                        Err(e) => plane_error(e),
+                    },
+                    _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "use /start or /stop"})),
+                });
+            }
+        }
         if let Some(user) = path.strip_prefix("/api/admin/workspaces/") {
             if !valid_user_id(user) {
                 return Some(bad_request("bad user id"));
@@ -164,6 +189,25 @@ impl AdminApp {
             self.plane.table.rcu(|t| t.with_route_disabled(&name, disable));
             tracing::warn!(route = %name, disabled = disable, "route switched by an admin");
             return Some(json(StatusCode::OK, serde_json::json!({"route": name, "disabled": disable})));
+        }
+        if let Some(user) = path.strip_prefix("/api/admin/users/").and_then(|r| r.strip_suffix("/logout")) {
+            // Logout or account deletion in the auth service: sessions dropped, containers stopped.
+            if *method != Method::POST {
+                return Some(json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "POST only"})));
+            }
+            if !valid_user_id(user) {
+                return Some(bad_request("bad user id"));
+            }
+            self.plane.sessions.invalidate_user(user);
+            let stopped = match self.plane.stop_workspace(user).await {
+                Ok(()) => true,
+                Err(PlaneError::Invalid(_)) => false,
+                Err(e) => return Some(plane_error(e)),
+            };
+            return Some(json(
+                StatusCode::OK,
+                serde_json::json!({"user": user, "sessions_invalidated": true, "workspace_stopped": stopped}),
+            ));
         }
         if let Some(user) = path.strip_prefix("/api/admin/users/").and_then(|r| r.strip_suffix("/invalidate")) {
             if *method != Method::POST {

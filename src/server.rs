@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use markco_certs::alpn::PreTlsHook;
 use markco_certs::manager::HandshakeCounter;
 use markco_certs::{CertManager, CertStore, TlsMetrics};
-use markco_control::api::PublicApi;
+use markco_control::api::{LazyStarter, PublicApi};
 use markco_control::plane::{self, ControlPlane};
 use markco_proxy::app::EdgeApp;
 use markco_proxy::{Gateway, Metrics, RouteTable};
@@ -140,9 +140,13 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         tracing::error!("{problem}");
     }
 
-    let gateway = Gateway::new(table.clone(), metrics.clone(), certs.tokens.clone())
+    let mut gateway = Gateway::new(table.clone(), metrics.clone(), certs.tokens.clone())
         .with_identity(control.sessions.clone())
         .with_control(Arc::new(PublicApi { plane: control.clone(), admin_token: admin_token.clone() }));
+    if let Some(ws) = &cfg.plane.workspaces {
+        let wait = ws.ready_timeout + std::time::Duration::from_secs(2);
+        gateway = gateway.with_starter(Arc::new(LazyStarter { plane: control.clone(), wait }));
+    }
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let mut edge = Service::new("markco edge".to_string(), EdgeApp::new(proxy, cfg.server.header_timeout));
     edge.add_tcp(&cfg.server.http.to_string());

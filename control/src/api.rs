@@ -95,6 +95,25 @@ impl ControlApi for PublicApi {
     }
 }
 
+/// Lazy start for the data plane: a request to `/u/<id>/` of a user without a running workspace
+/// asks the control plane to start one and waits for it, up to the ready timeout.
+pub struct LazyStarter {
+    pub plane: Arc<ControlPlane>,
+    pub wait: std::time::Duration,
+}
+
+#[async_trait]
+impl markco_proxy::identity::WorkspaceStarter for LazyStarter {
+    async fn ensure_running(&self, user: &str) -> Result<bool, markco_proxy::identity::IdentityError> {
+        match tokio::time::timeout(self.wait, self.plane.ensure_workspace(user)).await {
+            Ok(Ok(running)) => Ok(running),
+            Ok(Err(e)) => Err(markco_proxy::identity::IdentityError::Unavailable(e.to_string())),
+            // Still starting: the client gets 503 + Retry-After and the start goes on.
+            Err(_) => Ok(false),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,3 +7,4 @@ pub mod engine;
 pub mod http_client;
 pub mod plane;
 pub mod sessions;
+pub mod workspaces;

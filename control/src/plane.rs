@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::db::{Db, DbError, MoveRecord, WorkspaceRow};
 use crate::http_client;
 use crate::sessions::{Lookup, SessionCache, SessionSettings};
+use crate::workspaces::{WorkspaceConfig, Workspaces};
 
 #[derive(Debug, Clone)]
 pub struct MoveLimits {
@@ -51,6 +52,8 @@ pub struct HealthCheck {
 #[derive(Debug, Clone)]
 pub struct PlaneConfig {
     pub database_url: String,
+    /// Containers per user; `None`: workspaces are registered through the admin API only.
+    pub workspaces: Option<WorkspaceConfig>,
     pub sessions: SessionSettings,
     pub moves: MoveLimits,
     pub health_checks: Vec<HealthCheck>,
@@ -116,6 +119,8 @@ enum Command {
     Put(WorkspaceRow, Reply<()>),
     Delete(String, Reply<bool>),
     Move { user: String, host: Option<String>, port: u16, reply: Reply<MoveOutcome> },
+    Ensure(String, Reply<bool>),
+    Stop(String, Reply<()>),
 }
 
 /// The control plane's shared state; `run` is its loop on the control runtime.
@@ -129,6 +134,7 @@ pub struct ControlPlane {
     command_rx: Mutex<Option<mpsc::Receiver<Command>>>,
     recent_moves: Mutex<HashMap<String, VecDeque<Instant>>>,
     health_wake: tokio::sync::Notify,
+    pub workspaces: Option<Arc<Workspaces>>,
 }
 
 pub fn routes_of(row: &WorkspaceRow) -> Option<UserRoutes> {
@@ -171,7 +177,12 @@ impl ControlPlane {
     pub fn new(table: Arc<ArcSwap<RouteTable>>, config: PlaneConfig) -> Arc<ControlPlane> {
         let (sessions, lookups) = SessionCache::new(config.sessions);
         let (commands, command_rx) = mpsc::channel(256);
+        let workspaces = config.workspaces.clone().map(|cfg| {
+            let engine = Arc::new(crate::engine::podman::Podman::new(&cfg.engine_socket));
+            Arc::new(Workspaces::new(cfg, engine))
+        });
         Arc::new(ControlPlane {
+            workspaces,
             table,
             sessions,
             config: ArcSwap::from_pointee(config),
@@ -232,6 +243,21 @@ impl ControlPlane {
 
     pub async fn move_runtime(&self, user: &str, host: Option<String>, port: u16) -> Result<MoveOutcome, PlaneError> {
         self.ask(|reply| Command::Move { user: user.to_string(), host, port, reply }).await
+    }
+
+    /// Starts the user's workspace unless it runs; `Ok(true)` once it does.
+    pub async fn ensure_workspace(&self, user: &str) -> Result<bool, PlaneError> {
+        if self.workspaces.is_none() {
+            return Ok(false);
+        }
+        self.ask(|r| Command::Ensure(user.to_string(), r)).await
+    }
+
+    pub async fn stop_workspace(&self, user: &str) -> Result<(), PlaneError> {
+        if self.workspaces.is_none() {
+            return Err(PlaneError::Invalid("no [workspaces] section: markco manages no containers".into()));
+        }
+        self.ask(|r| Command::Stop(user.to_string(), r)).await
     }
 
     /// The control plane's loop; returns when `shutdown` turns true.
@@ -301,8 +327,48 @@ impl ControlPlane {
         }
     }
 
-    async fn handle(&self, db: &Db, cmd: Command) {
+    async fn handle(&self, db: &Arc<Db>, cmd: Command) {
         match cmd {
+            Command::Ensure(user, reply) => {
+                let (Some(ws), db, table) = (self.workspaces.clone(), db.clone(), self.table.clone()) else {
+                    let _ = reply.send(Ok(false));
+                    return;
+                };
+                // Starts run beside other commands; the per-user lock makes concurrent first
+                // requests of one user share one start.
+                tokio::spawn(async move {
+                    let lock = ws.user_lock(&user);
+                    let _guard = lock.lock().await;
+                    if table.load().user(&user).is_some_and(|r| r.running) {
+                        let _ = reply.send(Ok(true));
+                        return;
+                    }
+                    let res = match ws.start(&db, &user).await {
+                        Ok(row) => match routes_of(&row) {
+                            Some(routes) => {
+                                table.rcu(|t| t.with_user(&user, routes.clone()));
+                                Ok(true)
+                            }
+                            None => Err(PlaneError::Internal(anyhow::anyhow!("started workspace has no address"))),
+                        },
+                        Err(e) => {
+                            tracing::error!(user = %user, "workspace start failed: {e:#}");
+                            Err(PlaneError::Internal(e))
+                        }
+                    };
+                    let _ = reply.send(res);
+                });
+            }
+            Command::Stop(user, reply) => {
+                let Some(ws) = self.workspaces.clone() else {
+                    let _ = reply.send(Ok(()));
+                    return;
+                };
+                let lock = ws.user_lock(&user);
+                let _guard = lock.lock().await;
+                self.table.rcu(|t| t.without_user(&user));
+                let _ = reply.send(ws.stop(db, &user).await.map_err(PlaneError::Internal));
+            }
             Command::List(r) => {
                 let _ = r.send(db.list_workspaces().await.map_err(PlaneError::from));
             }

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use markco_control::plane::{HealthCheck, MoveLimits, PlaneConfig};
 use markco_control::sessions::SessionSettings;
+use markco_control::workspaces::WorkspaceConfig;
 use toml::Spanned;
 
-use super::raw::{RawConfig, RawHealthCheck};
+use super::raw::{RawConfig, RawHealthCheck, RawWorkspaces};
 use super::{ConfigError, Ctx};
 
 /// The default database: a SQLite file under `data/`, next to the config (or the working
@@ -72,7 +73,90 @@ pub(super) fn plane_config(cx: &Ctx<'_>, raw: &RawConfig, base_dir: &Path) -> Re
     for hc in &raw.health_checks {
         health_checks.push(health_check(cx, hc)?);
     }
-    Ok(PlaneConfig { database_url: url, sessions, moves, health_checks })
+    let workspaces = match &raw.workspaces {
+        None => None,
+        Some(w) => Some(workspace_config(cx, w.get_ref(), base_dir)?),
+    };
+    Ok(PlaneConfig { database_url: url, workspaces, sessions, moves, health_checks })
+}
+
+fn port_range(
+    cx: &Ctx<'_>,
+    v: &Option<Spanned<String>>,
+    key: &str,
+    default: (u16, u16),
+) -> Result<(u16, u16), ConfigError> {
+    let Some(v) = v else { return Ok(default) };
+    let parsed = v
+        .get_ref()
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
+    match parsed {
+        Some((a, b)) if a >= 1024 && a <= b => Ok((a, b)),
+        _ => cx.err(v.span(), format!("`{key}` must be a port range like \"20000-39999\" (ports 1024 and up)"), None),
+    }
+}
+
+fn workspace_config(cx: &Ctx<'_>, w: &RawWorkspaces, base_dir: &Path) -> Result<WorkspaceConfig, ConfigError> {
+    let d = WorkspaceConfig::default();
+    let mb = |v: &Option<Spanned<i64>>, key: &str, default: Option<u64>| -> Result<Option<u64>, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(m) if *m.get_ref() == 0 => Ok(None),
+            Some(m) if *m.get_ref() >= 16 => Ok(Some(*m.get_ref() as u64 * 1024 * 1024)),
+            Some(m) => cx.err(m.span(), format!("`{key}` is in MiB: at least 16, or 0 for no limit"), None),
+        }
+    };
+    let cfg = WorkspaceConfig {
+        engine_socket: match &w.engine {
+            None => d.engine_socket.clone(),
+            Some(e) => match e.get_ref().strip_prefix("unix://") {
+                Some(p) => p.into(),
+                None => {
+                    return cx.err(
+                        e.span(),
+                        "`engine` is podman's API socket",
+                        Some("e.g. engine = \"unix:///run/podman/podman.sock\"".into()),
+                    )
+                }
+            },
+        },
+        data_dir: w.data_dir.as_ref().map(|p| base_dir.join(p.get_ref())).unwrap_or(d.data_dir.clone()),
+        data_uid: match &w.data_uid {
+            None => d.data_uid,
+            Some(u) => u32::try_from(*u.get_ref()).or_else(|_| cx.err(u.span(), "`data_uid` must be a uid", None))?,
+        },
+        editor_image: w.editor_image.as_ref().map(|i| i.get_ref().clone()).unwrap_or(d.editor_image.clone()),
+        runtime_image: w.runtime_image.as_ref().map(|i| i.get_ref().clone()).unwrap_or(d.runtime_image.clone()),
+        editor_ports: port_range(cx, &w.editor_ports, "editor_ports", d.editor_ports)?,
+        runtime_ports: port_range(cx, &w.runtime_ports, "runtime_ports", d.runtime_ports)?,
+        ready_timeout: cx.duration(&w.ready_timeout, "ready_timeout", d.ready_timeout)?,
+        idle_timeout: {
+            let t = cx.duration(&w.idle_timeout, "idle_timeout", d.idle_timeout.unwrap_or_default())?;
+            (!t.is_zero()).then_some(t)
+        },
+        editor_command: w.editor_command.clone().unwrap_or(d.editor_command.clone()),
+        runtime_command: w.runtime_command.clone().unwrap_or(d.runtime_command.clone()),
+        editor_env: w.editor_env.clone().unwrap_or(d.editor_env.clone()),
+        runtime_env: w.runtime_env.clone().unwrap_or(d.runtime_env.clone()),
+        editor_memory: mb(&w.editor_memory_mb, "editor_memory_mb", d.editor_memory)?,
+        runtime_memory: mb(&w.runtime_memory_mb, "runtime_memory_mb", d.runtime_memory)?,
+        runtime_cpus: match &w.runtime_cpus {
+            None => d.runtime_cpus,
+            Some(c) if *c.get_ref() == 0.0 => None,
+            Some(c) if *c.get_ref() > 0.0 => Some(*c.get_ref()),
+            Some(c) => return cx.err(c.span(), "`runtime_cpus` must be positive (0: no limit)", None),
+        },
+    };
+    let (e, r) = (cfg.editor_ports, cfg.runtime_ports);
+    if e.0 <= r.1 && r.0 <= e.1 {
+        return cx.err(
+            0..0,
+            "[workspaces] `editor_ports` and `runtime_ports` overlap",
+            Some("give them separate ranges".into()),
+        );
+    }
+    Ok(cfg)
 }
 
 fn health_check(cx: &Ctx<'_>, hc: &Spanned<RawHealthCheck>) -> Result<HealthCheck, ConfigError> {

@@ -14,6 +14,7 @@ pub struct RawConfig {
     pub database: Option<RawDatabase>,
     pub sessions: Option<RawSessions>,
     pub runtime_moves: Option<RawMoves>,
+    pub workspaces: Option<Spanned<RawWorkspaces>>,
     #[serde(default, rename = "health_check")]
     pub health_checks: Vec<Spanned<RawHealthCheck>>,
     #[serde(default, rename = "site")]
@@ -130,4 +131,25 @@ pub struct RawHealthCheck {
     pub interval: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
     pub disable_route: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkspaces {
+    pub engine: Option<Spanned<String>>,
+    pub data_dir: Option<Spanned<String>>,
+    pub data_uid: Option<Spanned<i64>>,
+    pub editor_image: Option<Spanned<String>>,
+    pub runtime_image: Option<Spanned<String>>,
+    pub editor_ports: Option<Spanned<String>>,
+    pub runtime_ports: Option<Spanned<String>>,
+    pub ready_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub editor_command: Option<Vec<String>>,
+    pub runtime_command: Option<Vec<String>>,
+    pub editor_env: Option<std::collections::BTreeMap<String, String>>,
+    pub runtime_env: Option<std::collections::BTreeMap<String, String>>,
+    pub editor_memory_mb: Option<Spanned<i64>>,
+    pub runtime_memory_mb: Option<Spanned<i64>>,
+    pub runtime_cpus: Option<Spanned<f64>>,
 }

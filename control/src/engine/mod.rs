@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
+pub mod podman;
+
 /// Every container and pod markco creates carries these labels; markco never touches one that
 /// does not have `markco.managed=true`.
 pub const LABEL_MANAGED: &str = "markco.managed";

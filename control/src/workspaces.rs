@@ -1,0 +1,307 @@
+//! Per-user workspaces: one pod per user holding the editor and the runtime, started on demand
+//! (one start per user however many requests arrive at once), with ports from configured ranges
+//! that the database keeps unique, and ready only when both containers answer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+
+use crate::db::{Db, DbError, WorkspaceRow};
+use crate::engine::{ContainerEngine, ContainerSpec, PodSpec, LABEL_MANAGED, LABEL_ROLE, LABEL_USER};
+use crate::http_client;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkspaceConfig {
+    pub engine_socket: PathBuf,
+    pub data_dir: PathBuf,
+    /// Owner (uid) of a user's data directory, set once when it is created.
+    pub data_uid: u32,
+    pub editor_image: String,
+    pub runtime_image: String,
+    pub editor_ports: (u16, u16),
+    pub runtime_ports: (u16, u16),
+    pub ready_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    /// Empty: the image's own command. `{port}`, `{runtime_port}`, `{user_id}`, `{base_path}` are
+    /// replaced.
+    pub editor_command: Vec<String>,
+    pub runtime_command: Vec<String>,
+    pub editor_env: BTreeMap<String, String>,
+    pub runtime_env: BTreeMap<String, String>,
+    pub editor_memory: Option<u64>,
+    pub runtime_memory: Option<u64>,
+    pub runtime_cpus: Option<f64>,
+}
+
+impl Default for WorkspaceConfig {
+    fn default() -> Self {
+        let env = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        WorkspaceConfig {
+            engine_socket: PathBuf::from("/run/podman/podman.sock"),
+            data_dir: PathBuf::from("/data/users"),
+            data_uid: 1000,
+            editor_image: "localhost/mrmd-editor:latest".into(),
+            runtime_image: "localhost/mrmd-runtime:latest".into(),
+            editor_ports: (20000, 39999),
+            runtime_ports: (40000, 59999),
+            ready_timeout: Duration::from_secs(30),
+            idle_timeout: Some(Duration::from_secs(30 * 60)),
+            editor_command: ["node", "/app/mrmd-server/bin/cli.js", "--port", "{port}", "--host", "0.0.0.0", "--no-auth", "/home/ubuntu"]
+                .map(String::from)
+                .to_vec(),
+            runtime_command: vec![
+                "bash".into(),
+                "-lc".into(),
+                "rm -f /home/ubuntu/.mrmd/runtimes/default.json && exec mrmd-python --foreground --port {port} --host 0.0.0.0 --id default".into(),
+            ],
+            editor_env: env(&[
+                ("HOME", "/home/ubuntu"),
+                ("CLOUD_HOME", "/home/ubuntu"),
+                ("USER", "ubuntu"),
+                ("LOGNAME", "ubuntu"),
+                ("CLOUD_MODE", "1"),
+                ("PORT", "{port}"),
+                ("RUNTIME_PORT", "{runtime_port}"),
+                ("BASE_PATH", "{base_path}"),
+                ("CLOUD_USER_ID", "{user_id}"),
+            ]),
+            runtime_env: env(&[("HOME", "/home/ubuntu"), ("PORT", "{port}")]),
+            editor_memory: Some(512 * 1024 * 1024),
+            runtime_memory: Some(256 * 1024 * 1024),
+            runtime_cpus: Some(0.5),
+        }
+    }
+}
+
+/// Names built from the whole user id: two users never share one (no prefix truncation).
+pub fn pod_name(user: &str) -> String {
+    format!("markco-ws-{user}")
+}
+
+pub fn container_name(role: &str, user: &str) -> String {
+    format!("markco-{role}-{user}")
+}
+
+fn fill(template: &str, port: u16, runtime_port: u16, user: &str) -> String {
+    template
+        .replace("{port}", &port.to_string())
+        .replace("{runtime_port}", &runtime_port.to_string())
+        .replace("{user_id}", user)
+        .replace("{base_path}", &format!("/u/{user}/"))
+}
+
+/// Is this host port free right now? (The database keeps markco's own ports unique; this also
+/// avoids ports some other program holds.)
+fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+fn pick_port(range: (u16, u16), taken: &[u16]) -> Option<u16> {
+    let span = (range.1 - range.0) as u32 + 1;
+    for _ in 0..64 {
+        let p = range.0 + (fastrand::u32(..span)) as u16;
+        if !taken.contains(&p) && port_free(p) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+pub struct Workspaces {
+    pub cfg: WorkspaceConfig,
+    pub engine: Arc<dyn ContainerEngine>,
+    /// One start at a time per user.
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Workspaces {
+    pub fn new(cfg: WorkspaceConfig, engine: Arc<dyn ContainerEngine>) -> Workspaces {
+        Workspaces { cfg, engine, locks: std::sync::Mutex::new(HashMap::new()) }
+    }
+
+    pub fn user_lock(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(user.to_string()).or_default().clone()
+    }
+
+    /// Creates the user's data directory with its owner the first time; never re-chowns it.
+    fn data_dir(&self, user: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.cfg.data_dir.join(user);
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            if let Err(e) = std::os::unix::fs::chown(&dir, Some(self.cfg.data_uid), Some(self.cfg.data_uid)) {
+                tracing::warn!(dir = %dir.display(), "cannot give the data directory to uid {}: {e}", self.cfg.data_uid);
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Starts the user's pod and waits until both containers answer. Returns the running row.
+    pub async fn start(&self, db: &Db, user: &str) -> anyhow::Result<WorkspaceRow> {
+        let started = Instant::now();
+        let data = self.data_dir(user)?;
+        let rows = db.list_workspaces().await?;
+        let taken_e: Vec<u16> = rows.iter().filter(|r| r.user_id != user).map(|r| r.editor_port).collect();
+        let taken_r: Vec<u16> = rows.iter().filter(|r| r.user_id != user).map(|r| r.runtime_port).collect();
+        // Ports are claimed in the database first: its unique constraints settle any race.
+        let mut row = None;
+        for _ in 0..16 {
+            let e =
+                pick_port(self.cfg.editor_ports, &taken_e).ok_or_else(|| anyhow!("no free editor port in range"))?;
+            let r =
+                pick_port(self.cfg.runtime_ports, &taken_r).ok_or_else(|| anyhow!("no free runtime port in range"))?;
+            let candidate = WorkspaceRow {
+                user_id: user.to_string(),
+                editor_host: "127.0.0.1".into(),
+                editor_port: e,
+                runtime_host: "127.0.0.1".into(),
+                runtime_port: r,
+                state: "starting".into(),
+                editor_container: Some(container_name("editor", user)),
+                runtime_container: Some(container_name("runtime", user)),
+                updated_at: chrono::Utc::now().timestamp(),
+            };
+            match db.upsert_workspace(&candidate).await {
+                Ok(()) => {
+                    row = Some(candidate);
+                    break;
+                }
+                Err(err) if matches!(err.downcast_ref::<DbError>(), Some(DbError::AddressInUse { .. })) => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        let Some(mut row) = row else { bail!("could not claim free ports after 16 tries") };
+        let pod = pod_name(user);
+        // A leftover pod of this user (a crash mid-start) is ours to replace.
+        let _ = self.engine.remove_pod(&pod).await;
+        let labels = |role: &str| -> BTreeMap<String, String> {
+            let mut l = BTreeMap::new();
+            l.insert(LABEL_MANAGED.to_string(), "true".to_string());
+            l.insert(LABEL_USER.to_string(), user.to_string());
+            if !role.is_empty() {
+                l.insert(LABEL_ROLE.to_string(), role.to_string());
+            }
+            l
+        };
+        // Both ports on 127.0.0.1 only: the gateway is the way in.
+        self.engine
+            .create_pod(&PodSpec {
+                name: pod.clone(),
+                labels: labels(""),
+                publish: vec![(row.editor_port, row.editor_port), (row.runtime_port, row.runtime_port)],
+            })
+            .await?;
+        let (ep, rp) = (row.editor_port, row.runtime_port);
+        let mount = vec![(data.display().to_string(), "/home/ubuntu".to_string())];
+        let runtime = ContainerSpec {
+            name: container_name("runtime", user),
+            pod: pod.clone(),
+            image: self.cfg.runtime_image.clone(),
+            command: self.cfg.runtime_command.iter().map(|c| fill(c, rp, rp, user)).collect(),
+            env: self.cfg.runtime_env.iter().map(|(k, v)| (k.clone(), fill(v, rp, rp, user))).collect(),
+            labels: labels("runtime"),
+            mounts: mount.clone(),
+            memory_bytes: self.cfg.runtime_memory,
+            cpus: self.cfg.runtime_cpus,
+        };
+        let editor = ContainerSpec {
+            name: container_name("editor", user),
+            pod: pod.clone(),
+            image: self.cfg.editor_image.clone(),
+            command: self.cfg.editor_command.iter().map(|c| fill(c, ep, rp, user)).collect(),
+            env: self.cfg.editor_env.iter().map(|(k, v)| (k.clone(), fill(v, ep, rp, user))).collect(),
+            labels: labels("editor"),
+            mounts: mount,
+            memory_bytes: self.cfg.editor_memory,
+            cpus: None,
+        };
+        let run = async {
+            self.engine.create_container(&runtime).await?;
+            self.engine.create_container(&editor).await?;
+            self.engine.start_pod(&pod).await?;
+            self.wait_ready(ep, rp).await
+        };
+        if let Err(e) = run.await {
+            let _ = self.engine.remove_pod(&pod).await;
+            row.state = "failed".into();
+            let _ = db.upsert_workspace(&row).await;
+            return Err(e.context(format!("starting the workspace of {user}")));
+        }
+        row.state = "running".into();
+        row.updated_at = chrono::Utc::now().timestamp();
+        db.upsert_workspace(&row).await?;
+        tracing::info!(
+            user,
+            editor_port = ep,
+            runtime_port = rp,
+            ms = started.elapsed().as_millis() as u64,
+            "workspace ready"
+        );
+        Ok(row)
+    }
+
+    /// Both the editor's `/health` and the runtime's `/mrp/v1/capabilities` answer 2xx.
+    async fn wait_ready(&self, editor_port: u16, runtime_port: u16) -> anyhow::Result<()> {
+        let deadline = Instant::now() + self.cfg.ready_timeout;
+        let probe = |port: u16, path: &'static str| async move {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            matches!(http_client::call(addr, "GET", path, None, Duration::from_secs(2)).await, Ok(r) if (200..300).contains(&r.status))
+        };
+        let (mut editor_ok, mut runtime_ok) = (false, false);
+        while Instant::now() < deadline {
+            if !editor_ok {
+                editor_ok = probe(editor_port, "/health").await;
+            }
+            if !runtime_ok {
+                runtime_ok = probe(runtime_port, "/mrp/v1/capabilities").await;
+            }
+            if editor_ok && runtime_ok {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "not ready within {:?} (editor {}, runtime {})",
+            self.cfg.ready_timeout,
+            if editor_ok { "ready" } else { "not answering /health" },
+            if runtime_ok { "ready" } else { "not answering /mrp/v1/capabilities" }
+        )
+    }
+
+    /// Stops and removes the user's pod; the row stays, marked stopped.
+    pub async fn stop(&self, db: &Db, user: &str) -> anyhow::Result<()> {
+        self.engine.remove_pod(&pod_name(user)).await?;
+        if let Some(mut row) = db.get_workspace(user).await? {
+            row.state = "stopped".into();
+            db.upsert_workspace(&row).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_use_the_whole_id() {
+        let a = "aaaaaaaa-1111-4111-8111-111111111111";
+        let b = "aaaaaaaa-2222-4222-8222-222222222222";
+        assert_ne!(container_name("editor", a), container_name("editor", b));
+        assert_ne!(pod_name(a), pod_name(b));
+    }
+
+    #[test]
+    fn placeholders() {
+        assert_eq!(fill("--port {port} {user_id} {base_path} {runtime_port}", 1, 2, "u"), "--port 1 u /u/u/ 2");
+    }
+
+    #[test]
+    fn ports_from_range() {
+        let p = pick_port((45000, 45010), &[45000, 45001]).expect("a port");
+        assert!((45002..=45010).contains(&p));
+    }
+}

@@ -1,0 +1,197 @@
+//! Per-user containers with real podman: lazy start on the first request, one start for many
+//! concurrent first requests, whole-id names, and nothing foreign touched.
+//!
+//! Needs podman's API socket (`scripts/podman-setup.sh` starts it; `MARKCO_PODMAN_SOCKET`
+//! overrides the path) and builds its image from the project's test upstream
+//! (`scripts/build-test-image.sh`): no image is pulled.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn socket() -> String {
+    std::env::var("MARKCO_PODMAN_SOCKET").unwrap_or_else(|_| "/run/podman/podman.sock".into())
+}
+
+fn image() -> &'static str {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let out = Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-test-image.sh"))
+            .output()
+            .expect("run scripts/build-test-image.sh");
+        assert!(
+            out.status.success(),
+            "building the test image failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    "localhost/markco-testupstream:test"
+}
+
+fn config(ports: (u16, u16)) -> String {
+    format!(
+        r#"
+[server]
+http = "{{http}}"
+admin = "{{admin}}"
+upgrade_sock = "{{dir}}/upgrade.sock"
+pid_file = "{{dir}}/markco.pid"
+
+[database]
+url = "sqlite://{{dir}}/markco.db"
+
+[workspaces]
+engine = "unix://{socket}"
+data_dir = "{{dir}}/users"
+editor_image = "{image}"
+runtime_image = "{image}"
+editor_ports = "{e0}-{e1}"
+runtime_ports = "{r0}-{r1}"
+ready_timeout = "20s"
+editor_command = []
+runtime_command = []
+editor_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "editor-{{user_id}}" }}
+runtime_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "runtime-{{user_id}}" }}
+editor_memory_mb = 64
+runtime_memory_mb = 64
+
+[[site]]
+hosts = ["*"]
+
+  [[site.route]]
+  match = ["/u/*"]
+  workspace = true
+
+  [[site.route]]
+  match = ["/r/*"]
+  runtime = true
+"#,
+        socket = socket(),
+        image = image(),
+        e0 = ports.0,
+        e1 = ports.0 + 499,
+        r0 = ports.1,
+        r1 = ports.1 + 499,
+    )
+}
+
+/// Containers podman has for a user (by markco's label), with their states.
+fn containers_of(user: &str) -> Vec<String> {
+    let out = Command::new("podman")
+        .args(["ps", "-a", "--filter", &format!("label=markco.user={user}"), "--format", "{{.Names}} {{.State}}"])
+        .output()
+        .expect("podman ps");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+/// Removes a user's pod whatever happens in the test.
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for user in &self.0 {
+            let _ = Command::new("podman").args(["pod", "rm", "-f", &format!("markco-ws-{user}")]).output();
+        }
+    }
+}
+
+#[test]
+fn first_request_starts_both_containers_and_is_answered_through_them() {
+    let m = Markco::start(&config((31000, 51000)));
+    let (user, token) = add_user(&m, "first@example.com");
+    let _c = Cleanup(vec![user.clone()]);
+    let auth = format!("Bearer {token}");
+    let started = Instant::now();
+    let r = request(m.http, "GET", &format!("/u/{user}/hello"), &[("Authorization", &auth)], b"").expect("get");
+    let took = started.elapsed();
+    println!("first request (start to ready and answer): {took:?}");
+    assert_eq!(r.status, 200, "{}\n{}", r.body_text(), m.log());
+    assert_eq!(r.json()["name"], format!("editor-{user}"));
+    assert_eq!(r.json()["path"], "/hello");
+    let r = http_get(m.http, &format!("/r/{user}/mrp/v1/capabilities"), &[("Authorization", &auth)]).expect("get");
+    assert_eq!(r.json()["name"], format!("runtime-{user}"));
+    let names = containers_of(&user);
+    assert!(names.iter().any(|n| n.starts_with(&format!("markco-editor-{user} running"))), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with(&format!("markco-runtime-{user} running"))), "{names:?}");
+    // Published on 127.0.0.1 only.
+    let ports =
+        Command::new("podman").args(["pod", "inspect", &format!("markco-ws-{user}")]).output().expect("inspect");
+    let text = String::from_utf8_lossy(&ports.stdout);
+    assert!(text.contains("127.0.0.1"), "{text}");
+    assert!(
+        !text.contains("\"HostIp\": \"\"") && !text.contains("0.0.0.0"),
+        "a port is published beyond loopback: {text}"
+    );
+    // The data directory was created.
+    assert!(m.dir.path().join("users").join(&user).is_dir());
+}
+
+#[test]
+fn twenty_concurrent_first_requests_start_one_workspace() {
+    let m = Markco::start(&config((32000, 52000)));
+    let (user, token) = add_user(&m, "many@example.com");
+    let _c = Cleanup(vec![user.clone()]);
+    let auth = format!("Bearer {token}");
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let (http, user, auth) = (m.http, user.clone(), auth.clone());
+            std::thread::spawn(move || {
+                request(http, "GET", &format!("/u/{user}/n{i}"), &[("Authorization", &auth)], b"").map(|r| r.status)
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().expect("thread").expect("request")).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}\n{}", m.log());
+    let names = containers_of(&user);
+    assert_eq!(names.len(), 2, "exactly one editor and one runtime: {names:?}");
+}
+
+#[test]
+fn users_sharing_an_id_prefix_get_separate_containers_and_websockets_never_start_one() {
+    let m = Markco::start(&config((33000, 53000)));
+    // Two ids with the same first 8 characters (today's names kept only those, so starting one
+    // user's editor replaced the other's). Inserted as the auth service would.
+    let (a, b) =
+        ("abcdef12-1111-4111-8111-111111111111".to_string(), "abcdef12-2222-4222-8222-222222222222".to_string());
+    let (ta, tb) = ("token-prefix-a".to_string(), "token-prefix-b".to_string());
+    let db = m.dir.path().join("markco.db");
+    let sql = format!(
+        "insert into users (id, email) values ('{a}', 'pa@example.com'), ('{b}', 'pb@example.com'); \
+         insert into sessions (id, user_id, token, expires_at) values ('s1', '{a}', '{ta}', strftime('%s','now') + 3600), \
+         ('s2', '{b}', '{tb}', strftime('%s','now') + 3600);"
+    );
+    let out = Command::new("python3")
+        .args(["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()"])
+        .arg(&db)
+        .arg(&sql)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _c = Cleanup(vec![a.clone(), b.clone()]);
+    // A websocket upgrade to a stopped workspace gets 503 and starts nothing.
+    let raw = raw_exchange(
+        m.http,
+        format!("GET /u/{a}/ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ta}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .expect("io");
+    assert_eq!(parse_response(&raw).map(|r| r.status), Some(503));
+    assert!(containers_of(&a).is_empty(), "a websocket must not start a workspace");
+
+    for (u, t) in [(&a, &ta), (&b, &tb)] {
+        let r = http_get(m.http, &format!("/u/{u}/"), &[("Authorization", &format!("Bearer {t}"))]).expect("get");
+        assert_eq!(r.status, 200, "{}", r.body_text());
+        assert_eq!(r.json()["name"], format!("editor-{u}"));
+    }
+    // Both still run: starting B did not replace A's containers.
+    assert_eq!(containers_of(&a).iter().filter(|n| n.ends_with("running")).count(), 2);
+    assert_eq!(containers_of(&b).iter().filter(|n| n.ends_with("running")).count(), 2);
+    let r = http_get(m.http, &format!("/u/{a}/"), &[("Authorization", &format!("Bearer {ta}"))]).expect("get");
+    assert_eq!(r.json()["name"], format!("editor-{a}"));
+}
