@@ -3,7 +3,8 @@
 #   ./scripts/setup.sh          build needs: C toolchain and cmake (Pingora's zlib-ng), curl, Rust
 #   ./scripts/setup.sh --test   also what the tests use, and starts their services:
 #                               PostgreSQL (started, password set for the tests), pebble (ACME
-#                               test server), wrk, psql, python3
+#                               test server), wrk, psql, python3, and podman with its API
+#                               service (scripts/podman-setup.sh)
 set -euo pipefail
 
 if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -51,5 +52,8 @@ if [ "${1:-}" = "--test" ]; then
       sudo -u postgres psql -qc "ALTER USER postgres PASSWORD 'postgres'" >/dev/null
     fi
   fi
+fi
+if [ "${1:-}" = "--test" ]; then
+  "$(dirname "$0")/podman-setup.sh"
 fi
 echo "setup: done"

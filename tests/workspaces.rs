@@ -81,13 +81,24 @@ hosts = ["*"]
     )
 }
 
-/// Containers podman has for a user (by markco's label), with their states.
+/// markco's containers of a user (by its label; the pod's infra container left out), all or
+/// only the running ones.
+fn containers(user: &str, running_only: bool) -> Vec<String> {
+    let mut args = vec!["ps".to_string()];
+    if !running_only {
+        args.push("-a".into());
+    }
+    args.extend(["--filter".into(), format!("label=markco.user={user}"), "--format".into(), "{{.Names}}".into()]);
+    let out = Command::new("podman").args(&args).output().expect("podman ps");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|n| n.starts_with("markco-")).map(str::to_owned).collect()
+}
+
 fn containers_of(user: &str) -> Vec<String> {
-    let out = Command::new("podman")
-        .args(["ps", "-a", "--filter", &format!("label=markco.user={user}"), "--format", "{{.Names}} {{.State}}"])
-        .output()
-        .expect("podman ps");
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+    containers(user, false)
+}
+
+fn running_of(user: &str) -> Vec<String> {
+    containers(user, true)
 }
 
 /// Removes a user's pod whatever happens in the test.
@@ -116,9 +127,9 @@ fn first_request_starts_both_containers_and_is_answered_through_them() {
     assert_eq!(r.json()["path"], "/hello");
     let r = http_get(m.http, &format!("/r/{user}/mrp/v1/capabilities"), &[("Authorization", &auth)]).expect("get");
     assert_eq!(r.json()["name"], format!("runtime-{user}"));
-    let names = containers_of(&user);
-    assert!(names.iter().any(|n| n.starts_with(&format!("markco-editor-{user} running"))), "{names:?}");
-    assert!(names.iter().any(|n| n.starts_with(&format!("markco-runtime-{user} running"))), "{names:?}");
+    let names = running_of(&user);
+    assert!(names.contains(&format!("markco-editor-{user}")), "{names:?}");
+    assert!(names.contains(&format!("markco-runtime-{user}")), "{names:?}");
     // Published on 127.0.0.1 only.
     let ports =
         Command::new("podman").args(["pod", "inspect", &format!("markco-ws-{user}")]).output().expect("inspect");
@@ -190,8 +201,8 @@ fn users_sharing_an_id_prefix_get_separate_containers_and_websockets_never_start
         assert_eq!(r.json()["name"], format!("editor-{u}"));
     }
     // Both still run: starting B did not replace A's containers.
-    assert_eq!(containers_of(&a).iter().filter(|n| n.ends_with("running")).count(), 2);
-    assert_eq!(containers_of(&b).iter().filter(|n| n.ends_with("running")).count(), 2);
+    assert_eq!(running_of(&a).len(), 2, "{:?}", containers_of(&a));
+    assert_eq!(running_of(&b).len(), 2, "{:?}", containers_of(&b));
     let r = http_get(m.http, &format!("/u/{a}/"), &[("Authorization", &format!("Bearer {ta}"))]).expect("get");
     assert_eq!(r.json()["name"], format!("editor-{a}"));
 }
