@@ -43,7 +43,7 @@ fn table_with(users: usize) -> RouteTable {
 fn routes_for(i: usize) -> UserRoutes {
     let editor: SocketAddr = format!("127.0.0.1:{}", 20000 + i % 20000).parse().expect("addr");
     let runtime: SocketAddr = format!("127.0.0.1:{}", 40000 + i % 20000).parse().expect("addr");
-    UserRoutes { editor, runtime, running: true }
+    UserRoutes::new(editor, runtime, true)
 }
 
 fn bench(c: &mut Criterion) {

@@ -112,7 +112,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     }
     let metrics = Metrics::new();
     // The workspace map comes from the database before any listener accepts a request.
-    let rows = plane::bootstrap(&cfg.plane.database_url)
+    let rows = plane::bootstrap(&cfg.plane.database_url, cfg.plane.workspaces.as_ref())
         .with_context(|| format!("opening the database {}", redact_url(&cfg.plane.database_url)))?;
     tracing::info!(workspaces = rows.len(), "state loaded from the database");
     let table = RouteTable::new(1, cfg.build_routing(&metrics));

@@ -206,3 +206,135 @@ fn users_sharing_an_id_prefix_get_separate_containers_and_websockets_never_start
     let r = http_get(m.http, &format!("/u/{a}/"), &[("Authorization", &format!("Bearer {ta}"))]).expect("get");
     assert_eq!(r.json()["name"], format!("editor-{a}"));
 }
+
+fn started_at(name: &str) -> String {
+    let out =
+        Command::new("podman").args(["inspect", "--format", "{{.State.StartedAt}}", name]).output().expect("inspect");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn with_idle(cfg: String, idle: &str) -> String {
+    cfg.replace("ready_timeout = \"20s\"", &format!("ready_timeout = \"20s\"\nidle_timeout = \"{idle}\""))
+}
+
+#[test]
+fn a_killed_editor_is_noticed_and_the_workspace_comes_back() {
+    let m = Markco::start(&config((34000, 54000)));
+    let (user, token) = add_user(&m, "kill@example.com");
+    let _c = Cleanup(vec![user.clone()]);
+    let auth = format!("Bearer {token}");
+    assert_eq!(http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).expect("get").status, 200);
+    let editor = format!("markco-editor-{user}");
+    let before = started_at(&editor);
+    let killed = Instant::now();
+    let out = Command::new("podman").args(["kill", &editor]).output().expect("podman kill");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually(Duration::from_secs(2), "markco notices the exit", || m.log().contains("workspace container died"));
+    println!("exit noticed after {:?}", killed.elapsed());
+    eventually(Duration::from_secs(15), "the workspace is back", || {
+        http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).is_ok_and(|r| r.status == 200)
+    });
+    assert_ne!(started_at(&editor), before, "the editor was restarted");
+}
+
+#[test]
+fn a_restart_of_markco_adopts_running_containers_and_removes_strays_only() {
+    let cfg = config((35000, 55000));
+    let m = Markco::start(&cfg);
+    let (user, token) = add_user(&m, "adopt@example.com");
+    let _c = Cleanup(vec![user.clone(), "00000000-dead-4000-8000-000000000000".into()]);
+    let auth = format!("Bearer {token}");
+    assert_eq!(http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).expect("get").status, 200);
+    let editor = format!("markco-editor-{user}");
+    let runtime = format!("markco-runtime-{user}");
+    let (e0, r0) = (started_at(&editor), started_at(&runtime));
+    // A container markco did not create (no label), and a markco-labelled pod of nobody.
+    let foreign = format!("not-markco-{}", free_port());
+    let img = image();
+    let run = |args: &[&str]| {
+        let out = Command::new("podman").args(args).output().expect("podman");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["run", "-d", "--name", &foreign, "-e", "PORT=8080", img]);
+    let stray_pod = "markco-ws-00000000-dead-4000-8000-000000000000";
+    // The stray carries this gateway's instance label (read off its own container).
+    let out = Command::new("podman")
+        .args(["inspect", "--format", "{{ index .Config.Labels \"markco.instance\" }}", &editor])
+        .output()
+        .expect("inspect");
+    let instance = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!instance.is_empty(), "markco labels its containers with its instance");
+    let (user_label, instance_label) =
+        ("markco.user=00000000-dead-4000-8000-000000000000".to_string(), format!("markco.instance={instance}"));
+    run(&[
+        "pod",
+        "create",
+        "--name",
+        stray_pod,
+        "--label",
+        "markco.managed=true",
+        "--label",
+        &user_label,
+        "--label",
+        &instance_label,
+    ]);
+    run(&[
+        "run",
+        "-d",
+        "--pod",
+        stray_pod,
+        "--name",
+        "markco-editor-00000000-dead-4000-8000-000000000000",
+        "--label",
+        "markco.managed=true",
+        "--label",
+        &user_label,
+        "--label",
+        &instance_label,
+        "-e",
+        "PORT=8080",
+        img,
+    ]);
+
+    let (dir, ports) = m.stop();
+    let m = Markco::start_in(dir, ports, &cfg, &[]);
+    let r = http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).expect("get");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!((started_at(&editor), started_at(&runtime)), (e0, r0), "adopted, not restarted");
+    assert!(m.log().contains("adopted running workspace"), "{}", m.log());
+    let exists =
+        |name: &str| Command::new("podman").args(["container", "exists", name]).status().is_ok_and(|s| s.success());
+    assert!(exists(&foreign), "a container markco did not create must not be touched");
+    assert!(!exists("markco-editor-00000000-dead-4000-8000-000000000000"), "the stray markco container is removed");
+    let _ = Command::new("podman").args(["rm", "-f", &foreign]).output();
+}
+
+#[test]
+fn idle_workspaces_are_reaped_and_woken_but_not_with_an_open_websocket() {
+    let m = Markco::start(&with_idle(config((36000, 56000)), "2s"));
+    let (a, ta) = add_user(&m, "idle@example.com");
+    let (b, tb) = add_user(&m, "busy@example.com");
+    let _c = Cleanup(vec![a.clone(), b.clone()]);
+    for (u, t) in [(&a, &ta), (&b, &tb)] {
+        assert_eq!(
+            http_get(m.http, &format!("/u/{u}/"), &[("Authorization", &format!("Bearer {t}"))]).expect("get").status,
+            200
+        );
+    }
+    // B keeps a websocket open (and silent) the whole time.
+    let mut ws = std::net::TcpStream::connect(m.http).expect("connect");
+    use std::io::{Read, Write};
+    ws.write_all(format!("GET /u/{b}/ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tb}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes()).expect("write");
+    let mut buf = [0u8; 512];
+    let n = ws.read(&mut buf).expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf[..n]));
+
+    eventually(Duration::from_secs(10), "the idle workspace is stopped", || running_of(&a).is_empty());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(running_of(&b).len(), 2, "a workspace with an open websocket is never reaped");
+    // The next request wakes the idle one.
+    let r = http_get(m.http, &format!("/u/{a}/again"), &[("Authorization", &format!("Bearer {ta}"))]).expect("get");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(running_of(&a).len(), 2);
+    drop(ws);
+}

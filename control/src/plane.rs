@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::db::{Db, DbError, MoveRecord, WorkspaceRow};
+use crate::engine::ContainerEngine;
 use crate::http_client;
 use crate::sessions::{Lookup, SessionCache, SessionSettings};
 use crate::workspaces::{WorkspaceConfig, Workspaces};
@@ -135,12 +136,14 @@ pub struct ControlPlane {
     recent_moves: Mutex<HashMap<String, VecDeque<Instant>>>,
     health_wake: tokio::sync::Notify,
     pub workspaces: Option<Arc<Workspaces>>,
+    /// Users whose workspace markco itself is stopping: their containers' exits are expected.
+    stopping: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 pub fn routes_of(row: &WorkspaceRow) -> Option<UserRoutes> {
     let editor = resolve(&row.editor_host, row.editor_port)?;
     let runtime = resolve(&row.runtime_host, row.runtime_port)?;
-    Some(UserRoutes { editor, runtime, running: row.state == "running" })
+    Some(UserRoutes::new(editor, runtime, row.state == "running"))
 }
 
 fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
@@ -149,17 +152,64 @@ fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
     (host, port).to_socket_addrs().ok()?.next()
 }
 
-/// Loads the workspace map from the database before any listener accepts traffic. Runs on a
+/// Loads the workspace map from the database before any listener accepts traffic, checked
+/// against the container engine when markco manages containers: running workspaces whose
+/// containers still run are adopted as they are (ports included, also a runtime moved by
+/// update-port), rows whose containers are gone are marked stopped (the next request starts them
+/// again), and markco-labelled pods of users with no running workspace are removed. Runs on a
 /// short-lived runtime of its own: the pool it opens is closed before the control runtime starts.
-pub fn bootstrap(url: &str) -> anyhow::Result<Vec<WorkspaceRow>> {
+pub fn bootstrap(url: &str, workspaces: Option<&WorkspaceConfig>) -> anyhow::Result<Vec<WorkspaceRow>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let db = Db::connect(url).await?;
         db.migrate().await?;
-        let rows = db.list_workspaces().await?;
+        let mut rows = db.list_workspaces().await?;
+        if let Some(cfg) = workspaces {
+            let engine = crate::engine::podman::Podman::new(&cfg.engine_socket);
+            reconcile(&db, &engine, &cfg.instance, &mut rows).await?;
+        }
         db.close().await;
         Ok(rows)
     })
+}
+
+async fn reconcile(
+    db: &Db,
+    engine: &dyn ContainerEngine,
+    instance: &str,
+    rows: &mut [WorkspaceRow],
+) -> anyhow::Result<()> {
+    let mut managed = engine.list_managed().await.map_err(|e| e.context("listing markco's containers"))?;
+    // Another gateway's containers (another database) are not ours to judge.
+    managed.retain(|c| c.labels.get(crate::engine::LABEL_INSTANCE).is_some_and(|i| i == instance));
+    let running = |name: &Option<String>| {
+        name.as_ref().is_some_and(|n| managed.iter().any(|c| &c.name == n && c.state == "running"))
+    };
+    for row in rows.iter_mut() {
+        if row.state == "running" && !(running(&row.editor_container) && running(&row.runtime_container)) {
+            tracing::warn!(user = %row.user_id, "workspace containers are gone; marked stopped");
+            row.state = "stopped".into();
+            db.upsert_workspace(row).await?;
+            let _ = engine.remove_pod(&crate::workspaces::pod_name(&row.user_id)).await;
+        } else if row.state == "running" {
+            tracing::info!(user = %row.user_id, "adopted running workspace");
+        }
+    }
+    let live: std::collections::HashSet<&str> =
+        rows.iter().filter(|r| r.state == "running").map(|r| r.user_id.as_str()).collect();
+    let mut strays: Vec<String> = managed
+        .iter()
+        .filter_map(|c| c.labels.get(crate::engine::LABEL_USER))
+        .filter(|u| !live.contains(u.as_str()))
+        .cloned()
+        .collect();
+    strays.sort();
+    strays.dedup();
+    for user in strays {
+        tracing::warn!(user = %user, "removing markco containers of a workspace that is not running");
+        engine.remove_pod(&crate::workspaces::pod_name(&user)).await?;
+    }
+    Ok(())
 }
 
 /// Puts the rows into a table, skipping (and logging) rows whose addresses do not resolve.
@@ -183,6 +233,7 @@ impl ControlPlane {
         });
         Arc::new(ControlPlane {
             workspaces,
+            stopping: Arc::default(),
             table,
             sessions,
             config: ArcSwap::from_pointee(config),
@@ -293,6 +344,13 @@ impl ControlPlane {
         });
         let notify_task = tokio::spawn(Self::follow_session_changes(self.clone(), db.clone()));
         let health_task = tokio::spawn(Self::health_loop(self.clone()));
+        let mut ws_tasks = Vec::new();
+        if let Some(ws) = &self.workspaces {
+            ws_tasks.push(tokio::spawn(Self::watch_containers(self.clone(), ws.clone())));
+            if let Some(idle) = ws.cfg.idle_timeout {
+                ws_tasks.push(tokio::spawn(Self::reap_idle(self.clone(), db.clone(), ws.clone(), idle)));
+            }
+        }
         loop {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
@@ -305,6 +363,9 @@ impl ControlPlane {
         lookup_task.abort();
         notify_task.abort();
         health_task.abort();
+        for t in ws_tasks {
+            t.abort();
+        }
         db.close().await;
     }
 
@@ -364,10 +425,7 @@ impl ControlPlane {
                     let _ = reply.send(Ok(()));
                     return;
                 };
-                let lock = ws.user_lock(&user);
-                let _guard = lock.lock().await;
-                self.table.rcu(|t| t.without_user(&user));
-                let _ = reply.send(ws.stop(db, &user).await.map_err(PlaneError::Internal));
+                let _ = reply.send(self.stop_now(&ws, db, &user).await.map_err(PlaneError::Internal));
             }
             Command::List(r) => {
                 let _ = r.send(db.list_workspaces().await.map_err(PlaneError::from));
@@ -388,6 +446,106 @@ impl ControlPlane {
             Command::Move { user, host, port, reply } => {
                 let _ = reply.send(self.move_runtime_now(db, &user, host, port).await);
             }
+        }
+    }
+
+    /// Stops a workspace on purpose (admin call, logout, idle reaping).
+    async fn stop_now(&self, ws: &Workspaces, db: &Db, user: &str) -> anyhow::Result<()> {
+        let lock = ws.user_lock(user);
+        let _guard = lock.lock().await;
+        self.stopping.lock().unwrap_or_else(|p| p.into_inner()).insert(user.to_string());
+        self.table.rcu(|t| t.without_user(user));
+        let res = ws.stop(db, user).await;
+        self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(user);
+        res
+    }
+
+    /// Stops workspaces nobody used for `idle_timeout`: no request and no open websocket (the
+    /// gateway's own record, not CPU). The next request starts them again.
+    async fn reap_idle(self: Arc<Self>, db: Arc<Db>, ws: Arc<Workspaces>, idle: Duration) {
+        let tick = (idle / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            tokio::time::sleep(tick).await;
+            let table = self.table.load_full();
+            let idle_users: Vec<String> = table
+                .workspaces
+                .iter()
+                .filter(|(_, r)| {
+                    r.running && r.activity.open_websockets() <= 0 && r.activity.idle_secs() >= idle.as_secs()
+                })
+                .map(|(u, _)| u.to_string())
+                .collect();
+            for user in idle_users {
+                tracing::info!(user = %user, idle_s = idle.as_secs(), "stopping an idle workspace");
+                if let Err(e) = self.stop_now(&ws, &db, &user).await {
+                    tracing::warn!(user = %user, "stopping an idle workspace failed: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// Container exits arrive as events: the workspace is marked down at once (requests get 503,
+    /// not a hang) and its container restarted with backoff.
+    async fn watch_containers(self: Arc<Self>, ws: Arc<Workspaces>) {
+        use futures_util::StreamExt;
+        let mut restarts: HashMap<String, (Instant, u32)> = HashMap::new();
+        loop {
+            let mut events = match ws.engine.events().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("cannot follow container events ({e:#}); retrying in 1s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            while let Some(ev) = events.next().await {
+                let Ok(ev) = ev else { break };
+                if ev.status != "died" {
+                    continue;
+                }
+                if ev.labels.get(crate::engine::LABEL_INSTANCE) != Some(&ws.cfg.instance) {
+                    continue;
+                }
+                let Some(user) = ev.labels.get(crate::engine::LABEL_USER).cloned() else { continue };
+                if self.stopping.lock().unwrap_or_else(|p| p.into_inner()).contains(&user) {
+                    continue;
+                }
+                let Some(routes) = self.table.load().user(&user).cloned() else { continue };
+                tracing::warn!(user = %user, container = %ev.name, "workspace container died; marked down, restarting");
+                self.table.rcu(|t| t.with_user(&user, UserRoutes { running: false, ..(*routes).clone() }));
+                // Backoff: 0.5 s doubling per restart within 10 minutes, at most 30 s.
+                let entry = restarts.entry(user.clone()).or_insert((Instant::now(), 0));
+                if entry.0.elapsed() > Duration::from_secs(600) {
+                    *entry = (Instant::now(), 0);
+                }
+                let delay =
+                    Duration::from_millis(500u64.saturating_mul(1 << entry.1.min(6))).min(Duration::from_secs(30));
+                entry.1 += 1;
+                let (plane, ws, name) = (self.clone(), ws.clone(), ev.name.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let lock = ws.user_lock(&user);
+                    let _guard = lock.lock().await;
+                    if plane.table.load().user(&user).is_none_or(|r| r.running) {
+                        return; // stopped meanwhile, or already back
+                    }
+                    let back = async {
+                        ws.engine.restart_container(&name).await?;
+                        ws.wait_ready(routes.editor.port(), routes.runtime.port()).await
+                    };
+                    match back.await {
+                        Ok(()) => {
+                            plane.table.rcu(|t| match t.user(&user) {
+                                Some(r) => t.with_user(&user, UserRoutes { running: true, ..(**r).clone() }),
+                                None => (**t).clone(),
+                            });
+                            tracing::info!(user = %user, container = %name, "workspace back after a container exit");
+                        }
+                        Err(e) => tracing::error!(user = %user, container = %name, "restart failed: {e:#}"),
+                    }
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

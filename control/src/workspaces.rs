@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 
 use crate::db::{Db, DbError, WorkspaceRow};
-use crate::engine::{ContainerEngine, ContainerSpec, PodSpec, LABEL_MANAGED, LABEL_ROLE, LABEL_USER};
+use crate::engine::{ContainerEngine, ContainerSpec, PodSpec, LABEL_INSTANCE, LABEL_MANAGED, LABEL_ROLE, LABEL_USER};
 use crate::http_client;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkspaceConfig {
+    /// Labels this gateway's containers (see `LABEL_INSTANCE`); derived from the database URL.
+    pub instance: String,
     pub engine_socket: PathBuf,
     pub data_dir: PathBuf,
     /// Owner (uid) of a user's data directory, set once when it is created.
@@ -41,6 +43,7 @@ impl Default for WorkspaceConfig {
     fn default() -> Self {
         let env = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         WorkspaceConfig {
+            instance: "default".into(),
             engine_socket: PathBuf::from("/run/podman/podman.sock"),
             data_dir: PathBuf::from("/data/users"),
             data_uid: 1000,
@@ -75,6 +78,15 @@ impl Default for WorkspaceConfig {
             runtime_cpus: Some(0.5),
         }
     }
+}
+
+/// A stable instance name for a database URL (the same state gives the same name).
+pub fn instance_of(database_url: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: stable across runs and builds of the same Rust version.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    database_url.hash(&mut h);
+    format!("{:016x}", h.finish())
 }
 
 /// Names built from the whole user id: two users never share one (no prefix truncation).
@@ -181,6 +193,7 @@ impl Workspaces {
             let mut l = BTreeMap::new();
             l.insert(LABEL_MANAGED.to_string(), "true".to_string());
             l.insert(LABEL_USER.to_string(), user.to_string());
+            l.insert(LABEL_INSTANCE.to_string(), self.cfg.instance.clone());
             if !role.is_empty() {
                 l.insert(LABEL_ROLE.to_string(), role.to_string());
             }
@@ -244,7 +257,7 @@ impl Workspaces {
     }
 
     /// Both the editor's `/health` and the runtime's `/mrp/v1/capabilities` answer 2xx.
-    async fn wait_ready(&self, editor_port: u16, runtime_port: u16) -> anyhow::Result<()> {
+    pub async fn wait_ready(&self, editor_port: u16, runtime_port: u16) -> anyhow::Result<()> {
         let deadline = Instant::now() + self.cfg.ready_timeout;
         let probe = |port: u16, path: &'static str| async move {
             let addr = SocketAddr::from(([127, 0, 0, 1], port));

@@ -22,7 +22,7 @@ use crate::identity::{self, ControlApi, Identity, IdentityError, NoIdentity, Wor
 use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
 use crate::path;
 use crate::static_files;
-use crate::table::{canonical_host, Action, PathPattern, ProxySettings, Route, RouteTable};
+use crate::table::{canonical_host, Action, Activity, PathPattern, ProxySettings, Route, RouteTable};
 use crate::tunnel;
 
 /// ACME HTTP-01 answers (token → key authorization), published by the certificate manager.
@@ -94,6 +94,8 @@ pub struct Ctx {
     /// `Strict-Transport-Security` to add to this response.
     hsts: Option<Arc<str>>,
     forward: Option<Forward>,
+    /// The user's activity record, for an upgraded connection to a workspace.
+    activity: Option<Arc<Activity>>,
 }
 
 /// A short plain-text response; the body names no internals.
@@ -407,6 +409,10 @@ impl Gateway {
                 let Some(routes) = routes.filter(|r| r.running) else {
                     return self.json(session, ctx, 503, r#"{"error":"Workspace not running; retry shortly"}"#).await;
                 };
+                routes.activity.touch();
+                if upgrade {
+                    ctx.activity = Some(routes.activity.clone());
+                }
                 let rest = &ctx.path[user_prefix_len.min(ctx.path.len())..];
                 let path = if rest.is_empty() { "/".to_string() } else { rest.to_string() };
                 match action {
@@ -434,12 +440,22 @@ impl Gateway {
         let settings = &ctx.table.as_ref().expect("table loaded").settings;
         let (connect, idle, addr) = (settings.upstream_connect_timeout, settings.websocket_idle_timeout, f.addr);
         let route = ctx.route.clone();
+        let activity = ctx.activity.clone();
         let on_upgrade = || {
             if let Some(r) = &route {
                 r.metrics.websockets.inc();
             }
+            if let Some(a) = &activity {
+                a.websocket_opened();
+            }
         };
-        let outcome = tunnel::relay(session, &req, addr, connect, idle, on_upgrade).await?;
+        let outcome = tunnel::relay(session, &req, addr, connect, idle, on_upgrade).await;
+        if let (Some(a), Ok(o)) = (&ctx.activity, &outcome) {
+            if o.upgraded {
+                a.websocket_closed();
+            }
+        }
+        let outcome = outcome?;
         ctx.status = outcome.status;
         ctx.upgraded = outcome.upgraded;
         Ok(true)
@@ -477,6 +493,7 @@ impl ProxyHttp for Gateway {
             trusted_peer: false,
             hsts: None,
             forward: None,
+            activity: None,
         }
     }
 

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -328,13 +329,71 @@ impl RouteView {
     }
 }
 
+/// What the gateway saw of a user's traffic, for idle reaping: updated with atomics on the
+/// request path, read by the control plane.
+#[derive(Debug)]
+pub struct Activity {
+    /// Unix seconds of the last request.
+    last: AtomicU64,
+    open_websockets: AtomicI64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity { last: AtomicU64::new(unix_now()), open_websockets: AtomicI64::new(0) }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Activity {
+    pub fn touch(&self) {
+        self.last.store(unix_now(), Ordering::Relaxed);
+    }
+
+    pub fn websocket_opened(&self) {
+        self.open_websockets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn websocket_closed(&self) {
+        self.open_websockets.fetch_sub(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    pub fn open_websockets(&self) -> i64 {
+        self.open_websockets.load(Ordering::Relaxed)
+    }
+
+    /// Seconds since the last request.
+    pub fn idle_secs(&self) -> u64 {
+        unix_now().saturating_sub(self.last.load(Ordering::Relaxed))
+    }
+}
+
 /// Where one user's requests go: their editor and runtime.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct UserRoutes {
     pub editor: SocketAddr,
     pub runtime: SocketAddr,
     /// Only a running workspace receives traffic; any other state answers 503 + Retry-After.
     pub running: bool,
+    /// Carried over from the previous entry of the user by [`RouteTable::with_user`].
+    #[serde(skip)]
+    pub activity: Arc<Activity>,
+}
+
+impl UserRoutes {
+    pub fn new(editor: SocketAddr, runtime: SocketAddr, running: bool) -> UserRoutes {
+        UserRoutes { editor, runtime, running, activity: Arc::default() }
+    }
+}
+
+impl PartialEq for UserRoutes {
+    fn eq(&self, other: &Self) -> bool {
+        self.editor == other.editor && self.runtime == other.runtime && self.running == other.running
+    }
 }
 
 /// The live table: the config's routing plus the per-user workspace map and the route kill
@@ -377,8 +436,11 @@ impl RouteTable {
         RouteTable { generation, routing, workspaces: self.workspaces.clone(), disabled: self.disabled.clone() }
     }
 
-    pub fn with_user(&self, user: &str, routes: UserRoutes) -> RouteTable {
+    pub fn with_user(&self, user: &str, mut routes: UserRoutes) -> RouteTable {
         let mut t = self.clone();
+        if let Some(old) = t.workspaces.get(user) {
+            routes.activity = old.activity.clone();
+        }
         t.workspaces.insert_mut(Arc::from(user), Arc::new(routes));
         t
     }

@@ -75,7 +75,11 @@ pub(super) fn plane_config(cx: &Ctx<'_>, raw: &RawConfig, base_dir: &Path) -> Re
     }
     let workspaces = match &raw.workspaces {
         None => None,
-        Some(w) => Some(workspace_config(cx, w.get_ref(), base_dir)?),
+        Some(w) => {
+            let mut c = workspace_config(cx, w.get_ref(), base_dir)?;
+            c.instance = markco_control::workspaces::instance_of(&url);
+            Some(c)
+        }
     };
     Ok(PlaneConfig { database_url: url, workspaces, sessions, moves, health_checks })
 }
@@ -108,6 +112,7 @@ fn workspace_config(cx: &Ctx<'_>, w: &RawWorkspaces, base_dir: &Path) -> Result<
         }
     };
     let cfg = WorkspaceConfig {
+        instance: d.instance.clone(),
         engine_socket: match &w.engine {
             None => d.engine_socket.clone(),
             Some(e) => match e.get_ref().strip_prefix("unix://") {

@@ -14,6 +14,9 @@ pub const LABEL_MANAGED: &str = "markco.managed";
 pub const LABEL_USER: &str = "markco.user";
 /// "editor" or "runtime".
 pub const LABEL_ROLE: &str = "markco.role";
+/// Which markco (state) the container belongs to: gateways with different databases sharing one
+/// podman never adopt or remove each other's containers.
+pub const LABEL_INSTANCE: &str = "markco.instance";
 
 /// A pod: one network namespace per user, shared by their editor and runtime, publishing only
 /// the editor's (and, for the gateway, the runtime's) port on 127.0.0.1.
