@@ -338,3 +338,40 @@ fn idle_workspaces_are_reaped_and_woken_but_not_with_an_open_websocket() {
     assert_eq!(running_of(&a).len(), 2);
     drop(ws);
 }
+
+#[test]
+fn an_unresponsive_runtime_is_replaced_after_three_failed_probes_and_the_editor_is_told() {
+    let cfg = config((37000, 57000))
+        .replace("ready_timeout = \"20s\"", "ready_timeout = \"20s\"\nhealth_interval = \"300ms\"");
+    let m = Markco::start(&cfg);
+    let (user, token) = add_user(&m, "hung@example.com");
+    let _c = Cleanup(vec![user.clone()]);
+    let auth = format!("Bearer {token}");
+    assert_eq!(http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).expect("get").status, 200);
+    let row = http_get(m.admin, &format!("/api/admin/workspaces/{user}"), &[]).expect("get").json();
+    let old_port = row["runtime_port"].as_u64().expect("port");
+    // The runtime keeps running but stops answering.
+    let out = Command::new("podman").args(["pause", &format!("markco-runtime-{user}")]).output().expect("pause");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let paused = Instant::now();
+    eventually(Duration::from_secs(20), "the runtime route moves to a new runtime", || {
+        http_get(m.admin, &format!("/api/admin/workspaces/{user}"), &[])
+            .is_ok_and(|r| r.json()["runtime_port"].as_u64().is_some_and(|p| p != old_port))
+    });
+    println!("replaced {:?} after the runtime stopped answering", paused.elapsed());
+    let new_port = http_get(m.admin, &format!("/api/admin/workspaces/{user}"), &[]).expect("get").json()
+        ["runtime_port"]
+        .as_u64()
+        .expect("port");
+    let r = http_get(m.http, &format!("/r/{user}/mrp/v1/capabilities"), &[("Authorization", &auth)]).expect("get");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    // The editor was told the new port through the update-port flow.
+    let r = http_get(m.http, &format!("/u/{user}/_test/runtime-updates"), &[("Authorization", &auth)]).expect("get");
+    let updates = r.json();
+    assert_eq!(
+        updates.as_array().and_then(|a| a.last()).map(|u| u["port"].clone()),
+        Some(serde_json::json!(new_port)),
+        "{updates}"
+    );
+    assert!(m.log().contains("runtime health probe failed"), "{}", m.log());
+}

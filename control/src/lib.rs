@@ -6,5 +6,6 @@ pub mod db;
 pub mod engine;
 pub mod http_client;
 pub mod plane;
+pub mod runtime_health;
 pub mod sessions;
 pub mod workspaces;

@@ -137,7 +137,7 @@ pub struct ControlPlane {
     health_wake: tokio::sync::Notify,
     pub workspaces: Option<Arc<Workspaces>>,
     /// Users whose workspace markco itself is stopping: their containers' exits are expected.
-    stopping: Arc<Mutex<std::collections::HashSet<String>>>,
+    pub(crate) stopping: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 pub fn routes_of(row: &WorkspaceRow) -> Option<UserRoutes> {
@@ -347,6 +347,12 @@ impl ControlPlane {
         let mut ws_tasks = Vec::new();
         if let Some(ws) = &self.workspaces {
             ws_tasks.push(tokio::spawn(Self::watch_containers(self.clone(), ws.clone())));
+            ws_tasks.push(tokio::spawn(Self::runtime_health_loop(
+                self.clone(),
+                db.clone(),
+                ws.clone(),
+                ws.cfg.health_interval,
+            )));
             if let Some(idle) = ws.cfg.idle_timeout {
                 ws_tasks.push(tokio::spawn(Self::reap_idle(self.clone(), db.clone(), ws.clone(), idle)));
             }

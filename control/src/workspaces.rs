@@ -37,6 +37,8 @@ pub struct WorkspaceConfig {
     pub editor_memory: Option<u64>,
     pub runtime_memory: Option<u64>,
     pub runtime_cpus: Option<f64>,
+    /// How often every running workspace's runtime is probed (three failures: replaced).
+    pub health_interval: Duration,
 }
 
 impl Default for WorkspaceConfig {
@@ -76,6 +78,7 @@ impl Default for WorkspaceConfig {
             editor_memory: Some(512 * 1024 * 1024),
             runtime_memory: Some(256 * 1024 * 1024),
             runtime_cpus: Some(0.5),
+            health_interval: Duration::from_secs(20),
         }
     }
 }
@@ -98,7 +101,13 @@ pub fn container_name(role: &str, user: &str) -> String {
     format!("markco-{role}-{user}")
 }
 
-fn fill(template: &str, port: u16, runtime_port: u16, user: &str) -> String {
+/// The pod's other runtime port: runtime ports are allocated even, and each pod also publishes
+/// the odd one after it, so a replacement runtime can start beside an unresponsive one.
+pub fn spare_port(port: u16) -> u16 {
+    port ^ 1
+}
+
+pub(crate) fn fill(template: &str, port: u16, runtime_port: u16, user: &str) -> String {
     template
         .replace("{port}", &port.to_string())
         .replace("{runtime_port}", &runtime_port.to_string())
@@ -117,6 +126,18 @@ fn pick_port(range: (u16, u16), taken: &[u16]) -> Option<u16> {
     for _ in 0..64 {
         let p = range.0 + (fastrand::u32(..span)) as u16;
         if !taken.contains(&p) && port_free(p) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// An even runtime port whose spare (the odd one after it) is free too, both in range.
+fn pick_runtime_port(range: (u16, u16), taken: &[u16]) -> Option<u16> {
+    for _ in 0..64 {
+        let p = pick_port(range, taken)? & !1;
+        let s = spare_port(p);
+        if p >= range.0 && s <= range.1 && !taken.contains(&p) && !taken.contains(&s) && port_free(p) && port_free(s) {
             return Some(p);
         }
     }
@@ -163,8 +184,8 @@ impl Workspaces {
         for _ in 0..16 {
             let e =
                 pick_port(self.cfg.editor_ports, &taken_e).ok_or_else(|| anyhow!("no free editor port in range"))?;
-            let r =
-                pick_port(self.cfg.runtime_ports, &taken_r).ok_or_else(|| anyhow!("no free runtime port in range"))?;
+            let r = pick_runtime_port(self.cfg.runtime_ports, &taken_r)
+                .ok_or_else(|| anyhow!("no free runtime port pair in range"))?;
             let candidate = WorkspaceRow {
                 user_id: user.to_string(),
                 editor_host: "127.0.0.1".into(),
@@ -204,7 +225,11 @@ impl Workspaces {
             .create_pod(&PodSpec {
                 name: pod.clone(),
                 labels: labels(""),
-                publish: vec![(row.editor_port, row.editor_port), (row.runtime_port, row.runtime_port)],
+                publish: vec![
+                    (row.editor_port, row.editor_port),
+                    (row.runtime_port, row.runtime_port),
+                    (spare_port(row.runtime_port), spare_port(row.runtime_port)),
+                ],
             })
             .await?;
         let (ep, rp) = (row.editor_port, row.runtime_port);

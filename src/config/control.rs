@@ -146,6 +146,7 @@ fn workspace_config(cx: &Ctx<'_>, w: &RawWorkspaces, base_dir: &Path) -> Result<
         runtime_env: w.runtime_env.clone().unwrap_or(d.runtime_env.clone()),
         editor_memory: mb(&w.editor_memory_mb, "editor_memory_mb", d.editor_memory)?,
         runtime_memory: mb(&w.runtime_memory_mb, "runtime_memory_mb", d.runtime_memory)?,
+        health_interval: cx.duration(&w.health_interval, "health_interval", d.health_interval)?,
         runtime_cpus: match &w.runtime_cpus {
             None => d.runtime_cpus,
             Some(c) if *c.get_ref() == 0.0 => None,

@@ -152,4 +152,5 @@ pub struct RawWorkspaces {
     pub editor_memory_mb: Option<Spanned<i64>>,
     pub runtime_memory_mb: Option<Spanned<i64>>,
     pub runtime_cpus: Option<Spanned<f64>>,
+    pub health_interval: Option<Spanned<String>>,
 }

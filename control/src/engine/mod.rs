@@ -77,6 +77,10 @@ pub trait ContainerEngine: Send + Sync {
     /// Removes a pod and its containers (forcefully). Refuses a pod without markco's label.
     async fn remove_pod(&self, name: &str) -> anyhow::Result<()>;
     async fn restart_container(&self, name: &str) -> anyhow::Result<()>;
+    /// Starts one (created) container of a running pod. Refuses one without markco's label.
+    async fn start_container(&self, name: &str) -> anyhow::Result<()>;
+    /// Removes one container (forcefully); a missing one is fine. Refuses one without markco's label.
+    async fn remove_container(&self, name: &str) -> anyhow::Result<()>;
     /// markco's containers (label `markco.managed=true`), running or not.
     async fn list_managed(&self) -> anyhow::Result<Vec<ContainerInfo>>;
     /// Lifecycle events of markco's containers, as they happen.

@@ -303,6 +303,38 @@ impl ContainerEngine for Podman {
         Ok(())
     }
 
+    async fn start_container(&self, name: &str) -> anyhow::Result<()> {
+        let inspect = format!("/containers/{}/json", enc(name));
+        let v = self.expect_json("GET", &inspect, None, CALL_TIMEOUT).await?;
+        if !is_managed(&string_map(v.pointer("/Config/Labels"))) {
+            bail!("refusing to start container {name}: it does not carry {LABEL_MANAGED}=true (not markco's)");
+        }
+        let path = format!("/containers/{}/start", enc(name));
+        self.expect_ok("POST", &path, None, START_TIMEOUT, false).await?;
+        Ok(())
+    }
+
+    async fn remove_container(&self, name: &str) -> anyhow::Result<()> {
+        let inspect = format!("/containers/{}/json", enc(name));
+        let reply = self.call("GET", &inspect, None, CALL_TIMEOUT).await?;
+        if reply.status == 404 {
+            return Ok(());
+        }
+        if !(200..300).contains(&reply.status) {
+            return Err(reply.into_error().into());
+        }
+        let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+        if !is_managed(&string_map(v.pointer("/Config/Labels"))) {
+            bail!("refusing to remove container {name}: it does not carry {LABEL_MANAGED}=true (not markco's)");
+        }
+        let path = format!("/containers/{}?force=true", enc(name));
+        let reply = self.call("DELETE", &path, None, CALL_TIMEOUT + STOP_GRACE).await?;
+        if reply.status == 404 || (200..300).contains(&reply.status) {
+            return Ok(());
+        }
+        Err(reply.into_error().into())
+    }
+
     async fn list_managed(&self) -> anyhow::Result<Vec<ContainerInfo>> {
         let filters = json!({ "label": [format!("{LABEL_MANAGED}=true")] }).to_string();
         let path = format!("/containers/json?all=true&filters={}", enc(&filters));
