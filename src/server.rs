@@ -117,7 +117,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     tracing::info!(workspaces = rows.len(), "state loaded from the database");
     let table = RouteTable::new(1, cfg.build_routing(&metrics));
     let table = Arc::new(ArcSwap::from_pointee(plane::with_workspaces(table, &rows)));
-    let control = ControlPlane::new(table.clone(), cfg.plane.clone());
+    let control = ControlPlane::new(table.clone(), cfg.plane.clone(), &metrics.registry);
     let admin_token = Arc::new(ArcSwap::from_pointee(cfg.server.admin_token.clone()));
     metrics.table_generation.set(1);
 

@@ -141,6 +141,9 @@ fn first_request_starts_both_containers_and_is_answered_through_them() {
     );
     // The data directory was created.
     assert!(m.dir.path().join("users").join(&user).is_dir());
+    let metrics = m.metrics();
+    assert_eq!(metric_value(&metrics, "markco_workspace_starts_total", &[("result", "ok")]), Some(1.0), "{metrics}");
+    assert_eq!(metric_value(&metrics, "markco_workspace_start_seconds_count", &[]), Some(1.0), "{metrics}");
 }
 
 #[test]

@@ -224,12 +224,16 @@ pub fn with_workspaces(mut table: RouteTable, rows: &[WorkspaceRow]) -> RouteTab
 }
 
 impl ControlPlane {
-    pub fn new(table: Arc<ArcSwap<RouteTable>>, config: PlaneConfig) -> Arc<ControlPlane> {
+    pub fn new(
+        table: Arc<ArcSwap<RouteTable>>,
+        config: PlaneConfig,
+        registry: &prometheus::Registry,
+    ) -> Arc<ControlPlane> {
         let (sessions, lookups) = SessionCache::new(config.sessions);
         let (commands, command_rx) = mpsc::channel(256);
         let workspaces = config.workspaces.clone().map(|cfg| {
             let engine = Arc::new(crate::engine::podman::Podman::new(&cfg.engine_socket));
-            Arc::new(Workspaces::new(cfg, engine))
+            Arc::new(Workspaces::new(cfg, engine, crate::workspaces::WorkspaceMetrics::new(registry)))
         });
         Arc::new(ControlPlane {
             workspaces,
@@ -518,6 +522,7 @@ impl ControlPlane {
                 }
                 let Some(routes) = self.table.load().user(&user).cloned() else { continue };
                 tracing::warn!(user = %user, container = %ev.name, "workspace container died; marked down, restarting");
+                ws.metrics.exits.inc();
                 self.table.rcu(|t| t.with_user(&user, UserRoutes { running: false, ..(*routes).clone() }));
                 // Backoff: 0.5 s doubling per restart within 10 minutes, at most 30 s.
                 let entry = restarts.entry(user.clone()).or_insert((Instant::now(), 0));

@@ -26,6 +26,9 @@ impl ControlPlane {
         loop {
             tokio::time::sleep(interval).await;
             let table = self.table.load_full();
+            let running = table.workspaces.iter().filter(|(_, r)| r.running).count() as i64;
+            ws.metrics.by_state.with_label_values(&["running"]).set(running);
+            ws.metrics.by_state.with_label_values(&["down"]).set(table.workspaces.size() as i64 - running);
             let targets: Vec<(String, SocketAddr)> =
                 table.workspaces.iter().filter(|(_, r)| r.running).map(|(u, r)| (u.to_string(), r.runtime)).collect();
             for chunk in targets.chunks(CONCURRENCY) {
@@ -42,6 +45,7 @@ impl ControlPlane {
                         strikes.remove(&user);
                         continue;
                     }
+                    ws.metrics.probe_failures.inc();
                     let n = strikes.entry(user.clone()).or_insert(0);
                     *n += 1;
                     tracing::warn!(user = %user, strike = *n, "runtime health probe failed");

@@ -147,13 +147,14 @@ fn pick_runtime_port(range: (u16, u16), taken: &[u16]) -> Option<u16> {
 pub struct Workspaces {
     pub cfg: WorkspaceConfig,
     pub engine: Arc<dyn ContainerEngine>,
+    pub metrics: WorkspaceMetrics,
     /// One start at a time per user.
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Workspaces {
-    pub fn new(cfg: WorkspaceConfig, engine: Arc<dyn ContainerEngine>) -> Workspaces {
-        Workspaces { cfg, engine, locks: std::sync::Mutex::new(HashMap::new()) }
+    pub fn new(cfg: WorkspaceConfig, engine: Arc<dyn ContainerEngine>, metrics: WorkspaceMetrics) -> Workspaces {
+        Workspaces { cfg, engine, metrics, locks: std::sync::Mutex::new(HashMap::new()) }
     }
 
     pub fn user_lock(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -263,6 +264,7 @@ impl Workspaces {
             self.wait_ready(ep, rp).await
         };
         if let Err(e) = run.await {
+            self.metrics.starts.with_label_values(&["error"]).inc();
             let _ = self.engine.remove_pod(&pod).await;
             row.state = "failed".into();
             let _ = db.upsert_workspace(&row).await;
@@ -271,6 +273,8 @@ impl Workspaces {
         row.state = "running".into();
         row.updated_at = chrono::Utc::now().timestamp();
         db.upsert_workspace(&row).await?;
+        self.metrics.starts.with_label_values(&["ok"]).inc();
+        self.metrics.ready_seconds.observe(started.elapsed().as_secs_f64());
         tracing::info!(
             user,
             editor_port = ep,
@@ -312,6 +316,7 @@ impl Workspaces {
     /// Stops and removes the user's pod; the row stays, marked stopped.
     pub async fn stop(&self, db: &Db, user: &str) -> anyhow::Result<()> {
         self.engine.remove_pod(&pod_name(user)).await?;
+        self.metrics.stops.inc();
         if let Some(mut row) = db.get_workspace(user).await? {
             row.state = "stopped".into();
             db.upsert_workspace(&row).await?;
@@ -341,5 +346,64 @@ mod tests {
     fn ports_from_range() {
         let p = pick_port((45000, 45010), &[45000, 45001]).expect("a port");
         assert!((45002..=45010).contains(&p));
+    }
+}
+
+/// Workspace metrics (labels are fixed sets; never a user id).
+#[derive(Clone)]
+pub struct WorkspaceMetrics {
+    pub starts: prometheus::IntCounterVec,
+    pub stops: prometheus::IntCounter,
+    pub exits: prometheus::IntCounter,
+    pub ready_seconds: prometheus::Histogram,
+    pub probe_failures: prometheus::IntCounter,
+    pub by_state: prometheus::IntGaugeVec,
+}
+
+impl WorkspaceMetrics {
+    pub fn new(registry: &prometheus::Registry) -> WorkspaceMetrics {
+        use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts};
+        let m = WorkspaceMetrics {
+            starts: IntCounterVec::new(
+                Opts::new("markco_workspace_starts_total", "Workspace starts, by result"),
+                &["result"],
+            )
+            .expect("static metric definition"),
+            stops: IntCounter::new(
+                "markco_workspace_stops_total",
+                "Workspaces stopped by markco (admin, logout, idle)",
+            )
+            .expect("static metric definition"),
+            exits: IntCounter::new(
+                "markco_workspace_container_exits_total",
+                "Unexpected container exits seen as events",
+            )
+            .expect("static metric definition"),
+            ready_seconds: Histogram::with_opts(
+                HistogramOpts::new("markco_workspace_start_seconds", "Time from start to both containers answering")
+                    .buckets(vec![0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0]),
+            )
+            .expect("static metric definition"),
+            probe_failures: IntCounter::new("markco_workspace_probe_failures_total", "Failed runtime health probes")
+                .expect("static metric definition"),
+            by_state: IntGaugeVec::new(
+                Opts::new("markco_workspaces", "Workspaces known to the gateway, by state"),
+                &["state"],
+            )
+            .expect("static metric definition"),
+        };
+        for c in [
+            Box::new(m.starts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.stops.clone()),
+            Box::new(m.exits.clone()),
+            Box::new(m.ready_seconds.clone()),
+            Box::new(m.probe_failures.clone()),
+            Box::new(m.by_state.clone()),
+        ] {
+            let _ = registry.register(c);
+        }
+        m.starts.with_label_values(&["ok"]);
+        m.starts.with_label_values(&["error"]);
+        m
     }
 }
