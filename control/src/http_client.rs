@@ -68,25 +68,9 @@ fn parse(buf: &[u8]) -> anyhow::Result<Reply> {
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
     if chunked {
-        body = dechunk(&body);
+        body = markco_proxy::tunnel::dechunk(&body);
     }
     Ok(Reply { status, body })
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&b[..nl])
-            .ok()
-            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok())
-            .unwrap_or(0);
-        if size == 0 || b.len() < nl + 2 + size {
-            break;
-        }
-        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
-        b = &b[(nl + 4 + size).min(b.len())..];
-    }
-    out
 }
 
 #[cfg(test)]

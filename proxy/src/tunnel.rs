@@ -181,7 +181,8 @@ async fn refusal_body(up: &mut TcpStream, mut body: Vec<u8>, content_length: Opt
     body
 }
 
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
+/// Decodes a complete chunked body (extensions ignored; stops at the last chunk or at a cut).
+pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
         let size = std::str::from_utf8(&b[..nl])
