@@ -61,6 +61,11 @@ runtime_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "runtime-{{user_id}}" }}
 editor_memory_mb = 64
 runtime_memory_mb = 64
 
+[workspaces.plans.free]
+editor_memory_mb = 80
+runtime_memory_mb = 96
+runtime_cpus = 0.5
+
 [[site]]
 hosts = ["*"]
 
@@ -139,6 +144,16 @@ fn first_request_starts_both_containers_and_is_answered_through_them() {
         !text.contains("\"HostIp\": \"\"") && !text.contains("0.0.0.0"),
         "a port is published beyond loopback: {text}"
     );
+    // The user's plan ("free") sets the limits.
+    let mem = |name: &str| {
+        let out = Command::new("podman")
+            .args(["inspect", "--format", "{{.HostConfig.Memory}}", name])
+            .output()
+            .expect("inspect");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(mem(&format!("markco-runtime-{user}")), (96u64 * 1024 * 1024).to_string());
+    assert_eq!(mem(&format!("markco-editor-{user}")), (80u64 * 1024 * 1024).to_string());
     // The data directory was created.
     assert!(m.dir.path().join("users").join(&user).is_dir());
     let metrics = m.metrics();

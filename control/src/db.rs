@@ -157,6 +157,14 @@ impl Db {
         }
     }
 
+    /// The user's plan (`users.plan`), when the user exists and has one.
+    pub async fn user_plan(&self, user_id: &str) -> Result<Option<String>> {
+        match self {
+            Db::Sqlite(pool) => sqlite::user_plan(pool, user_id).await,
+            Db::Postgres(pool) => postgres::user_plan(pool, user_id).await,
+        }
+    }
+
     /// A new session for `user_id`, valid for `ttl`. The token is 32 random bytes from the OS's
     /// CSPRNG, base64url without padding (43 characters).
     pub async fn create_session(&self, user_id: &str, ttl: Duration) -> Result<String> {

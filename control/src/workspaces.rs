@@ -39,6 +39,17 @@ pub struct WorkspaceConfig {
     pub runtime_cpus: Option<f64>,
     /// How often every running workspace's runtime is probed (three failures: replaced).
     pub health_interval: Duration,
+    /// Limits by the user's plan (`users.plan`); a plan not listed uses "free", and without
+    /// "free" the limits above.
+    pub plans: BTreeMap<String, PlanLimits>,
+}
+
+/// Resources of one plan.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanLimits {
+    pub editor_memory: Option<u64>,
+    pub runtime_memory: Option<u64>,
+    pub runtime_cpus: Option<f64>,
 }
 
 impl Default for WorkspaceConfig {
@@ -79,6 +90,18 @@ impl Default for WorkspaceConfig {
             runtime_memory: Some(256 * 1024 * 1024),
             runtime_cpus: Some(0.5),
             health_interval: Duration::from_secs(20),
+            // Today's compute-manager plans (runtime), with today's 512 MiB editor.
+            plans: [("free", 256u64, 0.5), ("pro", 512, 1.0), ("team", 1024, 2.0)]
+                .into_iter()
+                .map(|(name, mb, cpus)| {
+                    let limits = PlanLimits {
+                        editor_memory: Some(512 * 1024 * 1024),
+                        runtime_memory: Some(mb * 1024 * 1024),
+                        runtime_cpus: Some(cpus),
+                    };
+                    (name.to_string(), limits)
+                })
+                .collect(),
         }
     }
 }
@@ -208,6 +231,12 @@ impl Workspaces {
             }
         }
         let Some(mut row) = row else { bail!("could not claim free ports after 16 tries") };
+        let plan = db.user_plan(user).await.ok().flatten().unwrap_or_else(|| "free".to_string());
+        let limits = self.cfg.plans.get(&plan).or_else(|| self.cfg.plans.get("free")).copied().unwrap_or(PlanLimits {
+            editor_memory: self.cfg.editor_memory,
+            runtime_memory: self.cfg.runtime_memory,
+            runtime_cpus: self.cfg.runtime_cpus,
+        });
         let pod = pod_name(user);
         // A leftover pod of this user (a crash mid-start) is ours to replace.
         let _ = self.engine.remove_pod(&pod).await;
@@ -243,8 +272,8 @@ impl Workspaces {
             env: self.cfg.runtime_env.iter().map(|(k, v)| (k.clone(), fill(v, rp, rp, user))).collect(),
             labels: labels("runtime"),
             mounts: mount.clone(),
-            memory_bytes: self.cfg.runtime_memory,
-            cpus: self.cfg.runtime_cpus,
+            memory_bytes: limits.runtime_memory,
+            cpus: limits.runtime_cpus,
         };
         let editor = ContainerSpec {
             name: container_name("editor", user),
@@ -254,7 +283,7 @@ impl Workspaces {
             env: self.cfg.editor_env.iter().map(|(k, v)| (k.clone(), fill(v, ep, rp, user))).collect(),
             labels: labels("editor"),
             mounts: mount,
-            memory_bytes: self.cfg.editor_memory,
+            memory_bytes: limits.editor_memory,
             cpus: None,
         };
         let run = async {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use markco_control::plane::{HealthCheck, MoveLimits, PlaneConfig};
 use markco_control::sessions::SessionSettings;
-use markco_control::workspaces::WorkspaceConfig;
+use markco_control::workspaces::{PlanLimits, WorkspaceConfig};
 use toml::Spanned;
 
 use super::raw::{RawConfig, RawHealthCheck, RawWorkspaces};
@@ -147,6 +147,26 @@ fn workspace_config(cx: &Ctx<'_>, w: &RawWorkspaces, base_dir: &Path) -> Result<
         editor_memory: mb(&w.editor_memory_mb, "editor_memory_mb", d.editor_memory)?,
         runtime_memory: mb(&w.runtime_memory_mb, "runtime_memory_mb", d.runtime_memory)?,
         health_interval: cx.duration(&w.health_interval, "health_interval", d.health_interval)?,
+        plans: match &w.plans {
+            None => d.plans.clone(),
+            Some(plans) => {
+                let mut out = std::collections::BTreeMap::new();
+                for (name, p) in plans {
+                    let cpus = match &p.runtime_cpus {
+                        None => None,
+                        Some(c) if *c.get_ref() > 0.0 => Some(*c.get_ref()),
+                        Some(c) => return cx.err(c.span(), "`runtime_cpus` must be positive", None),
+                    };
+                    let limits = PlanLimits {
+                        editor_memory: mb(&p.editor_memory_mb, "editor_memory_mb", None)?,
+                        runtime_memory: mb(&p.runtime_memory_mb, "runtime_memory_mb", None)?,
+                        runtime_cpus: cpus,
+                    };
+                    out.insert(name.clone(), limits);
+                }
+                out
+            }
+        },
         runtime_cpus: match &w.runtime_cpus {
             None => d.runtime_cpus,
             Some(c) if *c.get_ref() == 0.0 => None,

@@ -153,4 +153,13 @@ pub struct RawWorkspaces {
     pub runtime_memory_mb: Option<Spanned<i64>>,
     pub runtime_cpus: Option<Spanned<f64>>,
     pub health_interval: Option<Spanned<String>>,
+    pub plans: Option<std::collections::BTreeMap<String, RawPlan>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlan {
+    pub editor_memory_mb: Option<Spanned<i64>>,
+    pub runtime_memory_mb: Option<Spanned<i64>>,
+    pub runtime_cpus: Option<Spanned<f64>>,
 }

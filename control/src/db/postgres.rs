@@ -124,6 +124,15 @@ pub(super) async fn user_by_email(pool: &PgPool, email: &str) -> Result<Option<S
         .with_context(|| format!("looking up user {email}"))
 }
 
+pub(super) async fn user_plan(pool: &PgPool, user_id: &str) -> Result<Option<String>> {
+    let plan: Option<Option<String>> = sqlx::query_scalar("SELECT plan FROM users WHERE id::text = $1")
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await
+        .with_context(|| format!("looking up the plan of user {user_id}"))?;
+    Ok(plan.flatten())
+}
+
 pub(super) async fn create_session(pool: &PgPool, id: &str, user_id: &str, token: &str, ttl: Duration) -> Result<()> {
     sqlx::query(
         "INSERT INTO sessions (id, user_id, token, expires_at, created_at) \

@@ -92,6 +92,15 @@ pub(super) async fn user_by_email(pool: &SqlitePool, email: &str) -> Result<Opti
         .with_context(|| format!("looking up user {email}"))
 }
 
+pub(super) async fn user_plan(pool: &SqlitePool, user_id: &str) -> Result<Option<String>> {
+    let plan: Option<Option<String>> = sqlx::query_scalar("SELECT plan FROM users WHERE id = ?1")
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await
+        .with_context(|| format!("looking up the plan of user {user_id}"))?;
+    Ok(plan.flatten())
+}
+
 pub(super) async fn create_session(
     pool: &SqlitePool,
     id: &str,
