@@ -123,7 +123,9 @@ fn is_tls(session: &Session) -> bool {
 
 /// The request header section is larger than `limit` (status 431).
 fn header_too_large(req: &RequestHeader, limit: usize) -> bool {
-    let mut size = req.uri.to_string().len();
+    // No allocation: the request line's target is the path and query (or the whole URI).
+    let mut size = req.uri.path_and_query().map(|p| p.as_str().len()).unwrap_or(0)
+        + req.uri.authority().map(|a| a.as_str().len()).unwrap_or(0);
     for (k, v) in req.headers.iter() {
         size += k.as_str().len() + v.len() + 4;
         if size > limit {
