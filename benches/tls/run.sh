@@ -79,6 +79,10 @@ done
 # which holds as long as job control is off.
 set +m
 
+# Shared helpers (log, die, server start/stop, memory/CPU sampling, ...).
+# shellcheck source=SCRIPTDIR/../lib.sh
+. "$(dirname "$0")/../lib.sh"
+
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 BENCH_DIR=$(dirname -- "$SCRIPT_DIR")
 REPO_DIR=$(dirname -- "$BENCH_DIR")
@@ -104,14 +108,6 @@ ALL_TARGETS=(markco caddy nginx)
 ALL_TESTS=(full resumed h2)
 ANCHOR=nginx
 
-log() { printf '[bench] %s\n' "$*" >&2; }
-die() {
-	printf '[bench] error: %s\n' "$*" >&2
-	exit 1
-}
-
-# int_at_least VALUE MIN : VALUE is a decimal integer >= MIN.
-int_at_least() { [[ $1 =~ ^[0-9]{1,9}$ ]] && ((10#$1 >= $2)); }
 int_at_least "$DURATION" 1 || die "DURATION must be a positive number of seconds (got '$DURATION')"
 int_at_least "$ROUNDS" 1 || die "ROUNDS must be a positive integer (got '$ROUNDS')"
 int_at_least "$CONNECTIONS" "$CLIENT_THREADS" || die "CONNECTIONS must be an integer >= $CLIENT_THREADS (got '$CONNECTIONS')"
@@ -184,76 +180,6 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/markco-bench-tls.XXXXXX")
 RAW=$TMP/raw
 mkdir -p "$RAW"
 
-# Prints the pids of every process belonging to a server we started: its
-# session (setsid made the server the session leader) or, failing that, its
-# descendants.
-members() {
-	local pid=$1 sid c
-	sid=$(ps -o sid= -p "$pid" 2>/dev/null | tr -d ' ') || sid=
-	if [[ $sid == "$pid" ]]; then
-		ps -o pid= -s "$pid" 2>/dev/null | tr -d ' ' || true
-	else
-		[[ -d /proc/$pid ]] && echo "$pid"
-		for c in $(ps -o pid= --ppid "$pid" 2>/dev/null); do
-			members "$c"
-		done
-	fi
-}
-
-is_alive() {
-	local stat
-	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-	stat=${stat##*) }
-	[[ ${stat%% *} != Z ]]
-}
-
-stop_server() {
-	local name=$1 pid pids p i
-	pid=${PIDS[$name]:-}
-	[[ -n $pid ]] || return 0
-	pids=$(members "$pid")
-	if is_alive "$pid"; then
-		# SIGINT: fast shutdown for nginx and Pingora (whose SIGTERM waits out
-		# a long grace period), graceful for Caddy.
-		kill -INT "$pid" 2>/dev/null || true
-		for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
-			is_alive "$pid" || break
-			sleep 0.1
-		done
-	fi
-	for p in $pids; do
-		if is_alive "$p"; then
-			log "$name: pid $p still running after ${STOP_TIMEOUT}s, sending SIGKILL"
-			kill -KILL "$p" 2>/dev/null || true
-		fi
-	done
-	wait "$pid" 2>/dev/null || true
-	unset "PIDS[$name]"
-}
-
-cleanup() {
-	local rc=$? i
-	trap - EXIT INT TERM HUP
-	set +eu
-	if [[ -n $CLIENT ]]; then
-		kill -TERM "$CLIENT" 2>/dev/null # timeout forwards it to the client
-		wait "$CLIENT" 2>/dev/null
-	fi
-	for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
-		stop_server "${STARTED[i]}"
-	done
-	if ((rc == 129 || rc == 130 || rc == 143)); then
-		log "interrupted; all servers stopped"
-	fi
-	if ((rc != 0 && rc != 129 && rc != 130 && rc != 143)); then
-		log "exit status $rc; temp dir kept for inspection: $TMP"
-	elif [[ $KEEP_TMP == 1 ]]; then
-		log "temp dir kept: $TMP"
-	else
-		rm -rf -- "$TMP"
-	fi
-	exit "$rc"
-}
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -297,31 +223,6 @@ render() {
 	echo "$dst"
 }
 
-port_in_use() {
-	# shellcheck disable=SC2016 # $1 is expanded by the inner bash
-	timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
-}
-
-require_free_ports() {
-	local p
-	for p in "$@"; do
-		if port_in_use "$p"; then
-			die "127.0.0.1:$p is already in use; stop whatever listens there or set PORT_BASE"
-		fi
-	done
-}
-
-# start_server NAME LOGFILE DIR CMD... : runs CMD in DIR, in its own session,
-# stdin closed, stdout+stderr to LOGFILE.
-start_server() {
-	local name=$1 logfile=$2 dir=$3
-	shift 3
-	(cd "$dir" && exec setsid "$@" >"$logfile" 2>&1 </dev/null) &
-	PIDS[$name]=$!
-	STARTED+=("$name")
-	log "$name: started pid ${PIDS[$name]} ($*)"
-}
-
 # wait_ready NAME URL LOGFILE : waits until GET URL answers 2xx with the
 # upstream's body (so a proxy that answers but does not proxy fails here).
 wait_ready() {
@@ -344,6 +245,7 @@ wait_ready() {
 	return 1
 }
 
+# Replaces lib.sh's run_client (adds OPENSSL_CONF).
 # run_client OUTFILE LIMIT CMD... : runs CMD under `timeout LIMIT` with the
 # clients' OpenSSL config and waits for it. It runs in the background because
 # wrk catches SIGINT and exits 0, and bash does not run an INT trap after a
@@ -359,39 +261,7 @@ run_client() {
 	return "$rc"
 }
 
-# mem_kb FIELD PID : sum of FIELD (VmRSS, VmHWM) in kB over the server's processes.
-mem_kb() {
-	local field=$1 pid=$2 sum=0 p v
-	for p in $(members "$pid"); do
-		v=$(awk -v f="$field:" '$1 == f { print $2 }' "/proc/$p/status" 2>/dev/null) || v=
-		sum=$((sum + ${v:-0}))
-	done
-	echo "$sum"
-}
-
-mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
-
 CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
-# cpu_ticks PID : user + system CPU time (clock ticks) used so far by the
-# server's processes (all their threads).
-cpu_ticks() {
-	local sum=0 p stat f
-	for p in $(members "$1"); do
-		stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
-		read -r -a f <<<"${stat##*) }" # f[0] is field 3 (state): utime = f[11], stime = f[12]
-		sum=$((sum + ${f[11]:-0} + ${f[12]:-0}))
-	done
-	echo "$sum"
-}
-
-# cpu_us_per_req TICKS_BEFORE TICKS_AFTER REQUESTS -> microseconds of server CPU per request
-cpu_us_per_req() {
-	if [[ $3 == NA ]] || (($3 == 0)); then
-		echo NA
-	else
-		awk -v a="$1" -v b="$2" -v n="$3" -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", (b - a) / hz * 1e6 / n }'
-	fi
-}
 
 # New connections the target has accepted so far ("NA" where it cannot be
 # counted): markco's TLS handshake counter, nginx's stub_status accepts
@@ -470,19 +340,6 @@ parse_h2load() {
 		i99 = int(0.99 * NR + 0.5); if (i99 < 1) i99 = 1
 		printf "%.3f %.3f\n", a[i50] / 1000, a[i99] / 1000 }')
 	echo "$rps $pcts $errors $n"
-}
-
-# median of the numbers on stdin ("NA" when none).
-median() {
-	sort -g | awk '{ a[NR] = $1 } END {
-		if (NR == 0) print "NA"
-		else if (NR % 2) print a[(NR + 1) / 2]
-		else print (a[NR / 2] + a[NR / 2 + 1]) / 2
-	}'
-}
-
-fmt() { # fmt PRINTF_FORMAT VALUE (passes NA through)
-	if [[ $2 == NA ]]; then echo NA; else awk -v f="$1" -v v="$2" 'BEGIN { printf f, v }'; fi
 }
 
 # ---------------------------------------------------------------------------
@@ -611,20 +468,6 @@ for t in "${TARGETS[@]}"; do
 	esac
 done
 require_free_ports "${ports[@]}"
-
-start_nginx() { # start_nginx NAME CONF
-	local name=$1 conf prefix
-	conf=$(render "$2")
-	prefix=$TMP/$name
-	mkdir -p "$prefix"
-	# -e: error log from the very start (before the config is read) goes to
-	# the temp dir, not to the compiled-in default.
-	if ! nginx -q -t -p "$prefix/" -c "$conf" -e "$prefix/error.log" 2>"$TMP/$name.configtest.log"; then
-		cat "$TMP/$name.configtest.log" >&2
-		die "$name: nginx -t failed for $conf"
-	fi
-	start_server "$name" "$TMP/$name.log" "$prefix" nginx -p "$prefix/" -c "$conf" -e "$prefix/error.log"
-}
 
 start_nginx upstream "$BENCH_DIR/proxy/upstream-nginx.conf"
 wait_ready upstream "http://127.0.0.1:$P_UP/" "$TMP/upstream/error.log" || die "upstream nginx failed to start"
