@@ -106,6 +106,15 @@ fn running_of(user: &str) -> Vec<String> {
     containers(user, true)
 }
 
+/// Removes a container the test made by hand, whatever happens in the test.
+struct RemoveContainer(String);
+
+impl Drop for RemoveContainer {
+    fn drop(&mut self) {
+        let _ = Command::new("podman").args(["rm", "-f", &self.0]).output();
+    }
+}
+
 /// Removes a user's pod whatever happens in the test.
 struct Cleanup(Vec<String>);
 
@@ -268,6 +277,7 @@ fn a_restart_of_markco_adopts_running_containers_and_removes_strays_only() {
     let (e0, r0) = (started_at(&editor), started_at(&runtime));
     // A container markco did not create (no label), and a markco-labelled pod of nobody.
     let foreign = format!("not-markco-{}", free_port());
+    let _foreign_guard = RemoveContainer(foreign.clone());
     let img = image();
     let run = |args: &[&str]| {
         let out = Command::new("podman").args(args).output().expect("podman");
@@ -324,7 +334,6 @@ fn a_restart_of_markco_adopts_running_containers_and_removes_strays_only() {
         |name: &str| Command::new("podman").args(["container", "exists", name]).status().is_ok_and(|s| s.success());
     assert!(exists(&foreign), "a container markco did not create must not be touched");
     assert!(!exists("markco-editor-00000000-dead-4000-8000-000000000000"), "the stray markco container is removed");
-    let _ = Command::new("podman").args(["rm", "-f", &foreign]).output();
 }
 
 #[test]
