@@ -40,12 +40,25 @@ pub struct Gateway {
     starter: Option<Arc<dyn WorkspaceStarter>>,
     /// Requests that matched no site or route.
     unrouted: RouteMetrics,
+    /// Upstream labels of per-user routes, made once (a request only clones the `Arc`).
+    editor_label: Arc<str>,
+    runtime_label: Arc<str>,
 }
 
 impl Gateway {
     pub fn new(table: Arc<ArcSwap<RouteTable>>, metrics: Arc<Metrics>, acme_tokens: AcmeTokens) -> Gateway {
         let unrouted = metrics.route("none");
-        Gateway { table, metrics, acme_tokens, identity: Arc::new(NoIdentity), control: None, starter: None, unrouted }
+        Gateway {
+            table,
+            metrics,
+            acme_tokens,
+            identity: Arc::new(NoIdentity),
+            control: None,
+            starter: None,
+            unrouted,
+            editor_label: Arc::from("workspace:editor"),
+            runtime_label: Arc::from("workspace:runtime"),
+        }
     }
 
     /// The control plane's session lookups.
@@ -418,8 +431,8 @@ impl Gateway {
                 let rest = &ctx.path[user_prefix_len.min(ctx.path.len())..];
                 let path = if rest.is_empty() { "/".to_string() } else { rest.to_string() };
                 match action {
-                    Action::Runtime => (routes.runtime, Arc::from("workspace:runtime"), path, None),
-                    _ => (routes.editor, Arc::from("workspace:editor"), path, None),
+                    Action::Runtime => (routes.runtime, self.runtime_label.clone(), path, None),
+                    _ => (routes.editor, self.editor_label.clone(), path, None),
                 }
             }
         };

@@ -281,23 +281,9 @@ pub fn parse_response(raw: &[u8]) -> Option<Resp> {
     let chunked =
         headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
     if chunked {
-        body = dechunk(&body);
+        body = markco_proxy::tunnel::dechunk(&body);
     }
     Some(Resp { status, headers, body })
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
-        let size_str = std::str::from_utf8(&b[..nl]).unwrap_or("0");
-        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
-        if size == 0 || b.len() < nl + 2 + size {
-            break;
-        }
-        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
-        b = &b[(nl + 4 + size).min(b.len())..];
-    }
-    out
 }
 
 /// A GET with `Connection: close`; `headers` may include `Host`.
