@@ -13,6 +13,7 @@ use markco_certs::{CertManager, CertStore, TlsMetrics};
 use markco_control::api::{LazyStarter, PublicApi};
 use markco_control::plane::{self, ControlPlane};
 use markco_proxy::app::EdgeApp;
+use markco_proxy::conn::ConnLimits;
 use markco_proxy::{Gateway, Metrics, RouteTable};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownWatch};
@@ -148,7 +149,9 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         gateway = gateway.with_starter(Arc::new(LazyStarter { plane: control.clone(), wait }));
     }
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
-    let mut edge = Service::new("markco edge".to_string(), EdgeApp::new(proxy, cfg.server.header_timeout));
+    let conn_limits = ConnLimits::new(cfg.server.max_connections_per_ip, cfg.server.max_connections, &metrics.registry);
+    let edge_app = EdgeApp::new(proxy, cfg.server.header_timeout, conn_limits.clone(), metrics.header_timeouts.clone());
+    let mut edge = Service::new("markco edge".to_string(), edge_app);
     edge.add_tcp(&cfg.server.http.to_string());
     if let Some(https) = cfg.server.https {
         let mut tls =
@@ -166,7 +169,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     let http_addr = cfg.server.http;
     let admin_addr = cfg.server.admin;
     let https_addr = cfg.server.https;
-    let reloader = Arc::new(Reloader::new(path, table, metrics, certs.clone(), control.clone(), admin_token, cfg));
+    let reloader = Arc::new(
+        Reloader::new(path, table, metrics, certs.clone(), control.clone(), admin_token, cfg)
+            .with_conn_limits(conn_limits),
+    );
     let mut admin =
         Service::new("markco admin".to_string(), AdminApp { reloader: reloader.clone(), plane: control.clone() });
     admin.add_tcp(&admin_addr.to_string());
