@@ -109,6 +109,35 @@ mod tests {
         assert_eq!(classify(b"OPTIONS", b"*"), Ok(TargetForm::Asterisk));
     }
 
+    /// Random targets, biased towards the bytes that matter: never a panic, and a target taken
+    /// as origin-form always normalises to a path that starts with `/` and has no dot segment
+    /// or empty segment. (The cargo-fuzz target in `fuzz/` does the same, coverage-guided.)
+    #[test]
+    fn random_targets_hold_the_invariants() {
+        let alphabet = b"/./..%2e%2F%5C\\?#*:ahttp://x a\x00\x7f\xc3\xa9";
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..200_000 {
+            let len = (next() % 24) as usize;
+            let raw: Vec<u8> = (0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect();
+            let method: &[u8] = if next() % 4 == 0 { b"OPTIONS" } else { b"GET" };
+            if let Ok(TargetForm::Origin) = classify(method, &raw) {
+                let path = raw.split(|&b| b == b'?').next().unwrap_or_default();
+                let path = std::str::from_utf8(path).expect("ASCII after classify");
+                if let Ok(n) = crate::path::normalize(path) {
+                    assert!(n.starts_with('/'), "{path:?} -> {n:?}");
+                    assert!(!n.contains("//"), "{path:?} -> {n:?}");
+                    assert!(n.split('/').all(|seg| seg != "." && seg != ".."), "{path:?} -> {n:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn refused() {
         for t in [
