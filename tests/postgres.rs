@@ -150,7 +150,7 @@ fn adopts_todays_schema_and_serves_its_users() {
 }
 
 #[test]
-fn logout_in_the_database_is_refused_within_a_second() {
+fn logout_in_the_database_is_refused_at_once() {
     let db = TestDb::new();
     let m = Markco::start(&CONFIG.replace("{db}", &db.url));
     let (user, token) = add_user(&m, "logout@example.com");
@@ -170,8 +170,9 @@ fn logout_in_the_database_is_refused_within_a_second() {
         if r.status == 401 {
             break;
         }
+        // "At once": the NOTIFY path, not the 60 s cache TTL; 5 s leaves room for a loaded machine.
         assert!(
-            deleted.elapsed() < Duration::from_secs(1),
+            deleted.elapsed() < Duration::from_secs(5),
             "a deleted session still served after {:?}",
             deleted.elapsed()
         );

@@ -75,7 +75,11 @@ fn hundred_moves_under_load_lose_no_request() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("wrk is installed (apt-get install wrk)");
-    std::thread::sleep(Duration::from_millis(500));
+    // The moves start once wrk's requests are flowing through the runtime route.
+    eventually(Duration::from_secs(20), "wrk's requests reach the runtime route", || {
+        metric_value(&m.metrics(), "markco_http_request_duration_seconds_count", &[("route", "runtime")])
+            .is_some_and(|n| n >= 50.0)
+    });
     let started = Instant::now();
     for i in 0..100 {
         let (target, name) = if i % 2 == 0 { (&two, "two") } else { (&one, "one") };
