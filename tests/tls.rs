@@ -483,7 +483,9 @@ fn bad_certificate_files_are_refused_by_check() {
     let (expired_cert, expired_key) = self_signed(&["localhost"], Some(((2020, 1, 1), (2021, 1, 1))));
     let (_, other_key) = self_signed(&["localhost"], None);
     let (other_host_cert, other_host_key) = self_signed(&["other.test"], None);
+    let (future_cert, future_key) = self_signed(&["localhost"], Some(((2099, 1, 1), (2100, 1, 1))));
     let cases = [
+        ("is not valid before", write("future.pem", &future_cert), write("future.key", &future_key)),
         ("expired", write("expired.pem", &expired_cert), write("expired.key", &expired_key)),
         ("does not belong", write("good.pem", &good_cert), write("other.key", &other_key)),
         ("does not cover", write("other-host.pem", &other_host_cert), write("other-host.key", &other_host_key)),
@@ -650,4 +652,79 @@ tls = {{ cert = "{{dir}}/site.pem", key = "{{dir}}/site.key" }}
         let count = metric_value(&text, "markco_tls_handshakes_total", &[("result", result)]);
         assert!(count.is_some_and(|c| c >= 1.0), "markco_tls_handshakes_total{{result=\"{result}\"}} >= 1:\n{text}");
     }
+}
+
+/// A client that offers TLS 1.2 only.
+fn tls12_client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).expect("add a root");
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .expect("TLS 1.2")
+            .with_root_certificates(store)
+            .with_no_client_auth(),
+    )
+}
+
+#[test]
+fn hsts_only_over_tls_and_tls12_is_accepted() {
+    let up = Upstream::start("app");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    std::fs::write(dir.path().join("site.pem"), cert.pem()).expect("write cert");
+    std::fs::write(dir.path().join("site.key"), key.serialize_pem()).expect("write key");
+    const HSTS: &str = "max-age=63072000; includeSubDomains";
+    // Plain HTTP is served here (no redirect), so its responses can show they carry no HSTS.
+    let template = format!(
+        r#"{}
+[[site]]
+hosts = ["localhost"]
+tls = {{ cert = "{{dir}}/site.pem", key = "{{dir}}/site.key" }}
+
+  [[site.route]]
+  name = "fixed"
+  match = ["/fixed"]
+  respond = "fixed\n"
+
+  [[site.route]]
+  name = "app"
+  match = ["/*"]
+  proxy = "{}"
+"#,
+        server_section(&format!("hsts = \"{HSTS}\"\nredirect_to_https = false")),
+        up.addr
+    );
+    let m = Markco::start_in(dir, Ports::free(), &template, &[]);
+    let roots = [cert.der().clone()];
+
+    for (version, cfg) in [("TLS 1.3 or 1.2", client_config(&roots)), ("TLS 1.2 only", tls12_client_config(&roots))] {
+        let s = tls_connect(m.https, localhost(), &cfg).unwrap_or_else(|e| panic!("{version}: handshake: {e}"));
+        if version == "TLS 1.2 only" {
+            assert_eq!(s.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2), "negotiated version");
+        }
+        drop(s);
+        for path in ["/fixed", "/proxied"] {
+            let r = https_get(m.https, &cfg, path).unwrap_or_else(|e| panic!("{version}: GET {path}: {e}"));
+            assert_eq!(r.status, 200, "{version}: GET {path}: {}", r.body_text());
+            assert_eq!(r.header("strict-transport-security"), Some(HSTS), "{version}: GET {path} over HTTPS");
+        }
+    }
+    for path in ["/fixed", "/proxied"] {
+        let r = http_get(m.http, path, &[("Host", "localhost")]).expect("plain HTTP");
+        assert_eq!(r.status, 200, "GET {path} over HTTP: {}", r.body_text());
+        assert_eq!(r.header("strict-transport-security"), None, "no HSTS over plain HTTP: GET {path}");
+    }
+    let text = m.metrics();
+    let tls12 = text
+        .lines()
+        .filter(|l| l.starts_with("markco_tls_handshakes_total") && l.contains("result=\"ok\""))
+        .any(|l| l.contains("1.2") || l.contains("1_2"));
+    assert!(tls12, "a TLS 1.2 handshake is counted by protocol:\n{text}");
 }
