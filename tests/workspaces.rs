@@ -479,3 +479,53 @@ fn an_unresponsive_runtime_is_replaced_after_three_failed_probes_and_the_editor_
     );
     assert!(m.log().contains("runtime health probe failed"), "{}", m.log());
 }
+
+#[test]
+fn admin_start_stop_and_logout_do_what_they_say() {
+    let m = Markco::start(&config(7));
+    let (user, token) = add_user(&m, "admin-calls@example.com");
+    let _c = Cleanup(vec![user.clone()]);
+    let auth = format!("Bearer {token}");
+    let admin = |path: &str| {
+        let r = request(m.admin, "POST", path, &[], b"").unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        assert_eq!(r.status, 200, "POST {path}: {}\n{}", r.body_text(), m.log());
+        r.json()
+    };
+
+    // start: both containers run before any request, and the first request is served by them.
+    let v = admin(&format!("/api/admin/workspaces/{user}/start"));
+    assert_eq!(v["running"], true, "{v}");
+    let names = running_of(&user);
+    assert!(
+        names.contains(&format!("markco-editor-{user}")) && names.contains(&format!("markco-runtime-{user}")),
+        "{names:?}"
+    );
+    let r = http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).expect("get");
+    assert_eq!((r.status, r.json()["name"].clone()), (200, serde_json::json!(format!("editor-{user}"))));
+
+    // stop: the containers stop.
+    let v = admin(&format!("/api/admin/workspaces/{user}/stop"));
+    assert_eq!(v["running"], false, "{v}");
+    assert!(running_of(&user).is_empty(), "stopped: {:?}", containers_of(&user));
+
+    // A request starts it again (lazy start), then the auth service deletes the session and
+    // calls logout: the cached session is refused at once and the workspace is stopped.
+    let r = http_get(m.http, &format!("/u/{user}/again"), &[("Authorization", &auth)]).expect("get");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(running_of(&user).len(), 2);
+    let db = m.dir.path().join("markco.db");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('delete from sessions where token=?', (sys.argv[2],)); c.commit()")
+        .arg(&db)
+        .arg(&token)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = admin(&format!("/api/admin/users/{user}/logout"));
+    assert_eq!((v["sessions_invalidated"].clone(), v["workspace_stopped"].clone()), (true.into(), true.into()), "{v}");
+    let r = http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth), ("Accept", "application/json")])
+        .expect("get");
+    assert_eq!(r.status, 401, "a logged-out session is refused: {}", r.body_text());
+    assert!(running_of(&user).is_empty(), "logout stops the workspace: {:?}", containers_of(&user));
+}
