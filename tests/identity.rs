@@ -339,3 +339,51 @@ fn failing_health_check_disables_its_route_and_api_health_says_so() {
     });
     assert_eq!(http_get(m.http, "/api/health", &[]).expect("get").status, 200);
 }
+
+#[test]
+fn metrics_after_traffic_from_several_users_carry_no_user_id() {
+    let w = world();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    for (user, token) in [&w.alice, &w.bob] {
+        let auth = bearer(token);
+        for path in [format!("/u/{user}/p"), format!("/r/{user}/mrp/v1/x"), format!("/sync/{user}/doc")] {
+            let r = http_get(w.m.http, &path, &[("Authorization", &auth)]).expect("get");
+            assert_eq!(r.status, 200, "{path}: {}", r.body_text());
+        }
+        // Refused and unauthenticated requests are counted too.
+        let other = if user == &w.alice.0 { &w.bob.0 } else { &w.alice.0 };
+        assert_eq!(http_get(w.m.http, &format!("/u/{other}/"), &[("Authorization", &auth)]).expect("get").status, 403);
+        let r = http_get(w.m.http, &format!("/u/{user}/"), &[("Accept", "application/json")]).expect("get");
+        assert_eq!(r.status, 401);
+        // And a websocket, open while the metrics are scraped.
+        rt.block_on(async {
+            let mut req = format!("ws://{}/u/{user}/events", w.m.http).into_client_request().expect("request");
+            req.headers_mut().insert("Authorization", auth.parse().expect("header"));
+            let (mut ws, _) = tokio::time::timeout(WS_TIMEOUT, tokio_tungstenite::connect_async(req))
+                .await
+                .expect("websocket handshake in time")
+                .expect("websocket");
+            ws.send(Message::Text("__whoami".into())).await.expect("send");
+            let msg = tokio::time::timeout(WS_TIMEOUT, ws.next()).await.expect("reply in time");
+            assert!(matches!(msg, Some(Ok(Message::Text(_)))), "{msg:?}");
+            let text = w.m.metrics();
+            assert!(!text.contains(user.as_str()), "a user id in the metrics:\n{text}");
+            let _ = ws.close(None).await;
+        });
+    }
+    let text = w.m.metrics();
+    // The per-user traffic is there, under the routes' names...
+    for route in ["workspace", "runtime", "sync"] {
+        let n = metric_value(&text, "markco_http_request_duration_seconds_count", &[("route", route)]);
+        assert!(n.is_some_and(|n| n >= 2.0), "requests on route {route}: {n:?}\n{text}");
+    }
+    // ...and no user id, token or email anywhere, in names, labels or values.
+    for (id, token) in [&w.alice, &w.bob] {
+        for secret in [id.as_str(), token.as_str()] {
+            assert!(!text.contains(secret), "{secret} in the metrics:\n{text}");
+        }
+    }
+    for email in ["alice@example.com", "bob@example.com"] {
+        assert!(!text.contains(email), "{email} in the metrics:\n{text}");
+    }
+}
