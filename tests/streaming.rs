@@ -671,3 +671,38 @@ fn admin_token_protects_admin_api() {
     // The proxy itself is not behind the admin token.
     assert_eq!(http_upstream_name(&m, "/x"), "one");
 }
+
+// 7 --------------------------------------------------------------------------------------------
+
+#[test]
+fn slow_response_in_flight_spans_a_reload_and_finishes_whole() {
+    use std::io::{Read, Write};
+    let one = Upstream::start("one");
+    let two = Upstream::start("two");
+    let m = Markco::start(&proxy_all("main", one.addr));
+
+    // 6 chunks 1 s apart from "one"; the reload happens once the first has arrived.
+    let mut s = std::net::TcpStream::connect(m.http).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    s.write_all(b"GET /drip?chunks=6&interval_ms=1000 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").expect("send");
+    let sent = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !contains(&got, b"chunk 0\n") {
+        let n = s.read(&mut buf).expect("the first chunk");
+        assert!(n > 0, "closed before the first chunk: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    m.write_config(&proxy_all("main", two.addr));
+    m.sighup();
+    eventually(Duration::from_secs(30), "generation 2 after SIGHUP", || generation(&m) == 2);
+    assert_eq!(http_upstream_name(&m, "/new"), "two", "new requests follow the new table");
+    assert!(sent.elapsed() < Duration::from_secs(5), "the reload came after the response ended: nothing was tested");
+
+    // The response in flight finishes on the old upstream, whole.
+    got.extend(read_to_close(&mut s).expect("the rest of the response"));
+    let r = parse_response(&got)
+        .unwrap_or_else(|| panic!("the response across the reload is incomplete: {:?}", String::from_utf8_lossy(&got)));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body_text(), (0..6).map(|i| format!("chunk {i}\n")).collect::<String>());
+}
