@@ -256,7 +256,7 @@ fn bad_requests_are_refused_cleanly() {
         "slow client got a response it should not: {:?}",
         String::from_utf8_lossy(&got)
     );
-    assert!(waited < Duration::from_secs(4), "slow client held the connection for {waited:?}");
+    assert!(waited < Duration::from_secs(6), "slow client held the connection for {waited:?}");
 
     // A new connection that sends nothing is cut too, with a 408 (it may still be a client that
     // is merely slow to start).
@@ -265,7 +265,7 @@ fn bad_requests_are_refused_cleanly() {
     let started = Instant::now();
     let got = read_or_reset(&mut idle);
     assert_eq!(status_of(&got), Some(408), "{:?}", String::from_utf8_lossy(&got));
-    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(started.elapsed() < Duration::from_secs(6), "an idle connection held for {:?}", started.elapsed());
 
     // After all of it the gateway still serves, and said what it refused.
     let r = http_get(m.http, "/hello", &[]).expect("get");

@@ -192,7 +192,10 @@ async fn websocket_echo_text_binary_close_code() {
     }
 
     let big: Vec<u8> = (0..1024 * 1024u32).map(|i| (i.wrapping_mul(31) % 256) as u8).collect();
-    ws.send(Message::binary(big.clone())).await.expect("send 1 MiB binary");
+    tokio::time::timeout(WS_TIMEOUT, ws.send(Message::binary(big.clone())))
+        .await
+        .expect("1 MiB sent in time")
+        .expect("send 1 MiB binary");
     match ws_next(&mut ws).await {
         Message::Binary(b) => {
             assert_eq!(b.len(), big.len(), "1 MiB echo length");
@@ -201,7 +204,10 @@ async fn websocket_echo_text_binary_close_code() {
         other => panic!("expected binary, got {other:?}"),
     }
 
-    ws.close(Some(CloseFrame { code: CloseCode::from(4001), reason: "bye".into() })).await.expect("send close");
+    tokio::time::timeout(WS_TIMEOUT, ws.close(Some(CloseFrame { code: CloseCode::from(4001), reason: "bye".into() })))
+        .await
+        .expect("close sent in time")
+        .expect("send close");
     match ws_next(&mut ws).await {
         Message::Close(Some(f)) => {
             assert_eq!(u16::from(f.code), 4001, "close code echoed");

@@ -144,11 +144,18 @@ type AsyncTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 /// A websocket over our own TLS stream (SNI localhost, HTTP/1.1); returns it with the serial
 /// of the certificate its handshake saw.
 async fn open_wss(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> (WebSocketStream<AsyncTls>, String) {
+    let step = Duration::from_secs(20);
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect to the HTTPS port");
-    let tls = tokio_rustls::TlsConnector::from(cfg).connect(localhost(), tcp).await.expect("TLS handshake");
+    let tls = tokio::time::timeout(step, tokio_rustls::TlsConnector::from(cfg).connect(localhost(), tcp))
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake");
     let serial = serial_of(tls.get_ref().1.peer_certificates().and_then(|c| c.first()).expect("a certificate"));
     let url = format!("wss://localhost:{}/ws", addr.port());
-    let (ws, resp) = tokio_tungstenite::client_async(url, tls).await.expect("websocket upgrade over TLS");
+    let (ws, resp) = tokio::time::timeout(step, tokio_tungstenite::client_async(url, tls))
+        .await
+        .expect("websocket upgrade in time")
+        .expect("websocket upgrade over TLS");
     assert_eq!(resp.status(), 101);
     (ws, serial)
 }
@@ -644,7 +651,7 @@ tls = {{ cert = "{{dir}}/site.pem", key = "{{dir}}/site.key" }}
     // (e) Silence: cut after header_timeout (1 s).
     let (got, took) = send_and_read_to_close(m.https, b"");
     assert!(got.is_empty(), "{got:02x?}");
-    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(4), "cut after {took:?}");
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(6), "cut after {took:?}");
     serves("a silent client");
 
     let text = m.metrics();

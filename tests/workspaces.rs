@@ -429,6 +429,7 @@ fn idle_workspaces_are_reaped_and_woken_but_not_with_an_open_websocket() {
     }
     // B keeps a websocket open (and silent) the whole time.
     let mut ws = std::net::TcpStream::connect(m.http).expect("connect");
+    ws.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
     use std::io::{Read, Write};
     ws.write_all(format!("GET /u/{b}/ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tb}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes()).expect("write");
     let mut buf = [0u8; 512];
