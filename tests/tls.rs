@@ -735,3 +735,89 @@ tls = {{ cert = "{{dir}}/site.pem", key = "{{dir}}/site.key" }}
         .any(|l| l.contains("1.2") || l.contains("1_2"));
     assert!(tls12, "a TLS 1.2 handshake is counted by protocol:\n{text}");
 }
+
+/// `(seconds since midnight UTC, retry_in_s)` of every "certificate order failed" log line.
+fn order_failures(log: &str) -> Vec<(f64, u64)> {
+    log.lines()
+        .filter(|l| l.contains("certificate order failed"))
+        .filter_map(|l| {
+            // `2026-12-04T17:33:01.627947Z ERROR ...`
+            let ts = l.split_whitespace().next()?.get(11..)?.trim_end_matches('Z');
+            let mut hms = ts.split(':');
+            let (h, m, s): (f64, f64, f64) =
+                (hms.next()?.parse().ok()?, hms.next()?.parse().ok()?, hms.next()?.parse().ok()?);
+            let retry = l.split("retry_in_s=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+            Some((h * 3600.0 + m * 60.0 + s, retry))
+        })
+        .collect()
+}
+
+#[test]
+fn acme_server_down_at_first_start_start_up_is_not_blocked_retries_double_to_the_cap_then_issue() {
+    let up = Upstream::start("app");
+    let ports = Ports::free();
+    // No ACME server at all yet: the directory is a port where nothing listens.
+    let ca_dir = tempfile::tempdir().expect("tempdir");
+    let ca = common::pebble::TestCa::generate(ca_dir.path());
+    let dead_directory = format!("https://127.0.0.1:{}/dir", free_port());
+    let retry = "retry_initial = \"1s\"\nretry_max = \"4s\"\nrenew_check_interval = \"1s\"";
+    let template = format!(
+        r#"{}
+[tls]
+acme_directory = "{dead_directory}"
+acme_ca_root = "{}"
+storage = "{{dir}}/certs"
+challenges = ["http-01"]
+{retry}
+
+[[site]]
+hosts = ["localhost"]
+tls = "acme"
+
+  [[site.route]]
+  name = "app"
+  match = ["/*"]
+  proxy = "{}"
+"#,
+        server_section(""),
+        ca.ca_pem.display(),
+        up.addr
+    );
+    // Start-up does not wait for the CA: ready (admin and listeners up) as usual.
+    let m = Markco::start_in(tempfile::tempdir().expect("tempdir"), ports, &template, &[]);
+    let r = http_get(m.http, "/x", &[("Host", "localhost")]).expect("plain HTTP while the CA is down");
+    assert_eq!(r.status, 308, "plain HTTP redirects to HTTPS: {}", r.body_text());
+
+    // Failures are retried 1 s, 2 s, 4 s, then 4 s (the cap) apart.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while order_failures(&m.log()).len() < 5 {
+        assert!(Instant::now() < deadline, "fewer than 5 failed orders in 60 s:\n{}", m.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let failures = order_failures(&m.log());
+    let delays: Vec<u64> = failures.iter().map(|f| f.1).collect();
+    assert_eq!(&delays[..5], &[1, 2, 4, 4, 4], "retry delays double up to retry_max:\n{}", m.log());
+    for (i, pair) in failures.windows(2).take(4).enumerate() {
+        let (gap, promised) = (pair[1].0 - pair[0].0, pair[0].1 as f64);
+        // Delays are kept in whole seconds, so a retry may come up to 1 s early.
+        assert!(
+            gap >= promised - 1.0 && gap <= promised + 4.0,
+            "retry {} came {gap:.1} s after a failure that promised {promised} s",
+            i + 1
+        );
+    }
+    assert!(m.log().contains("handshakes for its hosts fail until one is obtained"), "{}", m.log());
+    let e = tls_connect(m.https, localhost(), &client_config(&[])).expect_err("no certificate yet");
+    assert!(refused_by_server(&e), "the handshake is refused while there is no certificate: {e}");
+
+    // The CA comes up (at a new address, told by a reload): a certificate is obtained.
+    let pebble = Pebble::start(ports.http.port(), ports.https.port());
+    m.write_config(&acme_config(&pebble, &["http-01"], retry, up.addr));
+    let r = request(m.admin, "POST", "/reload", &[], b"").expect("POST /reload");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let cert = wait_for_acme_cert(&m, &pebble, Duration::from_secs(60));
+    let cfg = client_config(&pem_certs(&pebble.root_pem()));
+    assert_eq!(served_serial(m.https, &cfg).expect("handshake"), cert["serial"].as_str().expect("serial"));
+    assert_eq!(orders(&m, "ok"), 1.0);
+    assert!(orders(&m, "error") >= 5.0);
+}
