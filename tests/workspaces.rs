@@ -530,3 +530,26 @@ fn admin_start_stop_and_logout_do_what_they_say() {
     assert_eq!(r.status, 401, "a logged-out session is refused: {}", r.body_text());
     assert!(running_of(&user).is_empty(), "logout stops the workspace: {:?}", containers_of(&user));
 }
+
+#[test]
+fn an_editor_that_never_gets_ready_gives_503_after_ready_timeout() {
+    // The editor listens on a port nobody publishes, so its /health never answers.
+    let cfg = config(8)
+        .replace("ready_timeout = \"20s\"", "ready_timeout = \"3s\"")
+        .replace("editor_env = { PORT = \"{port}\"", "editor_env = { PORT = \"9\"");
+    assert!(cfg.contains("PORT = \"9\""), "{cfg}");
+    let m = Markco::start(&cfg);
+    let (user, token) = add_user(&m, "never-ready@example.com");
+    let _c = Cleanup(vec![user.clone()]);
+    let started = Instant::now();
+    let r = http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &format!("Bearer {token}"))]).expect("get");
+    let took = started.elapsed();
+    println!("never-ready editor: {} after {took:?}", r.status);
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert!(r.header("retry-after").is_some(), "503 with Retry-After");
+    assert!(took >= Duration::from_millis(2500), "503 before ready_timeout (3 s): {took:?}");
+    assert!(took < Duration::from_secs(15), "503 long after ready_timeout (3 s): {took:?}");
+    let metrics = m.metrics();
+    let failed = metric_value(&metrics, "markco_workspace_starts_total", &[("result", "error")]);
+    assert!(failed.is_some_and(|v| v >= 1.0), "a failed start is counted: {failed:?}\n{metrics}");
+}
