@@ -324,3 +324,21 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(v["uri"], "/j?token=REDACTED");
     assert!(!log.contains("zzsecret"));
 }
+
+/// The harness's answer to the `free_port` race: a port taken between choosing and binding is
+/// recognised as such (so `Markco::start` retries on new ports) rather than failing the test.
+#[test]
+fn a_taken_port_is_recognised_for_a_retry() {
+    // markco's own check fails on the taken port before it binds anything.
+    let up = Upstream::start("app");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut ports = Ports::free();
+    ports.http = taken.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    match Markco::try_start_in(dir, ports, &simple_config(&up, ""), &[]) {
+        Ok(_) => panic!("markco started on a taken port"),
+        // The directory comes back for the next attempt.
+        Err(dir) => assert_eq!(dir.path(), path),
+    }
+}

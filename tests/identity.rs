@@ -307,7 +307,7 @@ fn failing_health_check_disables_its_route_and_api_health_says_so() {
     let relay = Upstream::start("sync");
     let port = relay.addr.port();
     let template = CONFIG.replace("{sync}", &relay.addr.to_string())
-        + &format!("\n[[health_check]]\nname = \"sync-relay\"\nurl = \"http://127.0.0.1:{port}/health\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\ndisable_route = \"sync\"\n");
+        + &format!("\n[[health_check]]\nname = \"sync-relay\"\nurl = \"http://127.0.0.1:{port}/health\"\ninterval = \"200ms\"\ntimeout = \"2s\"\ndisable_route = \"sync\"\n");
     let m = Markco::start(&template);
     let (carol, token) = add_user(&m, "carol@example.com");
     let auth = bearer(&token);
