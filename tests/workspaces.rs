@@ -553,3 +553,104 @@ fn an_editor_that_never_gets_ready_gives_503_after_ready_timeout() {
     let failed = metric_value(&metrics, "markco_workspace_starts_total", &[("result", "error")]);
     assert!(failed.is_some_and(|v| v >= 1.0), "a failed start is counted: {failed:?}\n{metrics}");
 }
+
+/// A relay to podman's API socket that the test can cut: markco reaches podman only through it,
+/// so "podman's API is down" can be made without stopping the shared service.
+struct SocketRelay {
+    path: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SocketRelay {
+    fn start(path: &std::path::Path) -> SocketRelay {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::Ordering;
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).expect("bind the podman relay");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop2, conns2, target) = (stop.clone(), conns.clone(), socket());
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let Ok(server) = UnixStream::connect(&target) else { continue };
+                let _ = client.set_nonblocking(false);
+                let mut list = conns2.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else { continue };
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                list.extend([client, server]);
+            }
+        });
+        SocketRelay { path: path.to_path_buf(), stop, conns, thread: Some(thread) }
+    }
+
+    /// podman's API goes away: the socket is removed and every relayed connection cut.
+    fn cut(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+        for c in self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for SocketRelay {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+#[test]
+fn podman_api_down_running_workspaces_serve_new_ones_get_503_and_it_recovers() {
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let relay_path = relay_dir.path().join("podman.sock");
+    let mut relay = SocketRelay::start(&relay_path);
+    let cfg = config(9)
+        .replace(&format!("unix://{}", socket()), &format!("unix://{}", relay_path.display()))
+        .replace("ready_timeout = \"20s\"", "ready_timeout = \"5s\"");
+    assert!(cfg.contains(&relay_path.display().to_string()));
+    let m = Markco::start(&cfg);
+    let http = m.http;
+    let (a, ta) = add_user(&m, "running@example.com");
+    let (b, tb) = add_user(&m, "new@example.com");
+    let _c = Cleanup(vec![a.clone(), b.clone()]);
+    let get = |u: &str, t: &str| {
+        http_get(http, &format!("/u/{u}/"), &[("Authorization", &format!("Bearer {t}"))]).expect("get")
+    };
+    assert_eq!(get(&a, &ta).status, 200, "A's workspace starts");
+
+    relay.cut();
+    // A's running workspace does not need podman to be served.
+    let r = get(&a, &ta);
+    assert_eq!((r.status, r.json()["name"].clone()), (200, format!("editor-{a}").into()));
+    // B's first request cannot start anything: 503 with Retry-After, in bounded time.
+    let t = Instant::now();
+    let r = get(&b, &tb);
+    let took = t.elapsed();
+    println!("first request with podman's API down: {} after {took:?}", r.status);
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert!(r.header("retry-after").is_some());
+    assert!(took < Duration::from_secs(20), "the request waited {took:?}");
+    assert_eq!(http_get(m.admin, "/health", &[]).expect("markco still answers").status, 200);
+
+    // The API comes back: B's workspace starts on the next request.
+    let _back = SocketRelay::start(&relay_path);
+    eventually(Duration::from_secs(60), "B's workspace starts once podman's API is back", || {
+        get(&b, &tb).status == 200
+    });
+    assert_eq!(running_of(&b).len(), 2, "{:?}", containers_of(&b));
+}
