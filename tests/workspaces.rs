@@ -654,3 +654,32 @@ fn podman_api_down_running_workspaces_serve_new_ones_get_503_and_it_recovers() {
     });
     assert_eq!(running_of(&b).len(), 2, "{:?}", containers_of(&b));
 }
+
+#[test]
+fn a_container_that_keeps_dying_is_restarted_with_doubling_backoff() {
+    let m = Markco::start(&config(10));
+    let (user, token) = add_user(&m, "crashy@example.com");
+    let _c = Cleanup(vec![user.clone()]);
+    let auth = format!("Bearer {token}");
+    assert_eq!(http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).expect("get").status, 200);
+    let editor = format!("markco-editor-{user}");
+    // The README's backoff: 0.5 s, doubling per restart. A restart cannot come before its delay.
+    for (k, delay) in [0.5f64, 1.0, 2.0, 4.0].into_iter().enumerate() {
+        let before = started_at(&editor);
+        let killed = Instant::now();
+        podman(&["kill", &editor]);
+        eventually(Duration::from_secs(60), &format!("restart {} of the editor", k + 1), || {
+            started_at(&editor) != before
+        });
+        let took = killed.elapsed().as_secs_f64();
+        println!("restart {}: {took:.2} s after the kill (backoff {delay} s)", k + 1);
+        assert!(took >= delay, "restart {} came {took:.2} s after the exit, before its {delay} s backoff", k + 1);
+        assert!(took < delay + 20.0, "restart {} took {took:.2} s (backoff {delay} s)", k + 1);
+        // Back in service before the next kill.
+        eventually(Duration::from_secs(60), "the workspace answers again", || {
+            http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).is_ok_and(|r| r.status == 200)
+        });
+    }
+    let exits = metric_value(&m.metrics(), "markco_workspace_container_exits_total", &[]);
+    assert!(exits.is_some_and(|v| v >= 4.0), "container exits counted: {exits:?}");
+}
