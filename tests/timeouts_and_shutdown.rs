@@ -1,5 +1,5 @@
 //! What a client sees when time runs out: SIGTERM's graceful shutdown, 504 on a silent
-//! upstream, an upstream that dies in the middle of its response, and each idle timeout
+//! upstream, an upstream that closes before or dies in the middle of its response, and each idle timeout
 //! (upstream, websocket, client body), which must fire when the connection is idle and only then.
 
 mod common;
@@ -270,4 +270,28 @@ fn client_idle_timeout_cuts_only_a_stalled_upload() {
     if let Some(r) = parse_response(&got) {
         assert!(r.status >= 400, "a stalled upload got {}: {}", r.status, r.body_text());
     }
+}
+
+#[test]
+fn upstream_closing_before_its_answer_gives_502_at_once() {
+    // An "upstream" that accepts each connection, reads the request and closes without a word.
+    let dying = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = dying.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in dying.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = c.read(&mut [0u8; 4096]);
+            drop(c);
+        }
+    });
+    // A long idle timeout: the 502 must come from the close, not from a timer.
+    let m = Markco::start(&config(addr, "upstream_idle_timeout = \"60s\""));
+    let t = Instant::now();
+    let r = http_get(m.http, "/x", &[]).expect("GET /x");
+    let took = t.elapsed();
+    assert_eq!(r.status, 502, "{}", r.body_text());
+    assert!(took < Duration::from_secs(5), "502 after {took:?}");
+    let body = r.body_text();
+    assert!(!body.contains(&addr.port().to_string()) && body.len() < 200, "names nothing internal: {body:?}");
 }
