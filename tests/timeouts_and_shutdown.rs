@@ -1,6 +1,7 @@
 //! What a client sees when time runs out: SIGTERM's graceful shutdown, 504 on a silent
-//! upstream, an upstream that closes before or dies in the middle of its response, and each idle timeout
-//! (upstream, websocket, client body), which must fire when the connection is idle and only then.
+//! upstream, an upstream that closes before or dies in the middle of its response, and each
+//! idle timeout (upstream, websocket, client body), which must fire when the connection is idle
+//! and only then.
 
 mod common;
 
