@@ -127,6 +127,8 @@ fn embedded_default_serves_the_welcome_page() {
         r#"
 "$MARKCO" run >markco.log 2>&1 &
 pid=$!
+# Whatever happens below, markco does not outlive the script (SIGKILL: no grace period).
+trap 'kill -9 $pid 2>/dev/null' EXIT
 i=0
 until curl -s -o /dev/null http://127.0.0.1:8080/; do
   i=$((i+1)); [ $i -lt 600 ] || { echo "markco did not start"; cat markco.log; exit 1; }
@@ -136,8 +138,6 @@ echo '--- page'
 curl -sS -o page.html -w '%{http_code} %{content_type}\n' --max-time 10 http://127.0.0.1:8080/any/path
 echo '--- metrics'
 curl -sS -o /dev/null -w '%{http_code}\n' --max-time 10 http://127.0.0.1:2019/metrics
-kill $pid
-wait $pid || true
 "#,
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
