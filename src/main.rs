@@ -2,6 +2,7 @@
 
 mod admin;
 mod config;
+mod import_caddy;
 mod logging;
 mod reload;
 mod server;
@@ -62,6 +63,13 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Translate Caddy's JSON config (e.g. `curl localhost:2019/config/`, or `caddy adapt`'s
+    /// output) to a markco config on stdout; what could not be translated is listed on stderr
+    /// and the exit code is 1 (2 when the file cannot be read at all).
+    ImportCaddy {
+        /// The Caddy JSON config file.
+        file: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -108,6 +116,47 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> ExitCo
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn import_caddy_cmd(file: &std::path::Path) -> ExitCode {
+    let src = match std::fs::read_to_string(file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut im = match import_caddy::import(&src) {
+        Ok(im) => im,
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    // The output must pass `markco check`; validate it the same way before anyone deploys it.
+    // Relative paths in it are taken from the working directory, where it is usually written.
+    match config::parse(std::path::Path::new("markco.toml"), &im.toml) {
+        Ok(c) => im.notes.extend(c.warnings),
+        Err(e) => im.untranslated.push(format!("the generated config does not pass `markco check`:\n{e}")),
+    }
+    print!("{}", im.toml);
+    eprintln!("import-caddy: {}: {} routes in {} sites written to stdout", file.display(), im.routes, im.sites);
+    for n in &im.notes {
+        eprintln!("note: {n}");
+    }
+    for u in &im.untranslated {
+        eprintln!("NOT TRANSLATED: {u}");
+    }
+    if im.untranslated.is_empty() {
+        eprintln!("import-caddy: everything translated; next: markco check --config FILE");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "import-caddy: {} part(s) not translated (listed above and at the top of the output); edit the config by hand before switching over",
+            im.untranslated.len()
+        );
+        ExitCode::from(1)
     }
 }
 
@@ -159,6 +208,7 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::ImportCaddy { file } => import_caddy_cmd(&file),
         Command::Check { config } => match config::load(&config) {
             Ok(c) => {
                 for w in &c.warnings {
