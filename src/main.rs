@@ -6,6 +6,7 @@ mod import_caddy;
 mod logging;
 mod reload;
 mod server;
+mod systemd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -163,6 +163,16 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         }));
     }
 
+    let summary = format!(
+        "http {}, https {}, admin {}; {} sites, {} routes",
+        cfg.server.http,
+        cfg.server.https.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        cfg.server.admin,
+        cfg.sites.len(),
+        cfg.route_count()
+    );
+    let notifier =
+        crate::systemd::Notifier { http: cfg.server.http, admin: cfg.server.admin, plane: control.clone(), summary };
     let http_addr = cfg.server.http;
     let admin_addr = cfg.server.admin;
     let https_addr = cfg.server.https;
@@ -177,6 +187,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     server.add_service(background_service("reload on SIGHUP", HangupReload { reloader }));
     server.add_service(background_service("certificates", CertService { manager: certs }));
     server.add_service(background_service("control plane", ControlService { plane: control }));
+    server.add_service(background_service("systemd notify", notifier));
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         http = %http_addr,
