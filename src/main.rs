@@ -2,6 +2,7 @@
 
 mod admin;
 mod config;
+mod ctl;
 mod import_caddy;
 mod logging;
 mod reload;
@@ -71,8 +72,91 @@ enum Command {
         /// The Caddy JSON config file.
         file: PathBuf,
     },
+    /// The running gateway at a glance: version, routes (and which are off), workspaces,
+    /// certificates, health checks. Exit 1 when a health check fails or a certificate expires
+    /// within 14 days, 3 when the admin API cannot be reached or refuses the token.
+    Status {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// The live route table, with each route's switch.
+    Routes {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Every user's workspace: state, editor and runtime addresses.
+    Workspaces {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// The certificates served, with their expiry (exit 1 when one expires within 14 days).
+    Certs {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Switch a route off (503 with Retry-After) or on again.
+    Route {
+        #[command(subcommand)]
+        action: RouteAction,
+    },
+    /// Act on a user's workspace.
+    Workspace {
+        #[command(subcommand)]
+        action: WorkspaceAction,
+    },
     /// Print the version.
     Version,
+}
+
+/// Which gateway an operator command talks to.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// The config the gateway runs with: its `[server] admin` address and `admin_token_file`.
+    #[arg(long, short = 'c', default_value = "/etc/markco/markco.toml")]
+    config: PathBuf,
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum RouteAction {
+    /// Turn the route off: its requests get 503 with Retry-After until it is enabled again.
+    Disable {
+        name: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Turn the route on again.
+    Enable {
+        name: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkspaceAction {
+    /// Stop the user's editor and runtime containers (the next visit starts them again).
+    Stop {
+        user: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+/// Runs an operator command against the gateway the config names.
+fn ctl(target: AdminTarget, op: ctl::Op) -> ExitCode {
+    match config::load(&target.config) {
+        Ok(cfg) => ctl::run(&cfg, op, target.json),
+        Err(e) => {
+            eprint!("{e}");
+            eprintln!(
+                "help: operator commands read the admin address and token from the config markco runs with (--config)"
+            );
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -210,6 +294,19 @@ fn main() -> ExitCode {
             })
         }
         Command::ImportCaddy { file } => import_caddy_cmd(&file),
+        Command::Status { target } => ctl(target, ctl::Op::Status),
+        Command::Routes { target } => ctl(target, ctl::Op::Routes),
+        Command::Workspaces { target } => ctl(target, ctl::Op::Workspaces),
+        Command::Certs { target } => ctl(target, ctl::Op::Certs),
+        Command::Route { action: RouteAction::Disable { name, target } } => {
+            ctl(target, ctl::Op::Route { name, disable: true })
+        }
+        Command::Route { action: RouteAction::Enable { name, target } } => {
+            ctl(target, ctl::Op::Route { name, disable: false })
+        }
+        Command::Workspace { action: WorkspaceAction::Stop { user, target } } => {
+            ctl(target, ctl::Op::WorkspaceStop { user })
+        }
         Command::Check { config } => match config::load(&config) {
             Ok(c) => {
                 for w in &c.warnings {
