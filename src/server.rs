@@ -140,7 +140,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         tracing::error!("{problem}");
     }
 
+    // Open websockets get a Close frame just before the grace period of a shutdown ends.
+    let drain = Arc::new(markco_proxy::drain::Drain::new(cfg.server.grace_period));
     let mut gateway = Gateway::new(table.clone(), metrics.clone(), certs.tokens.clone())
+        .with_drain(drain.clone())
         .with_identity(control.sessions.clone())
         .with_control(Arc::new(PublicApi { plane: control.clone(), admin_token: admin_token.clone() }));
     if let Some(ws) = &cfg.plane.workspaces {
@@ -148,7 +151,8 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         gateway = gateway.with_starter(Arc::new(LazyStarter { plane: control.clone(), wait }));
     }
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
-    let mut edge = Service::new("markco edge".to_string(), EdgeApp::new(proxy, cfg.server.header_timeout));
+    let mut edge =
+        Service::new("markco edge".to_string(), EdgeApp::new(proxy, cfg.server.header_timeout).with_drain(drain));
     edge.add_tcp(&cfg.server.http.to_string());
     if let Some(https) = cfg.server.https {
         let mut tls =

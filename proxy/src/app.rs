@@ -12,16 +12,24 @@ use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 
+use crate::drain::Drain;
 use crate::Gateway;
 
 pub struct EdgeApp {
     inner: Arc<HttpProxy<Gateway>>,
     header_timeout_secs: u64,
+    drain: Option<Arc<Drain>>,
 }
 
 impl EdgeApp {
     pub fn new(inner: HttpProxy<Gateway>, header_timeout: Duration) -> EdgeApp {
-        EdgeApp { inner: Arc::new(inner), header_timeout_secs: header_timeout.as_secs().max(1) }
+        EdgeApp { inner: Arc::new(inner), header_timeout_secs: header_timeout.as_secs().max(1), drain: None }
+    }
+
+    /// Started when this listener stops accepting (the same `Drain` as the gateway's).
+    pub fn with_drain(mut self, drain: Arc<Drain>) -> EdgeApp {
+        self.drain = Some(drain);
+        self
     }
 }
 
@@ -49,6 +57,14 @@ impl ServerApp for EdgeApp {
     }
 
     async fn cleanup(&self) {
+        // The accept loop has ended (shutdown or upgrade): the grace period runs from now.
+        // Pingora's cleanup drops idle kept-alive connections at once, which races with a client
+        // sending its next request on one; until the grace period is nearly over, their next
+        // request is answered instead (with `Connection: close`, as the shutdown has begun).
+        if let Some(d) = &self.drain {
+            d.begin();
+            d.closing().await;
+        }
         self.inner.http_cleanup().await;
     }
 }

@@ -2,6 +2,7 @@
 //! forwarded headers and request metrics.
 
 pub mod app;
+pub mod drain;
 pub mod forwarded;
 pub mod gateway;
 pub mod identity;
