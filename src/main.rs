@@ -8,6 +8,7 @@ mod logging;
 mod reload;
 mod server;
 mod systemd;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

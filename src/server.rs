@@ -175,8 +175,14 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         cfg.sites.len(),
         cfg.route_count()
     );
-    let notifier =
-        crate::systemd::Notifier { http: cfg.server.http, admin: cfg.server.admin, plane: control.clone(), summary };
+    let notifier = crate::systemd::Notifier {
+        http: cfg.server.http,
+        admin: cfg.server.admin,
+        plane: control.clone(),
+        summary,
+        took_over: upgrade,
+    };
+    let self_upgrade = crate::upgrade::SelfUpgrade { upgrade_sock: cfg.server.upgrade_sock.clone() };
     let http_addr = cfg.server.http;
     let admin_addr = cfg.server.admin;
     let https_addr = cfg.server.https;
@@ -192,6 +198,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     server.add_service(background_service("certificates", CertService { manager: certs }));
     server.add_service(background_service("control plane", ControlService { plane: control }));
     server.add_service(background_service("systemd notify", notifier));
+    server.add_service(background_service("upgrade on SIGUSR2", self_upgrade));
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         http = %http_addr,

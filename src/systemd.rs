@@ -31,6 +31,23 @@ fn send(states: &[NotifyState<'_>]) {
     }
 }
 
+/// A STATUS= line for `systemctl status`.
+pub fn status(msg: &str) {
+    send(&[NotifyState::Status(msg)]);
+}
+
+/// WATCHDOG_USEC, when systemd asks for pings. A process started by an upgrade takes the pings
+/// over from the one whose pid WATCHDOG_PID names.
+fn watchdog_interval(took_over: bool) -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    let pid_ok = took_over
+        || std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_none_or(|p| p == std::process::id());
+    (pid_ok && usec > 0).then(|| Duration::from_micros(usec))
+}
+
 /// Marks a reload: RELOADING=1 (with MONOTONIC_USEC, which systemd 253 and later require) now,
 /// READY=1 with the outcome as STATUS when dropped, whatever the outcome.
 pub struct Reloading {
@@ -66,6 +83,8 @@ pub struct Notifier {
     pub plane: Arc<ControlPlane>,
     /// What READY's STATUS line says (listeners, sites, routes).
     pub summary: String,
+    /// Started with `--upgrade`: this process becomes the service's main process when ready.
+    pub took_over: bool,
 }
 
 /// A wildcard listen address is probed on loopback.
@@ -138,10 +157,16 @@ impl BackgroundService for Notifier {
             }
         }
         let ready_status = format!("serving: {}", self.summary);
-        send(&[NotifyState::Ready, NotifyState::Status(&ready_status)]);
-        tracing::info!("told systemd: ready");
+        if self.took_over {
+            // The old process is on its way out: systemd must follow this one from now on
+            // (accepted with NotifyAccess=all from a process in the service's cgroup).
+            send(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready, NotifyState::Status(&ready_status)]);
+        } else {
+            send(&[NotifyState::Ready, NotifyState::Status(&ready_status)]);
+        }
+        tracing::info!(took_over = self.took_over, "told systemd: ready");
         // systemd wants a ping at least every WATCHDOG_USEC; ping at half of it.
-        let watchdog = sd_notify::watchdog_enabled();
+        let watchdog = watchdog_interval(self.took_over);
         let mut tick = tokio::time::interval(watchdog.map(|w| w / 2).unwrap_or(Duration::from_secs(3600)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
@@ -163,7 +188,12 @@ impl BackgroundService for Notifier {
                     }
                 },
                 _ = shutdown.changed() => {
-                    send(&[NotifyState::Stopping, NotifyState::Status("stopping: draining connections")]);
+                    // Handing over to a new process is not the service stopping.
+                    if crate::upgrade::HANDING_OVER.load(std::sync::atomic::Ordering::SeqCst) {
+                        tracing::info!("handed over to the new process; draining");
+                    } else {
+                        send(&[NotifyState::Stopping, NotifyState::Status("stopping: draining connections")]);
+                    }
                     return;
                 }
             }

@@ -129,6 +129,66 @@ fn notify_protocol_ready_watchdog_reload_stopping() {
     let _ = proc.child.wait();
 }
 
+/// Kills a process we did not spawn ourselves (the one an upgrade started) when dropped.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGKILL);
+    }
+}
+
+#[test]
+fn sigusr2_hands_over_to_a_new_process_that_systemd_then_follows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports::free();
+    let config = dir.path().join("markco.toml");
+    let quick = CONFIG.replace("[database]", "grace_period = \"1s\"\nshutdown_timeout = \"1s\"\n\n[database]");
+    std::fs::write(&config, render(&quick, ports, dir.path())).expect("config");
+    let sock_path = dir.path().join("notify.sock");
+    let mut n = Listener { sock: UnixDatagram::bind(&sock_path).expect("bind"), seen: Vec::new() };
+    let log = std::fs::File::create(dir.path().join("markco.log")).expect("log");
+    let child = Command::new(markco_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start markco");
+    let mut old = Proc { child };
+    let old_pid = old.child.id();
+    n.wait_for("READY=1", Duration::from_secs(20));
+
+    signal(old_pid, libc::SIGUSR2);
+    let took_over = n.wait_for("READY=1", Duration::from_secs(30));
+    let new_pid: u32 = took_over
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the new process names itself the main process: {took_over:?}"));
+    let _new = KillOnDrop(new_pid);
+    assert_ne!(new_pid, old_pid);
+    // The old process drains and exits (Pingora's 5 s close timeout, then grace_period).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while matches!(old.child.try_wait(), Ok(None)) {
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        let _ = n.sock.set_read_timeout(Some(Duration::from_millis(100)));
+        let mut buf = [0u8; 4096];
+        if let Ok(k) = n.sock.recv(&mut buf) {
+            n.seen.push(String::from_utf8_lossy(&buf[..k]).into_owned());
+        }
+    }
+    assert!(!n.seen.iter().any(|m| m.contains("STOPPING=1")), "a handover is not a stop: {:#?}", n.seen);
+    // The new process serves and keeps systemd's watchdog fed.
+    n.wait_for("WATCHDOG=1", Duration::from_secs(2));
+    let r = http_get(ports.http, "/", &[]).expect("served by the new process");
+    assert_eq!((r.status, r.body_text().as_str()), (200, "hello\n"));
+    let status = std::fs::read_to_string(format!("/proc/{new_pid}/status")).unwrap_or_default();
+    assert!(status.contains("State:") && !status.contains("zombie"), "the new process runs");
+}
+
 #[test]
 fn no_watchdog_pings_unless_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
