@@ -132,3 +132,83 @@ fn smoke_fails_where_a_deployment_is_wrong() {
     let (out, _) = smoke(&["--url", "ftp://x"]);
     assert_eq!(out.status.code(), Some(2), "bad usage is exit 2");
 }
+
+const TLS_CONFIG: &str = r#"
+[server]
+http = "{http}"
+https = "{https}"
+admin = "{admin}"
+upgrade_sock = "{dir}/upgrade.sock"
+pid_file = "{dir}/markco.pid"
+
+[database]
+url = "sqlite://{dir}/markco.db"
+
+[[site]]
+hosts = ["secure.test"]
+tls = { cert = "{dir}/site.pem", key = "{dir}/site.key" }
+
+  [[site.route]]
+  name = "control"
+  match = ["/api/health", "/api/services"]
+  control = true
+
+  [[site.route]]
+  name = "workspace"
+  match = ["/u/*"]
+  workspace = true
+
+  [[site.route]]
+  name = "dashboard"
+  match = ["/dashboard"]
+  respond = "dashboard\n"
+"#;
+
+#[test]
+fn smoke_over_https_checks_the_certificate_and_the_websocket() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    // Distinct names: a leaf whose subject equals its issuer's looks self-signed to OpenSSL.
+    ca_params.distinguished_name.push(DnType::CommonName, "markco smoke test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+    // Valid for 90 more days from now.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let mut params = CertificateParams::new(vec!["secure.test".to_string()]).expect("params");
+    params.distinguished_name.push(DnType::CommonName, "secure.test");
+    params.not_after = rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(now + 90 * 86400);
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &ca).expect("certificate");
+    std::fs::write(dir.path().join("site.pem"), cert.pem()).expect("write");
+    std::fs::write(dir.path().join("site.key"), key.serialize_pem()).expect("write");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write");
+    let ca_arg = ca_file.display().to_string();
+    let m = Markco::start_in(dir, Ports::free(), TLS_CONFIG, &[]);
+    let (user, token) = add_user(&m, "tls@example.com");
+    let editor = start_editor("editor-tls");
+    let runtime = Upstream::start("runtime-tls");
+    put_workspace(&m, &user, editor.addr, runtime.addr);
+
+    let port = m.https.port();
+    let url = format!("https://secure.test:{port}");
+    let resolve = format!("secure.test:{port}:127.0.0.1");
+    let full = ["--url", &url, "--resolve", &resolve, "--cacert", &ca_arg, "--token", &token, "--user", &user];
+    let (out, text) = smoke(&full);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.lines().any(|l| l.starts_with("PASS  websocket") && l.contains("editor-tls")), "wss works: {text}");
+    let cert_line = text.lines().find(|l| l.starts_with("PASS  cert")).unwrap_or_else(|| panic!("{text}"));
+    assert!(cert_line.contains("(89 days)") || cert_line.contains("(90 days)"), "{cert_line}");
+
+    // Wanting more time left than the certificate has fails the step.
+    let (out, text) = smoke(&["--url", &url, "--resolve", &resolve, "--cacert", &ca_arg, "--min-days", "120"]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("FAIL  cert") && l.contains("want at least 120")), "{text}");
+
+    // A certificate the client does not trust fails at the first request, with curl's reason.
+    let (out, text) = smoke(&["--url", &url, "--resolve", &resolve]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("FAIL  health") && l.contains("certificate")), "{text}");
+}
