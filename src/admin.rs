@@ -262,6 +262,10 @@ impl ServeHttp for AdminApp {
         if path == "/health" {
             return json(StatusCode::OK, serde_json::json!({"status": "ok"}));
         }
+        // The operator page carries no data; its script calls the API below with the token.
+        if let Some(page) = crate::ui::serve(&method, &path) {
+            return page;
+        }
         if !self.authorized(session) {
             let mut r = json(
                 StatusCode::UNAUTHORIZED,
@@ -341,7 +345,7 @@ impl ServeHttp for AdminApp {
             }
             _ => json(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /status", "GET /metrics", "GET /routes", "GET /certs", "POST /reload", "GET /api/admin/workspaces", "GET|PUT|DELETE /api/admin/workspaces/<userId>", "POST /api/runtime/update-port", "POST /api/admin/routes/<name>/disable|enable", "POST /api/admin/users/<userId>/invalidate"]}),
+                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /ui", "GET /status", "GET /metrics", "GET /routes", "GET /certs", "POST /reload", "GET /api/admin/workspaces", "GET|PUT|DELETE /api/admin/workspaces/<userId>", "POST /api/runtime/update-port", "POST /api/admin/routes/<name>/disable|enable", "POST /api/admin/users/<userId>/invalidate"]}),
             ),
         }
     }

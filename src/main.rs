@@ -8,6 +8,7 @@ mod logging;
 mod reload;
 mod server;
 mod systemd;
+mod ui;
 mod upgrade;
 
 use std::path::PathBuf;
