@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use markco_control::plane::ControlPlane;
+use markco_control::plane::{ControlPlane, PlaneError};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use sd_notify::NotifyState;
@@ -126,9 +126,11 @@ impl Notifier {
             Ok(code) => return Err(format!("the admin API {} answers /health with {code}", self.admin)),
             Err(e) => return Err(format!("the admin API {} does not answer: {e}", self.admin)),
         }
-        // A read through the control plane's command loop and its database.
-        match tokio::time::timeout(PROBE_TIMEOUT, self.plane.get_workspace("markco-watchdog")).await {
-            Ok(Ok(_)) => Ok(()),
+        // A read through the control plane's command loop and its database (a well-formed id
+        // that no user has). A refusal is an answer too; only internal failures and silence are not.
+        let probe = self.plane.get_workspace("00000000-0000-0000-0000-000000000000");
+        match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+            Ok(Ok(_)) | Ok(Err(PlaneError::NotFound(_) | PlaneError::Invalid(_))) => Ok(()),
             Ok(Err(e)) => Err(format!("the control plane fails: {e}")),
             Err(_) => Err(format!("the control plane does not answer within {PROBE_TIMEOUT:?}")),
         }
