@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use markco_certs::CertManager;
 use markco_control::plane::ControlPlane;
+use markco_proxy::conn::ConnLimits;
 use markco_proxy::{Metrics, RouteTable};
 
 use crate::config::{self, Config};
@@ -24,6 +25,8 @@ pub struct Reloader {
     started: Config,
     /// One reload at a time, so generations are applied in order.
     lock: Mutex<()>,
+    /// The edge listener's connection limits, which a reload may change.
+    conn_limits: Option<Arc<ConnLimits>>,
 }
 
 impl Reloader {
@@ -47,7 +50,13 @@ impl Reloader {
             admin_token,
             started,
             lock: Mutex::new(()),
+            conn_limits: None,
         }
+    }
+
+    pub fn with_conn_limits(mut self, limits: Arc<ConnLimits>) -> Reloader {
+        self.conn_limits = Some(limits);
+        self
     }
 
     pub fn table(&self) -> Arc<RouteTable> {
@@ -108,6 +117,9 @@ impl Reloader {
         // Workspaces and kill switches carry over; only the config's part changes.
         self.table.rcu(|old| old.with_routing(generation, routing.clone()));
         self.admin_token.store(Arc::new(cfg.server.admin_token.clone()));
+        if let Some(l) = &self.conn_limits {
+            l.set_limits(cfg.server.max_connections_per_ip, cfg.server.max_connections);
+        }
         self.plane.reconfigure(cfg.plane.clone());
         self.metrics.table_generation.set(generation as i64);
         self.metrics.reload(true);

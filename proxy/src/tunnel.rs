@@ -121,6 +121,11 @@ pub async fn relay(
         read_head(&mut up, connect_timeout.max(Duration::from_secs(10))).await?;
     forwarded::clean_response(&mut resp);
     let status = resp.status.as_u16();
+    if status == 101 && !switches_to_requested(req, &resp) {
+        // An upstream that switches to a protocol the client did not ask for (h2c, say) would
+        // get a raw tunnel for whatever it wants to speak.
+        return Err(up_err(ErrorType::InvalidHTTPHeader, "upstream switched to a protocol that was not requested"));
+    }
     if status != 101 {
         // The upstream refused the upgrade: relay its (short) answer as a plain response.
         let body = refusal_body(&mut up, leftover, content_length, chunked).await;
@@ -214,6 +219,26 @@ fn mask() -> [u8; 4] {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     nanos.to_le_bytes()
+}
+
+/// A 101's `Upgrade` (when it names one) is one of the protocols the request offered.
+fn switches_to_requested(req: &RequestHeader, resp: &ResponseHeader) -> bool {
+    let Some(chosen) = resp.headers.get(http::header::UPGRADE) else {
+        return true; // Some servers leave it out; the request offered only allowed protocols.
+    };
+    let name = |t: &str| t.split('/').next().unwrap_or("").trim().to_ascii_lowercase();
+    let Ok(chosen) = chosen.to_str() else {
+        return false;
+    };
+    let offered: Vec<String> = req
+        .headers
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(name)
+        .collect();
+    chosen.split(',').map(name).all(|c| offered.contains(&c))
 }
 
 async fn refusal_body(up: &mut TcpStream, mut body: Vec<u8>, content_length: Option<usize>, chunked: bool) -> Vec<u8> {
