@@ -154,7 +154,8 @@ fn ctl(target: AdminTarget, op: ctl::Op) -> ExitCode {
         Err(e) => {
             eprint!("{e}");
             eprintln!(
-                "help: operator commands read the admin address and token from the config markco runs with (--config)"
+                "help: operator commands read the admin address and token from the config markco runs with \
+                 (--config); run them as a user who may read its admin_token_file (e.g. with sudo)"
             );
             ExitCode::from(2)
         }
