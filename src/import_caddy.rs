@@ -752,6 +752,36 @@ mod tests {
     }
 
     #[test]
+    fn redirects_responses_and_stripped_prefixes() {
+        let src = r#"{"apps":{"http":{"servers":{"srv0":{"listen":[":80"],"routes":[
+          {"@id":"old","match":[{"host":["a.test"],"path":["/old/*"]}],"handle":[{"handler":"static_response",
+             "status_code":301,"headers":{"Location":["https://a.test{http.request.uri}"]}}]},
+          {"@id":"ping","match":[{"host":["a.test"],"path":["/ping"]}],"handle":[{"handler":"static_response",
+             "status_code":"204","body":""}]},
+          {"@id":"legacy","match":[{"host":["a.test"],"path":["/legacy/*"]}],"handle":[
+             {"handler":"rewrite","strip_path_prefix":"/legacy"},
+             {"handler":"reverse_proxy","upstreams":[{"dial":":4000"}]}]},
+          {"@id":"two","match":[{"host":["a.test"],"path":["/two"]}],"handle":[{"handler":"reverse_proxy",
+             "upstreams":[{"dial":"localhost:1"},{"dial":"localhost:2"}]}]}
+        ]}}}}}"#;
+        let im = import(src).map_err(|e| e.0).expect("imports");
+        let v: toml::Value = toml::from_str(&im.toml).expect("TOML");
+        let r = &v["site"][0]["route"];
+        assert_eq!(r[0]["redirect"].as_str(), Some("https://a.test{uri}"));
+        assert_eq!(r[0]["status"].as_integer(), Some(301));
+        assert_eq!(r[1]["respond"].as_str(), Some(""));
+        assert_eq!(r[1]["status"].as_integer(), Some(204));
+        assert_eq!(r[2]["proxy"].as_str(), Some("127.0.0.1:4000"));
+        assert_eq!(r[2]["strip_prefix"].as_str(), Some("/legacy"));
+        // Two upstreams: the first is used, and that is reported as not translated.
+        assert_eq!(r[3]["proxy"].as_str(), Some("127.0.0.1:1"));
+        assert_eq!(im.untranslated.len(), 1, "{:?}", im.untranslated);
+        assert!(im.untranslated[0].contains("2 upstreams"), "{:?}", im.untranslated);
+        assert_eq!(v["server"]["http"].as_str(), Some("0.0.0.0:80"));
+        assert!(v["server"].get("https").is_none());
+    }
+
+    #[test]
     fn adapted_caddyfile_subroutes_flatten() {
         // The shape `caddy adapt` gives a site with `handle` blocks and `root * dir` + file_server.
         let src = r#"{"apps":{"http":{"servers":{"srv0":{"listen":[":443"],"routes":[
