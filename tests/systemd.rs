@@ -138,6 +138,25 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Kills the children of a process when dropped, so that a failing test leaves no new markco
+/// behind (it would outlive its parent).
+struct KillChildrenOnDrop(u32);
+
+impl Drop for KillChildrenOnDrop {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return };
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised command name.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if ppid.and_then(|p| p.parse::<u32>().ok()) == Some(self.0) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 #[test]
 fn sigusr2_hands_over_to_a_new_process_that_systemd_then_follows() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -159,6 +178,8 @@ fn sigusr2_hands_over_to_a_new_process_that_systemd_then_follows() {
         .expect("start markco");
     let mut old = Proc { child };
     let old_pid = old.child.id();
+    // Dropped before `old` is killed: the new process, still its child, goes too.
+    let _children = KillChildrenOnDrop(old_pid);
     n.wait_for("READY=1", Duration::from_secs(20));
 
     signal(old_pid, libc::SIGUSR2);
