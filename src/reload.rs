@@ -71,6 +71,19 @@ impl Reloader {
     /// failure nothing changed and the error says why.
     pub fn reload(&self) -> Result<u64, String> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        // systemd sees RELOADING=1 now and READY=1 with the outcome when this returns.
+        let mut notice = crate::systemd::Reloading::begin();
+        let result = self.reload_locked();
+        notice.status(match &result {
+            Ok(g) => format!("serving generation {g} (reloaded)"),
+            Err(e) => {
+                format!("reload refused, still serving generation {}: {}", self.table().generation, first_line(e))
+            }
+        });
+        result
+    }
+
+    fn reload_locked(&self) -> Result<u64, String> {
         let Some(path) = &self.path else {
             self.metrics.reload(false);
             return Err("markco runs on its embedded default config; start it with --config FILE to reload".into());
@@ -113,4 +126,8 @@ impl Reloader {
         tracing::info!(target: "markco::reload", generation, sites = cfg.sites.len(), routes = cfg.route_count(), "config reloaded");
         Ok(generation)
     }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
 }

@@ -143,7 +143,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         tracing::error!("{problem}");
     }
 
+    // Open websockets get a Close frame just before the grace period of a shutdown ends.
+    let drain = Arc::new(markco_proxy::drain::Drain::new(cfg.server.grace_period));
     let mut gateway = Gateway::new(table.clone(), metrics.clone(), certs.tokens.clone())
+        .with_drain(drain.clone())
         .with_identity(control.sessions.clone())
         .with_control(Arc::new(PublicApi { plane: control.clone(), admin_token: admin_token.clone() }));
     if let Some(ws) = &cfg.plane.workspaces {
@@ -152,7 +155,8 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     }
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let conn_limits = ConnLimits::new(cfg.server.max_connections_per_ip, cfg.server.max_connections, &metrics.registry);
-    let edge_app = EdgeApp::new(proxy, cfg.server.header_timeout, conn_limits.clone(), metrics.header_timeouts.clone());
+    let edge_app = EdgeApp::new(proxy, cfg.server.header_timeout, conn_limits.clone(), metrics.header_timeouts.clone())
+        .with_drain(drain);
     let mut edge = Service::new("markco edge".to_string(), edge_app);
     // No read buffer in front of the client socket: Pingora's HTTP/1 reader reads into its own
     // buffer anyway, and the default 64 KiB one is allocated (and touched) for every connection
@@ -172,6 +176,22 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         }));
     }
 
+    let summary = format!(
+        "http {}, https {}, admin {}; {} sites, {} routes",
+        cfg.server.http,
+        cfg.server.https.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        cfg.server.admin,
+        cfg.sites.len(),
+        cfg.route_count()
+    );
+    let notifier = crate::systemd::Notifier {
+        http: cfg.server.http,
+        admin: cfg.server.admin,
+        plane: control.clone(),
+        summary,
+        took_over: upgrade,
+    };
+    let self_upgrade = crate::upgrade::SelfUpgrade { upgrade_sock: cfg.server.upgrade_sock.clone() };
     let http_addr = cfg.server.http;
     let admin_addr = cfg.server.admin;
     let https_addr = cfg.server.https;
@@ -189,6 +209,8 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     server.add_service(background_service("reload on SIGHUP", HangupReload { reloader }));
     server.add_service(background_service("certificates", CertService { manager: certs }));
     server.add_service(background_service("control plane", ControlService { plane: control }));
+    server.add_service(background_service("systemd notify", notifier));
+    server.add_service(background_service("upgrade on SIGUSR2", self_upgrade));
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         http = %http_addr,

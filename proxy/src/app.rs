@@ -16,6 +16,7 @@ use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 
 use crate::conn::{self, ConnLimits, EdgeStream};
+use crate::drain::Drain;
 use crate::Gateway;
 
 pub struct EdgeApp {
@@ -23,6 +24,7 @@ pub struct EdgeApp {
     header_timeout: Duration,
     limits: Arc<ConnLimits>,
     header_timeouts: prometheus::IntCounter,
+    drain: Option<Arc<Drain>>,
 }
 
 impl EdgeApp {
@@ -32,7 +34,13 @@ impl EdgeApp {
         limits: Arc<ConnLimits>,
         header_timeouts: prometheus::IntCounter,
     ) -> EdgeApp {
-        EdgeApp { inner: Arc::new(inner), header_timeout, limits, header_timeouts }
+        EdgeApp { inner: Arc::new(inner), header_timeout, limits, header_timeouts, drain: None }
+    }
+
+    /// Started when this listener stops accepting (the same `Drain` as the gateway's).
+    pub fn with_drain(mut self, drain: Arc<Drain>) -> EdgeApp {
+        self.drain = Some(drain);
+        self
     }
 
     /// Pingora's own per-read timer, set a second past ours so that ours (which can answer 408)
@@ -84,6 +92,14 @@ impl ServerApp for EdgeApp {
     }
 
     async fn cleanup(&self) {
+        // The accept loop has ended (shutdown or upgrade): the grace period runs from now.
+        // Pingora's cleanup drops idle kept-alive connections at once, which races with a client
+        // sending its next request on one; until the grace period is nearly over, their next
+        // request is answered instead (with `Connection: close`, as the shutdown has begun).
+        if let Some(d) = &self.drain {
+            d.begin();
+            d.closing().await;
+        }
         self.inner.http_cleanup().await;
     }
 }

@@ -44,6 +44,8 @@ pub struct Gateway {
     /// Upstream labels of per-user routes, made once (a request only clones the `Arc`).
     editor_label: Arc<str>,
     runtime_label: Arc<str>,
+    /// Tells websocket tunnels when a graceful shutdown is about to end them.
+    drain: Option<Arc<crate::drain::Drain>>,
 }
 
 impl Gateway {
@@ -59,7 +61,14 @@ impl Gateway {
             unrouted,
             editor_label: Arc::from("workspace:editor"),
             runtime_label: Arc::from("workspace:runtime"),
+            drain: None,
         }
+    }
+
+    /// Websockets end with a Close frame just before a graceful shutdown would cut them.
+    pub fn with_drain(mut self, drain: Arc<crate::drain::Drain>) -> Gateway {
+        self.drain = Some(drain);
+        self
     }
 
     /// The control plane's session lookups.
@@ -578,7 +587,7 @@ impl Gateway {
                 a.websocket_opened();
             }
         };
-        let outcome = tunnel::relay(session, &req, addr, connect, idle, on_upgrade).await;
+        let outcome = tunnel::relay(session, &req, addr, connect, idle, self.drain.as_deref(), on_upgrade).await;
         if let (Some(a), Ok(o)) = (&ctx.activity, &outcome) {
             if o.upgraded {
                 a.websocket_closed();

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod conn;
+pub mod drain;
 pub mod forwarded;
 pub mod gateway;
 pub mod identity;
