@@ -221,7 +221,9 @@ fn request_targets_that_are_not_origin_form_never_reach_the_upstream() {
     assert_eq!(rec.seen().last().map(|s| s.line.clone()).as_deref(), Some("GET /y/w"));
     let metrics = m.metrics();
     assert!(
-        metric_value(&metrics, "markco_http_bad_requests_total", &[("reason", "target_form")]).expect("the metric is exported") >= 8.0,
+        metric_value(&metrics, "markco_http_bad_requests_total", &[("reason", "target_form")])
+            .expect("the metric is exported")
+            >= 8.0,
         "refusals are counted by reason:\n{metrics}"
     );
 }
@@ -393,7 +395,10 @@ fn header_deadline_is_for_the_whole_header_with_a_408() {
     assert!(start.elapsed() < Duration::from_secs(5), "idle keep-alive closed: {:?}", start.elapsed());
     assert!(rest.is_empty(), "no 408 on an idle kept-alive connection: {:?}", String::from_utf8_lossy(&rest));
     let metrics = m.metrics();
-    assert!(metric_value(&metrics, "markco_http_header_timeouts_total", &[]).expect("the metric is exported") >= 2.0, "{metrics}");
+    assert!(
+        metric_value(&metrics, "markco_http_header_timeouts_total", &[]).expect("the metric is exported") >= 2.0,
+        "{metrics}"
+    );
 }
 
 /// A connection from a given loopback source address.
@@ -444,7 +449,9 @@ fn connections_beyond_the_per_ip_limit_are_refused_at_once() {
     });
     let metrics = m.metrics();
     assert!(
-        metric_value(&metrics, "markco_connections_refused_total", &[("limit", "per_ip")]).expect("the metric is exported") >= 1.0,
+        metric_value(&metrics, "markco_connections_refused_total", &[("limit", "per_ip")])
+            .expect("the metric is exported")
+            >= 1.0,
         "{metrics}"
     );
 }
