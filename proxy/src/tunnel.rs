@@ -121,7 +121,9 @@ pub async fn relay(
     let status = resp.status.as_u16();
     if status != 101 {
         // The upstream refused the upgrade: relay its (short) answer as a plain response.
-        let body = refusal_body(&mut up, leftover, content_length, chunked).await;
+        let body = refusal_body(&mut up, leftover, content_length, chunked)
+            .await
+            .map_err(|e| up_err(ErrorType::InvalidHTTPHeader, format!("refused upgrade's body: {e}")))?;
         resp.remove_header("transfer-encoding");
         resp.insert_header("Content-Length", body.len().to_string())?;
         session.write_response_header(Box::new(resp), body.is_empty()).await?;
@@ -164,38 +166,85 @@ pub async fn relay(
     Ok(Outcome { status, upgraded: true })
 }
 
-async fn refusal_body(up: &mut TcpStream, mut body: Vec<u8>, content_length: Option<usize>, chunked: bool) -> Vec<u8> {
+async fn refusal_body(
+    up: &mut TcpStream,
+    mut body: Vec<u8>,
+    content_length: Option<usize>,
+    chunked: bool,
+) -> std::result::Result<Vec<u8>, DechunkError> {
     let want = content_length.unwrap_or(MAX_REFUSAL_BODY).min(MAX_REFUSAL_BODY);
     let mut chunk = [0u8; 8192];
     let done = |b: &Vec<u8>| b.len() >= want || (chunked && b.ends_with(b"0\r\n\r\n"));
     while !done(&body) {
         match tokio::time::timeout(Duration::from_secs(5), up.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
+            Ok(Ok(n)) if n > 0 => body.extend_from_slice(chunk.get(..n).unwrap_or_default()),
             _ => break,
         }
     }
     body.truncate(want);
     if chunked {
-        return dechunk(&body);
+        return dechunk(&body, MAX_REFUSAL_BODY);
     }
-    body
+    Ok(body)
 }
 
-/// Decodes a complete chunked body (extensions ignored; stops at the last chunk or at a cut).
-pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&b[..nl])
-            .ok()
-            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok())
-            .unwrap_or(0);
-        if size == 0 || b.len() < nl + 2 + size {
-            break;
-        }
-        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
-        b = &b[(nl + 4 + size).min(b.len())..];
+/// Why a chunked body could not be decoded. The bytes come from an upstream (a tenant's runtime),
+/// so every malformation is an error for the caller, never a panic.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DechunkError {
+    /// A chunk-size line that is not hexadecimal, or does not fit in `usize`.
+    BadSize,
+    /// A chunk not followed by CRLF.
+    BadFraming,
+    /// The body ended before its last (zero-size) chunk.
+    Truncated,
+    /// The decoded body would pass the caller's limit.
+    TooLarge,
+}
+
+impl std::fmt::Display for DechunkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DechunkError::BadSize => "bad chunk size",
+            DechunkError::BadFraming => "chunk not followed by CRLF",
+            DechunkError::Truncated => "chunked body cut before its last chunk",
+            DechunkError::TooLarge => "chunked body too large",
+        })
     }
-    out
+}
+
+impl std::error::Error for DechunkError {}
+
+/// Decodes a complete chunked body (extensions and trailers ignored) of at most `limit` bytes.
+pub fn dechunk(mut b: &[u8], limit: usize) -> std::result::Result<Vec<u8>, DechunkError> {
+    let mut out = Vec::new();
+    loop {
+        let nl = b.windows(2).position(|w| w == b"\r\n").ok_or(DechunkError::Truncated)?;
+        let line = b.get(..nl).ok_or(DechunkError::Truncated)?;
+        let digits = line.split(|&c| c == b';').next().unwrap_or_default();
+        let digits = std::str::from_utf8(digits).map_err(|_| DechunkError::BadSize)?.trim();
+        if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(DechunkError::BadSize);
+        }
+        let size = usize::from_str_radix(digits, 16).map_err(|_| DechunkError::BadSize)?;
+        if size == 0 {
+            return Ok(out);
+        }
+        if out.len().checked_add(size).is_none_or(|total| total > limit) {
+            return Err(DechunkError::TooLarge);
+        }
+        let start = nl.checked_add(2).ok_or(DechunkError::BadSize)?;
+        let end = start.checked_add(size).ok_or(DechunkError::BadSize)?;
+        let data = b.get(start..end).ok_or(DechunkError::Truncated)?;
+        match b.get(end..end.saturating_add(2)) {
+            Some(b"\r\n") => {}
+            Some(_) => return Err(DechunkError::BadFraming),
+            None if b.len() > end => return Err(DechunkError::BadFraming),
+            None => return Err(DechunkError::Truncated),
+        }
+        out.extend_from_slice(data);
+        b = b.get(end.saturating_add(2)..).unwrap_or_default();
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +264,28 @@ mod tests {
 
     #[test]
     fn chunked_refusal() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
+        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 16), Ok(b"abcde".to_vec()));
+        assert_eq!(dechunk(b"3;ext=1\r\nabc\r\n0\r\n\r\n", 16), Ok(b"abc".to_vec()));
+    }
+
+    #[test]
+    fn hostile_chunked_refusals_are_errors() {
+        use DechunkError::*;
+        let cases: &[(&[u8], DechunkError)] = &[
+            (b"ffffffffffffffff\r\nab\r\n0\r\n\r\n", TooLarge),
+            (b"fffffffffffffffffffff\r\nab\r\n", BadSize),
+            (b"fffffffffffffff0\r\n", TooLarge),
+            (b"zz\r\nab\r\n0\r\n\r\n", BadSize),
+            (b"-1\r\nab\r\n0\r\n\r\n", BadSize),
+            (b"\r\n", BadSize),
+            (b"2\r\nabc\r\n0\r\n\r\n", BadFraming),
+            (b"5\r\nab", Truncated),
+            (b"2\r\nab\r\n", Truncated),
+            (b"", Truncated),
+            (b"100001\r\n", TooLarge),
+        ];
+        for (body, want) in cases {
+            assert_eq!(dechunk(body, MAX_REFUSAL_BODY).as_ref(), Err(want), "{}", String::from_utf8_lossy(body));
+        }
     }
 }

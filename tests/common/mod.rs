@@ -281,7 +281,7 @@ pub fn parse_response(raw: &[u8]) -> Option<Resp> {
     let chunked =
         headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
     if chunked {
-        body = markco_proxy::tunnel::dechunk(&body);
+        body = markco_proxy::tunnel::dechunk(&body, usize::MAX).ok()?;
     }
     Some(Resp { status, headers, body })
 }
