@@ -8,4 +8,5 @@ pub mod http_client;
 pub mod plane;
 pub mod runtime_health;
 pub mod sessions;
+pub mod supervise;
 pub mod workspaces;

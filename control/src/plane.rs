@@ -16,6 +16,7 @@ use crate::db::{Db, DbError, MoveRecord, WorkspaceRow};
 use crate::engine::ContainerEngine;
 use crate::http_client;
 use crate::sessions::{Lookup, SessionCache, SessionSettings};
+use crate::supervise::{panic_message, Supervisor};
 use crate::workspaces::{WorkspaceConfig, Workspaces};
 
 #[derive(Debug, Clone)]
@@ -119,9 +120,17 @@ enum Command {
     Get(String, Reply<Option<WorkspaceRow>>),
     Put(WorkspaceRow, Reply<()>),
     Delete(String, Reply<bool>),
-    Move { user: String, host: Option<String>, port: u16, reply: Reply<MoveOutcome> },
+    Move {
+        user: String,
+        host: Option<String>,
+        port: u16,
+        reply: Reply<MoveOutcome>,
+    },
     Ensure(String, Reply<bool>),
     Stop(String, Reply<()>),
+    /// A handler that panics, to prove the loop survives one.
+    #[cfg(test)]
+    Panic(Reply<()>),
 }
 
 /// The control plane's shared state; `run` is its loop on the control runtime.
@@ -138,6 +147,8 @@ pub struct ControlPlane {
     pub workspaces: Option<Arc<Workspaces>>,
     /// Users whose workspace markco itself is stopping: their containers' exits are expected.
     pub(crate) stopping: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Restarts the background loops after a panic, and knows which are down.
+    pub supervisor: Supervisor,
 }
 
 pub fn routes_of(row: &WorkspaceRow) -> Option<UserRoutes> {
@@ -236,6 +247,7 @@ impl ControlPlane {
             Arc::new(Workspaces::new(cfg, engine, crate::workspaces::WorkspaceMetrics::new(registry)))
         });
         Arc::new(ControlPlane {
+            supervisor: Supervisor::new(registry),
             workspaces,
             stopping: Arc::default(),
             table,
@@ -277,7 +289,8 @@ impl ControlPlane {
             .send(make(tx))
             .await
             .map_err(|_| PlaneError::Internal(anyhow::anyhow!("the control plane is not running")))?;
-        rx.await.map_err(|_| PlaneError::Internal(anyhow::anyhow!("the control plane stopped")))?
+        // A dropped reply: the handler panicked (the loop goes on) or the plane is shutting down.
+        rx.await.map_err(|_| PlaneError::Internal(anyhow::anyhow!("the control plane failed to handle this call")))?
     }
 
     pub async fn list_workspaces(&self) -> Result<Vec<WorkspaceRow>, PlaneError> {
@@ -346,34 +359,44 @@ impl ControlPlane {
                 });
             }
         });
-        let notify_task = tokio::spawn(Self::follow_session_changes(self.clone(), db.clone()));
-        let health_task = tokio::spawn(Self::health_loop(self.clone()));
-        let mut ws_tasks = Vec::new();
+        // Background loops: each restarted with backoff if it panics.
+        let sup = &self.supervisor;
+        let mut tasks = Vec::new();
+        let (p, d) = (self.clone(), db.clone());
+        tasks.push(sup.spawn("listen", move || Self::follow_session_changes(p.clone(), d.clone())));
+        let p = self.clone();
+        tasks.push(sup.spawn("health", move || Self::health_loop(p.clone())));
         if let Some(ws) = &self.workspaces {
-            ws_tasks.push(tokio::spawn(Self::watch_containers(self.clone(), ws.clone())));
-            ws_tasks.push(tokio::spawn(Self::runtime_health_loop(
-                self.clone(),
-                db.clone(),
-                ws.clone(),
-                ws.cfg.health_interval,
-            )));
+            let (p, w) = (self.clone(), ws.clone());
+            tasks.push(sup.spawn("events", move || Self::watch_containers(p.clone(), w.clone())));
+            let (p, d, w) = (self.clone(), db.clone(), ws.clone());
+            tasks.push(sup.spawn("runtime_health", move || {
+                Self::runtime_health_loop(p.clone(), d.clone(), w.clone(), w.cfg.health_interval)
+            }));
             if let Some(idle) = ws.cfg.idle_timeout {
-                ws_tasks.push(tokio::spawn(Self::reap_idle(self.clone(), db.clone(), ws.clone(), idle)));
+                let (p, d, w) = (self.clone(), db.clone(), ws.clone());
+                tasks.push(sup.spawn("reaping", move || Self::reap_idle(p.clone(), d.clone(), w.clone(), idle)));
             }
         }
         loop {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.handle(&db, cmd).await,
+                    Some(cmd) => {
+                        use futures_util::FutureExt;
+                        // A panicking handler drops its reply (that caller gets a 500); the loop
+                        // and every other caller go on.
+                        let handled = std::panic::AssertUnwindSafe(self.handle(&db, cmd)).catch_unwind().await;
+                        if let Err(payload) = handled {
+                            tracing::error!("a control-plane command panicked: {}", panic_message(payload));
+                        }
+                    }
                     None => break,
                 },
                 _ = shutdown.changed() => break,
             }
         }
         lookup_task.abort();
-        notify_task.abort();
-        health_task.abort();
-        for t in ws_tasks {
+        for t in tasks {
             t.abort();
         }
         db.close().await;
@@ -456,6 +479,8 @@ impl ControlPlane {
             Command::Move { user, host, port, reply } => {
                 let _ = reply.send(self.move_runtime_now(db, &user, host, port).await);
             }
+            #[cfg(test)]
+            Command::Panic(_reply) => panic!("a handler bug"),
         }
     }
 
@@ -717,5 +742,36 @@ impl ControlPlane {
                 _ = self.health_wake.notified() => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_command_answers_500_and_the_loop_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/markco.db", dir.path().display());
+        let db = Db::connect(&url).await.expect("open the test database");
+        db.migrate().await.expect("migrate");
+        db.close().await;
+        let config = PlaneConfig {
+            database_url: url,
+            workspaces: None,
+            sessions: SessionSettings::default(),
+            moves: MoveLimits::default(),
+            health_checks: Vec::new(),
+        };
+        let table = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
+        let plane = ControlPlane::new(table, config, &prometheus::Registry::new());
+        let (_stop, shutdown) = watch::channel(false);
+        let run = tokio::spawn(plane.clone().run(shutdown));
+        let err = plane.ask(Command::Panic).await.expect_err("the handler panicked");
+        assert_eq!(err.status(), 500, "{err}");
+        // The same loop still answers the next call.
+        let next = tokio::time::timeout(Duration::from_secs(5), plane.list_workspaces()).await;
+        assert!(matches!(next, Ok(Ok(ref rows)) if rows.is_empty()), "{next:?}");
+        run.abort();
     }
 }
