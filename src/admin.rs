@@ -186,9 +186,15 @@ impl AdminApp {
                     serde_json::json!({"error": format!("no route named {name:?}")}),
                 ));
             }
-            self.plane.table.rcu(|t| t.with_route_disabled(&name, disable));
-            tracing::warn!(route = %name, disabled = disable, "route switched by an admin");
-            return Some(json(StatusCode::OK, serde_json::json!({"route": name, "disabled": disable})));
+            // The operator's own hold only: a failing health check's hold stays (and the route
+            // stays off) after `enable`.
+            return Some(match self.plane.switch_route(&name, disable).await {
+                Ok(holders) => json(
+                    StatusCode::OK,
+                    serde_json::json!({"route": name, "disabled": !holders.is_empty(), "holders": holders}),
+                ),
+                Err(e) => plane_error(e),
+            });
         }
         if let Some(user) = path.strip_prefix("/api/admin/users/").and_then(|r| r.strip_suffix("/logout")) {
             // Logout or account deletion in the auth service: sessions dropped, containers stopped.
@@ -285,7 +291,20 @@ impl ServeHttp for AdminApp {
             }
             (Method::GET, "/routes") => {
                 let view = self.reloader.table().describe();
-                json(StatusCode::OK, serde_json::to_value(view).unwrap_or_default())
+                let mut view = serde_json::to_value(view).unwrap_or_default();
+                // Who holds each route off, and since when.
+                let holds = self.plane.switches.all();
+                if let Some(sites) = view.get_mut("sites").and_then(|s| s.as_array_mut()) {
+                    let routes = sites.iter_mut().filter_map(|s| s.get_mut("routes")?.as_array_mut()).flatten();
+                    for route in routes.filter_map(|r| r.as_object_mut()) {
+                        let holders = route.get("name").and_then(|n| n.as_str()).and_then(|n| holds.get(n)).cloned();
+                        route.insert(
+                            "holders".into(),
+                            serde_json::to_value(holders.unwrap_or_default()).unwrap_or_default(),
+                        );
+                    }
+                }
+                json(StatusCode::OK, view)
             }
             (Method::GET, "/certs") => {
                 let list = self.reloader.certs.store.list();

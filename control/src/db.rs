@@ -258,6 +258,30 @@ impl Db {
         }
     }
 
+    /// Stores `holder`'s hold of `route` (unix seconds `since`); an existing hold keeps its time.
+    pub async fn hold_route(&self, route: &str, holder: &str, since: i64) -> Result<()> {
+        match self {
+            Db::Sqlite(pool) => sqlite::hold_route(pool, route, holder, since).await,
+            Db::Postgres(pool) => postgres::hold_route(pool, route, holder, since).await,
+        }
+    }
+
+    /// Removes `holder`'s hold of `route`; true if there was one.
+    pub async fn release_route(&self, route: &str, holder: &str) -> Result<bool> {
+        match self {
+            Db::Sqlite(pool) => sqlite::release_route(pool, route, holder).await,
+            Db::Postgres(pool) => postgres::release_route(pool, route, holder).await,
+        }
+    }
+
+    /// Every stored route hold: (route, holder, since in unix seconds).
+    pub async fn route_holds(&self) -> Result<Vec<(String, String, i64)>> {
+        match self {
+            Db::Sqlite(pool) => sqlite::route_holds(pool).await,
+            Db::Postgres(pool) => postgres::route_holds(pool).await,
+        }
+    }
+
     /// PostgreSQL only (`None` on SQLite, where this process is the only writer): the tokens of
     /// sessions deleted or updated by anyone (logout, account deletion, the auth service), from
     /// `LISTEN markco_sessions`, fed by a trigger on `sessions`.

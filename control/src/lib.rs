@@ -9,4 +9,5 @@ pub mod plane;
 pub mod runtime_health;
 pub mod sessions;
 pub mod supervise;
+pub mod switches;
 pub mod workspaces;

@@ -17,6 +17,7 @@ use crate::engine::ContainerEngine;
 use crate::http_client;
 use crate::sessions::{Lookup, SessionCache, SessionSettings};
 use crate::supervise::{panic_message, Supervisor};
+use crate::switches::{health_holder, Hold, Switches, ADMIN};
 use crate::workspaces::{WorkspaceConfig, Workspaces};
 
 #[derive(Debug, Clone)]
@@ -128,6 +129,12 @@ enum Command {
     },
     Ensure(String, Reply<bool>),
     Stop(String, Reply<()>),
+    /// The operator holds a route off (`off`) or lifts its own hold.
+    Switch {
+        route: String,
+        off: bool,
+        reply: Reply<Vec<Hold>>,
+    },
     /// A handler that panics, to prove the loop survives one.
     #[cfg(test)]
     Panic(Reply<()>),
@@ -149,6 +156,8 @@ pub struct ControlPlane {
     pub(crate) stopping: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Restarts the background loops after a panic, and knows which are down.
     pub supervisor: Supervisor,
+    /// Who holds which route off.
+    pub switches: Switches,
 }
 
 pub fn routes_of(row: &WorkspaceRow) -> Option<UserRoutes> {
@@ -163,13 +172,20 @@ fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
     (host, port).to_socket_addrs().ok()?.next()
 }
 
-/// Loads the workspace map from the database before any listener accepts traffic, checked
+/// What a start loads from the database before any listener accepts traffic.
+pub struct Boot {
+    pub rows: Vec<WorkspaceRow>,
+    /// Stored route holds: (route, holder, since in unix seconds).
+    pub holds: Vec<(String, String, i64)>,
+}
+
+/// Loads the workspace map and the route holds from the database before any listener accepts traffic, checked
 /// against the container engine when markco manages containers: running workspaces whose
 /// containers still run are adopted as they are (ports included, also a runtime moved by
 /// update-port), rows whose containers are gone are marked stopped (the next request starts them
 /// again), and markco-labelled pods of users with no running workspace are removed. Runs on a
 /// short-lived runtime of its own: the pool it opens is closed before the control runtime starts.
-pub fn bootstrap(url: &str, workspaces: Option<&WorkspaceConfig>) -> anyhow::Result<Vec<WorkspaceRow>> {
+pub fn bootstrap(url: &str, workspaces: Option<&WorkspaceConfig>) -> anyhow::Result<Boot> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let db = Db::connect(url).await?;
@@ -179,8 +195,9 @@ pub fn bootstrap(url: &str, workspaces: Option<&WorkspaceConfig>) -> anyhow::Res
             let engine = crate::engine::podman::Podman::new(&cfg.engine_socket);
             reconcile(&db, &engine, &cfg.instance, &mut rows).await?;
         }
+        let holds = db.route_holds().await?;
         db.close().await;
-        Ok(rows)
+        Ok(Boot { rows, holds })
     })
 }
 
@@ -248,6 +265,7 @@ impl ControlPlane {
         });
         Arc::new(ControlPlane {
             supervisor: Supervisor::new(registry),
+            switches: Switches::new(registry),
             workspaces,
             stopping: Arc::default(),
             table,
@@ -272,6 +290,20 @@ impl ControlPlane {
         let keep = PlaneConfig { database_url: old.database_url.clone(), sessions: old.sessions, ..config };
         self.config.store(Arc::new(keep));
         self.health_wake.notify_one();
+    }
+
+    /// Applies the route holds stored in the database (at start, before traffic).
+    pub fn restore_holds(&self, holds: &[(String, String, i64)]) {
+        for (route, holder, since) in holds {
+            self.switches.set(&self.table, route, holder, true, *since);
+            tracing::warn!(route = %route, holder = %holder, "route held off since before the restart");
+        }
+    }
+
+    /// The operator holds `route` off (`off`) or lifts its own hold; other holders stay. Returns
+    /// the route's holders after the change.
+    pub async fn switch_route(&self, route: &str, off: bool) -> Result<Vec<Hold>, PlaneError> {
+        self.ask(|reply| Command::Switch { route: route.to_string(), off, reply }).await
     }
 
     /// Service states by name (`true`: passing).
@@ -478,6 +510,21 @@ impl ControlPlane {
             }
             Command::Move { user, host, port, reply } => {
                 let _ = reply.send(self.move_runtime_now(db, &user, host, port).await);
+            }
+            Command::Switch { route, off, reply } => {
+                // Stored first: a hold the database did not take would vanish at the next restart.
+                let now = chrono::Utc::now().timestamp();
+                let stored = if off {
+                    db.hold_route(&route, ADMIN, now).await
+                } else {
+                    db.release_route(&route, ADMIN).await.map(|_| ())
+                };
+                let res = stored.map_err(PlaneError::Internal).map(|()| {
+                    let holders = self.switches.set(&self.table, &route, ADMIN, off, now);
+                    tracing::warn!(route = %route, held = off, holders = holders.len(), "route switched by the operator");
+                    holders
+                });
+                let _ = reply.send(res);
             }
             #[cfg(test)]
             Command::Panic(_reply) => panic!("a handler bug"),
@@ -722,19 +769,36 @@ impl ControlPlane {
             .await;
             let old = self.health.load_full();
             let mut states = BTreeMap::new();
+            let now = chrono::Utc::now().timestamp();
+            // The health holds the checks want now: (route, holder).
+            let mut wanted = std::collections::BTreeSet::new();
             for (check, ok) in results {
-                if old.get(&check.name) != Some(&ok) {
-                    if ok {
-                        tracing::info!(service = %check.name, "health check passes");
-                    } else {
-                        tracing::warn!(service = %check.name, "health check fails");
+                let changed = old.get(&check.name) != Some(&ok);
+                if changed && ok {
+                    tracing::info!(service = %check.name, "health check passes");
+                } else if changed {
+                    tracing::warn!(service = %check.name, "health check fails");
+                }
+                if let Some(route) = &check.disable_route {
+                    let holder = health_holder(&check.name);
+                    if !ok {
+                        wanted.insert((route.clone(), holder.clone()));
                     }
-                    if let Some(route) = &check.disable_route {
-                        self.table.rcu(|t| t.with_route_disabled(route, !ok));
-                        tracing::warn!(route = %route, disabled = !ok, "route switched by the health of {}", check.name);
+                    // Only this check's hold: the operator's and other checks' holds stay.
+                    let holders = self.switches.set(&self.table, route, &holder, !ok, now);
+                    if changed {
+                        tracing::warn!(route = %route, held = !ok, holders = holders.len(), "route switched by {holder}");
                     }
                 }
                 states.insert(check.name.clone(), ok);
+            }
+            // Holds of checks a reload removed (or pointed at another route) go with them.
+            for (route, holds) in self.switches.all() {
+                for h in holds {
+                    if h.holder.starts_with("health:") && !wanted.contains(&(route.clone(), h.holder.clone())) {
+                        self.switches.set(&self.table, &route, &h.holder, false, now);
+                    }
+                }
             }
             self.health.store(Arc::new(states));
             tokio::select! {

@@ -394,3 +394,36 @@ pub(super) async fn session_changes(pool: &PgPool) -> Result<BoxStream<'static, 
     });
     Ok(stream.boxed())
 }
+
+pub(super) async fn hold_route(pool: &PgPool, route: &str, holder: &str, since: i64) -> Result<()> {
+    // A hold already there keeps its first `since`.
+    sqlx::query(
+        "INSERT INTO markco_route_holds (route, holder, since) VALUES ($1, $2, to_timestamp($3::float8)) ON CONFLICT DO NOTHING",
+    )
+    .bind(route)
+    .bind(holder)
+    .bind(since as f64)
+    .execute(pool)
+    .await
+    .with_context(|| format!("storing the {holder} hold of route {route}"))?;
+    Ok(())
+}
+
+pub(super) async fn release_route(pool: &PgPool, route: &str, holder: &str) -> Result<bool> {
+    let done = sqlx::query("DELETE FROM markco_route_holds WHERE route = $1 AND holder = $2")
+        .bind(route)
+        .bind(holder)
+        .execute(pool)
+        .await
+        .with_context(|| format!("removing the {holder} hold of route {route}"))?;
+    Ok(done.rows_affected() > 0)
+}
+
+pub(super) async fn route_holds(pool: &PgPool) -> Result<Vec<(String, String, i64)>> {
+    sqlx::query_as(
+        "SELECT route, holder, floor(extract(epoch FROM since))::int8 FROM markco_route_holds ORDER BY route, holder",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the route holds")
+}
