@@ -109,10 +109,10 @@ pub struct LazyStarter {
 
 #[async_trait]
 impl markco_proxy::identity::WorkspaceStarter for LazyStarter {
-    async fn ensure_running(&self, user: &str) -> Result<bool, markco_proxy::identity::IdentityError> {
+    async fn ensure_running(&self, user: &str) -> Result<bool, markco_proxy::identity::StartError> {
         match tokio::time::timeout(self.wait, self.plane.ensure_workspace(user)).await {
             Ok(Ok(running)) => Ok(running),
-            Ok(Err(e)) => Err(markco_proxy::identity::IdentityError::Unavailable(e.to_string())),
+            Ok(Err(e)) => Err(markco_proxy::identity::StartError(e.to_string())),
             // Still starting: the client gets 503 + Retry-After and the start goes on.
             Err(_) => Ok(false),
         }

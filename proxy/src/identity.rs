@@ -46,10 +46,16 @@ pub trait ControlApi: Send + Sync {
     async fn respond(&self, method: &http::Method, path: &str, authorization: Option<&str>) -> ControlResponse;
 }
 
+/// Why a lazy start failed (the container engine, the database...): its own error, so a failed
+/// start is not reported as an identity problem.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
 /// Starts a user's workspace on demand (lazy start). `Ok(true)` once it is running.
 #[async_trait]
 pub trait WorkspaceStarter: Send + Sync {
-    async fn ensure_running(&self, user: &str) -> Result<bool, IdentityError>;
+    async fn ensure_running(&self, user: &str) -> Result<bool, StartError>;
 }
 
 /// The session token: cookie `session_token`, then `Authorization: Bearer`, then `?token=`.
