@@ -99,6 +99,17 @@ fn db_error(e: anyhow::Error) -> PlaneError {
     }
 }
 
+/// A runtime move whose target answered its probe (see [`ControlPlane::complete_move`]).
+pub(crate) struct Moved<'a> {
+    /// The workspace before the move.
+    pub row: &'a WorkspaceRow,
+    pub host: &'a str,
+    pub port: u16,
+    pub target: SocketAddr,
+    /// A replacement runtime's container (the health loop's); `None`: only the address moves.
+    pub runtime_container: Option<String>,
+}
+
 /// The answer to a successful `update-port`.
 #[derive(Debug, Clone, Serialize)]
 pub struct MoveOutcome {
@@ -697,38 +708,75 @@ impl ControlPlane {
             }
             return Err(PlaneError::Conflict(format!("{why}; the user stays on {}", rec.from)));
         }
-        db.set_runtime(user, &host, port).await?;
-        let editor = resolve(&row.editor_host, row.editor_port);
-        self.table.rcu(|t| match t.user(user) {
-            Some(r) => t.with_user(user, UserRoutes { runtime: target, ..(**r).clone() }),
-            None => (**t).clone(),
-        });
+        let moved = Moved { row: &row, host: &host, port, target, runtime_container: None };
+        let outcome = self.complete_move(db, moved, started, started_unix, probe_ms).await?;
         self.recent_moves
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(user.to_string())
             .or_default()
             .push_back(started);
+        Ok(outcome)
+    }
+
+    /// The second half of every `update-port` (the admin call and the health loop's replacement
+    /// alike), once the new runtime answered its probe: persist, move the route, tell the editor,
+    /// record the move.
+    pub(crate) async fn complete_move(
+        &self,
+        db: &Db,
+        m: Moved<'_>,
+        started: Instant,
+        started_unix: i64,
+        probe_ms: u64,
+    ) -> Result<MoveOutcome, PlaneError> {
+        let limits = self.config.load().moves.clone();
+        let (row, user) = (m.row, m.row.user_id.as_str());
+        let from = format!("{}:{}", row.runtime_host, row.runtime_port);
+        let to = format!("{}:{}", m.host, m.port);
+        match &m.runtime_container {
+            // A new container: the row (and its `runtimes` row) now describe it.
+            Some(name) => {
+                let new_row = WorkspaceRow {
+                    runtime_host: m.host.to_string(),
+                    runtime_port: m.port,
+                    runtime_container: Some(name.clone()),
+                    updated_at: chrono::Utc::now().timestamp(),
+                    ..row.clone()
+                };
+                db.upsert_workspace(&new_row).await.map_err(db_error)?;
+            }
+            None => db.set_runtime(user, m.host, m.port).await.map_err(db_error)?,
+        }
+        self.table.rcu(|t| match t.user(user) {
+            Some(r) => t.with_user(user, UserRoutes { runtime: m.target, ..(**r).clone() }),
+            None => (**t).clone(),
+        });
         let notify_start = Instant::now();
-        let body = serde_json::json!({"port": port, "host": host}).to_string();
-        let notified = match editor {
-            Some(e) => http_client::call(e, "POST", "/api/runtime/update-port", Some(&body), limits.notify_timeout)
-                .await
-                .and_then(|r| {
-                    if (200..300).contains(&r.status) {
-                        Ok(())
-                    } else {
-                        Err(anyhow::anyhow!("editor answered {}", r.status))
-                    }
-                }),
-            None => Err(anyhow::anyhow!("editor address does not resolve")),
-        };
+        let body = serde_json::json!({"port": m.port, "host": m.host}).to_string();
+        let notified =
+            match resolve(&row.editor_host, row.editor_port) {
+                Some(e) => http_client::call(e, "POST", "/api/runtime/update-port", Some(&body), limits.notify_timeout)
+                    .await
+                    .and_then(|r| {
+                        if r.is_success() {
+                            Ok(())
+                        } else {
+                            Err(anyhow::anyhow!("editor answered {}", r.status))
+                        }
+                    }),
+                None => Err(anyhow::anyhow!("editor address does not resolve")),
+            };
         let notify_ms = notify_start.elapsed().as_millis() as u64;
+        let editor_error = notified.err().map(|e| format!("{e:#}"));
         let rec = MoveRecord {
             user_id: user.to_string(),
             from: from.clone(),
             to: to.clone(),
-            status: "completed".into(),
+            status: match &editor_error {
+                None => "completed".into(),
+                Some(e) => format!("completed; editor not told: {e}"),
+            },
             probe_ms: probe_ms as i64,
             notify_ms: notify_ms as i64,
             started_at: started_unix,
@@ -737,11 +785,10 @@ impl ControlPlane {
         if let Err(e) = db.record_move(&rec).await {
             tracing::warn!("cannot record the move: {e:#}");
         }
-        let editor_error = notified.err().map(|e| format!("{e:#}"));
         if let Some(e) = &editor_error {
             tracing::warn!(user, "runtime moved but the editor was not told: {e}");
         }
-        tracing::info!(user, %from, %to, probe_ms, notify_ms, "runtime moved");
+        tracing::info!(user, %from, %to, probe_ms, notify_ms, ms = started.elapsed().as_millis() as u64, "runtime moved");
         Ok(MoveOutcome {
             ok: true,
             user_id: user.to_string(),

@@ -231,25 +231,11 @@ impl Workspaces {
             }
         }
         let Some(mut row) = row else { bail!("could not claim free ports after 16 tries") };
-        let plan = db.user_plan(user).await.ok().flatten().unwrap_or_else(|| "free".to_string());
-        let limits = self.cfg.plans.get(&plan).or_else(|| self.cfg.plans.get("free")).copied().unwrap_or(PlanLimits {
-            editor_memory: self.cfg.editor_memory,
-            runtime_memory: self.cfg.runtime_memory,
-            runtime_cpus: self.cfg.runtime_cpus,
-        });
+        let limits = self.limits_of(db, user).await;
         let pod = pod_name(user);
         // A leftover pod of this user (a crash mid-start) is ours to replace.
         let _ = self.engine.remove_pod(&pod).await;
-        let labels = |role: &str| -> BTreeMap<String, String> {
-            let mut l = BTreeMap::new();
-            l.insert(LABEL_MANAGED.to_string(), "true".to_string());
-            l.insert(LABEL_USER.to_string(), user.to_string());
-            l.insert(LABEL_INSTANCE.to_string(), self.cfg.instance.clone());
-            if !role.is_empty() {
-                l.insert(LABEL_ROLE.to_string(), role.to_string());
-            }
-            l
-        };
+        let labels = |role: &str| self.labels(user, role);
         // Both ports on 127.0.0.1 only: the gateway is the way in.
         self.engine
             .create_pod(&PodSpec {
@@ -264,17 +250,7 @@ impl Workspaces {
             .await?;
         let (ep, rp) = (row.editor_port, row.runtime_port);
         let mount = vec![(data.display().to_string(), "/home/ubuntu".to_string())];
-        let runtime = ContainerSpec {
-            name: container_name("runtime", user),
-            pod: pod.clone(),
-            image: self.cfg.runtime_image.clone(),
-            command: self.cfg.runtime_command.iter().map(|c| fill(c, rp, rp, user)).collect(),
-            env: self.cfg.runtime_env.iter().map(|(k, v)| (k.clone(), fill(v, rp, rp, user))).collect(),
-            labels: labels("runtime"),
-            mounts: mount.clone(),
-            memory_bytes: limits.runtime_memory,
-            cpus: limits.runtime_cpus,
-        };
+        let runtime = self.runtime_spec(&container_name("runtime", user), user, rp, &limits);
         let editor = ContainerSpec {
             name: container_name("editor", user),
             pod: pod.clone(),
@@ -312,6 +288,45 @@ impl Workspaces {
             "workspace ready"
         );
         Ok(row)
+    }
+
+    /// The resources of the user's plan (`users.plan`; unknown plans use "free", and without
+    /// "free" the `[workspaces]` limits).
+    pub async fn limits_of(&self, db: &Db, user: &str) -> PlanLimits {
+        let plan = db.user_plan(user).await.ok().flatten().unwrap_or_else(|| "free".to_string());
+        self.cfg.plans.get(&plan).or_else(|| self.cfg.plans.get("free")).copied().unwrap_or(PlanLimits {
+            editor_memory: self.cfg.editor_memory,
+            runtime_memory: self.cfg.runtime_memory,
+            runtime_cpus: self.cfg.runtime_cpus,
+        })
+    }
+
+    /// The labels of this gateway's containers (`role` empty: the pod's).
+    pub fn labels(&self, user: &str, role: &str) -> BTreeMap<String, String> {
+        let mut l = BTreeMap::new();
+        l.insert(LABEL_MANAGED.to_string(), "true".to_string());
+        l.insert(LABEL_USER.to_string(), user.to_string());
+        l.insert(LABEL_INSTANCE.to_string(), self.cfg.instance.clone());
+        if !role.is_empty() {
+            l.insert(LABEL_ROLE.to_string(), role.to_string());
+        }
+        l
+    }
+
+    /// A runtime container listening on `port` in the user's pod, with the plan's limits: the
+    /// first runtime of a start and a replacement runtime are made alike.
+    pub fn runtime_spec(&self, name: &str, user: &str, port: u16, limits: &PlanLimits) -> ContainerSpec {
+        ContainerSpec {
+            name: name.to_string(),
+            pod: pod_name(user),
+            image: self.cfg.runtime_image.clone(),
+            command: self.cfg.runtime_command.iter().map(|c| fill(c, port, port, user)).collect(),
+            env: self.cfg.runtime_env.iter().map(|(k, v)| (k.clone(), fill(v, port, port, user))).collect(),
+            labels: self.labels(user, "runtime"),
+            mounts: vec![(self.cfg.data_dir.join(user).display().to_string(), "/home/ubuntu".to_string())],
+            memory_bytes: limits.runtime_memory,
+            cpus: limits.runtime_cpus,
+        }
     }
 
     /// Both the editor's `/health` and the runtime's `/mrp/v1/capabilities` answer 2xx.
