@@ -204,7 +204,7 @@ pub fn bootstrap(url: &str, workspaces: Option<&WorkspaceConfig>) -> anyhow::Res
         let mut rows = db.list_workspaces().await?;
         if let Some(cfg) = workspaces {
             let engine = crate::engine::podman::Podman::new(&cfg.engine_socket);
-            reconcile(&db, &engine, &cfg.instance, &mut rows).await?;
+            reconcile(&db, &engine, cfg, &mut rows).await?;
         }
         let holds = db.route_holds().await?;
         db.close().await;
@@ -215,12 +215,16 @@ pub fn bootstrap(url: &str, workspaces: Option<&WorkspaceConfig>) -> anyhow::Res
 async fn reconcile(
     db: &Db,
     engine: &dyn ContainerEngine,
-    instance: &str,
+    cfg: &WorkspaceConfig,
     rows: &mut [WorkspaceRow],
 ) -> anyhow::Result<()> {
     let mut managed = engine.list_managed().await.map_err(|e| e.context("listing markco's containers"))?;
     // Another gateway's containers (another database) are not ours to judge.
-    managed.retain(|c| c.labels.get(crate::engine::LABEL_INSTANCE).is_some_and(|i| i == instance));
+    managed.retain(|c| cfg.owns(c.labels.get(crate::engine::LABEL_INSTANCE)));
+    let legacy = managed.iter().filter(|c| c.labels.get(crate::engine::LABEL_INSTANCE) != Some(&cfg.instance)).count();
+    if legacy > 0 {
+        tracing::info!(containers = legacy, "adopting containers labelled with this gateway's former instance label");
+    }
     let running = |name: &Option<String>| {
         name.as_ref().is_some_and(|n| managed.iter().any(|c| &c.name == n && c.state == "running"))
     };
@@ -596,7 +600,7 @@ impl ControlPlane {
                 if ev.status != "died" {
                     continue;
                 }
-                if ev.labels.get(crate::engine::LABEL_INSTANCE) != Some(&ws.cfg.instance) {
+                if !ws.cfg.owns(ev.labels.get(crate::engine::LABEL_INSTANCE)) {
                     continue;
                 }
                 let Some(user) = ev.labels.get(crate::engine::LABEL_USER).cloned() else { continue };

@@ -18,6 +18,8 @@ use crate::http_client;
 pub struct WorkspaceConfig {
     /// Labels this gateway's containers (see `LABEL_INSTANCE`); derived from the database URL.
     pub instance: String,
+    /// The label earlier releases gave this gateway's containers ([`legacy_instance_of`]).
+    pub legacy_instance: Option<String>,
     pub engine_socket: PathBuf,
     pub data_dir: PathBuf,
     /// Owner (uid) of a user's data directory, set once when it is created.
@@ -57,6 +59,7 @@ impl Default for WorkspaceConfig {
         let env = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         WorkspaceConfig {
             instance: "default".into(),
+            legacy_instance: None,
             engine_socket: PathBuf::from("/run/podman/podman.sock"),
             data_dir: PathBuf::from("/data/users"),
             data_uid: 1000,
@@ -106,13 +109,31 @@ impl Default for WorkspaceConfig {
     }
 }
 
-/// A stable instance name for a database URL (the same state gives the same name).
+/// A stable instance name for a database URL (the same state gives the same name): the first 16
+/// bytes of its SHA-256, in hex. Fixed by the algorithm, so no toolchain upgrade can orphan
+/// containers.
 pub fn instance_of(database_url: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(database_url.as_bytes());
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The instance name earlier markco releases derived with `DefaultHasher` (whose output may
+/// change between Rust releases). Containers carrying it are adopted as this gateway's; new ones
+/// get [`instance_of`]'s name.
+pub fn legacy_instance_of(database_url: &str) -> String {
     use std::hash::{Hash, Hasher};
-    // SipHash with fixed keys: stable across runs and builds of the same Rust version.
     let mut h = std::collections::hash_map::DefaultHasher::new();
     database_url.hash(&mut h);
     format!("{:016x}", h.finish())
+}
+
+impl WorkspaceConfig {
+    /// Whether a container's instance label says it is this gateway's (its own label, or the one
+    /// an earlier release gave it).
+    pub fn owns(&self, instance_label: Option<&String>) -> bool {
+        instance_label.is_some_and(|l| *l == self.instance || self.legacy_instance.as_ref() == Some(l))
+    }
 }
 
 /// Names built from the whole user id: two users never share one (no prefix truncation).
@@ -379,6 +400,22 @@ mod tests {
         let b = "aaaaaaaa-2222-4222-8222-222222222222";
         assert_ne!(container_name("editor", a), container_name("editor", b));
         assert_ne!(pod_name(a), pod_name(b));
+    }
+
+    #[test]
+    fn instance_labels_are_fixed_and_old_ones_are_adopted() {
+        // SHA-256, pinned: a change here would orphan every running container.
+        assert_eq!(instance_of("sqlite://markco.db"), "49a7ff35dec4a70b3c610dbe773177c6");
+        let cfg = WorkspaceConfig {
+            instance: instance_of("sqlite://markco.db"),
+            legacy_instance: Some(legacy_instance_of("sqlite://markco.db")),
+            ..WorkspaceConfig::default()
+        };
+        assert!(cfg.owns(Some(&instance_of("sqlite://markco.db"))));
+        assert!(cfg.owns(Some(&legacy_instance_of("sqlite://markco.db"))));
+        assert!(!cfg.owns(Some(&instance_of("sqlite://other.db"))));
+        assert!(!cfg.owns(Some(&legacy_instance_of("sqlite://other.db"))));
+        assert!(!cfg.owns(None));
     }
 
     #[test]
