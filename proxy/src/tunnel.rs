@@ -166,26 +166,49 @@ pub async fn relay(
     Ok(Outcome { status, upgraded: true })
 }
 
+/// Reads a refused upgrade's body: whole, or an error (a cut or oversized body is not relayed as
+/// if it were complete).
 async fn refusal_body(
     up: &mut TcpStream,
     mut body: Vec<u8>,
     content_length: Option<usize>,
     chunked: bool,
 ) -> std::result::Result<Vec<u8>, DechunkError> {
-    let want = content_length.unwrap_or(MAX_REFUSAL_BODY).min(MAX_REFUSAL_BODY);
+    // Chunked framing wins over a Content-Length; without either the body ends at the close.
+    let length = if chunked { None } else { content_length };
+    if length.is_some_and(|n| n > MAX_REFUSAL_BODY) {
+        return Err(DechunkError::TooLarge);
+    }
+    let want = length.unwrap_or(MAX_REFUSAL_BODY);
     let mut chunk = [0u8; 8192];
     let done = |b: &Vec<u8>| b.len() >= want || (chunked && b.ends_with(b"0\r\n\r\n"));
+    // One deadline for the whole body: a trickle of bytes must not hold the request forever.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut closed = false;
     while !done(&body) {
-        match tokio::time::timeout(Duration::from_secs(5), up.read(&mut chunk)).await {
+        match tokio::time::timeout_at(deadline, up.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => body.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Ok(Ok(_)) => {
+                closed = true;
+                break;
+            }
+            // A reset or the deadline: what was read is not the whole body.
             _ => break,
         }
     }
-    body.truncate(want);
     if chunked {
         return dechunk(&body, MAX_REFUSAL_BODY);
     }
-    Ok(body)
+    match length {
+        Some(n) if body.len() < n => Err(DechunkError::Truncated),
+        Some(n) => {
+            body.truncate(n);
+            Ok(body)
+        }
+        None if body.len() > MAX_REFUSAL_BODY => Err(DechunkError::TooLarge),
+        None if !closed && body.len() < MAX_REFUSAL_BODY => Err(DechunkError::Truncated),
+        None => Ok(body),
+    }
 }
 
 /// Why a chunked body could not be decoded. The bytes come from an upstream (a tenant's runtime),
@@ -196,7 +219,7 @@ pub enum DechunkError {
     BadSize,
     /// A chunk not followed by CRLF.
     BadFraming,
-    /// The body ended before its last (zero-size) chunk.
+    /// The body ended (or its time ran out) before its last chunk or its announced length.
     Truncated,
     /// The decoded body would pass the caller's limit.
     TooLarge,
@@ -207,8 +230,8 @@ impl std::fmt::Display for DechunkError {
         f.write_str(match self {
             DechunkError::BadSize => "bad chunk size",
             DechunkError::BadFraming => "chunk not followed by CRLF",
-            DechunkError::Truncated => "chunked body cut before its last chunk",
-            DechunkError::TooLarge => "chunked body too large",
+            DechunkError::Truncated => "body cut before its end",
+            DechunkError::TooLarge => "body too large",
         })
     }
 }
