@@ -835,7 +835,7 @@ async fn postgres_adopts_todays_database() {
         .fetch_one(&mut conn)
         .await
         .expect("applied");
-    assert_eq!(applied, 3);
+    assert_eq!(applied, 4);
     // The services that own today's tables can still run their schema at start.
     conn.execute(TODAY_SCHEMA).await.expect("today's schema again, after markco");
 
