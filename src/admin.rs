@@ -120,7 +120,10 @@ impl AdminApp {
                         (Ok(e), Ok(r)) => (e, r),
                         (Err(e), _) | (_, Err(e)) => return Some(bad_request(e)),
                     };
-                    let state = body.get("state").and_then(|s| s.as_str()).unwrap_or("running").to_string();
+                    let state = match body.get("state").and_then(|s| s.as_str()).unwrap_or("running").parse() {
+                        Ok(s) => s,
+                        Err(e) => return Some(bad_request(format!("{e:#}"))),
+                    };
                     let row = WorkspaceRow {
                         user_id: user.to_string(),
                         editor_host: editor.0,

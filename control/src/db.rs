@@ -37,12 +37,54 @@ pub struct WorkspaceRow {
     pub editor_port: u16,
     pub runtime_host: String,
     pub runtime_port: u16,
-    /// "running" | "stopped" | "starting" | ...; copied to the `runtimes` row.
-    pub state: String,
+    /// Copied to the `runtimes` row.
+    pub state: WorkspaceState,
     pub editor_container: Option<String>,
     pub runtime_container: Option<String>,
     /// Unix seconds.
     pub updated_at: i64,
+}
+
+/// Where a workspace is in its life. Stored as text in `markco_workspaces.state` and
+/// `runtimes.state`; [`WorkspaceState::as_str`] and its `FromStr` are the only mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkspaceState {
+    Starting,
+    Running,
+    Stopped,
+    Failed,
+}
+
+impl WorkspaceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkspaceState::Starting => "starting",
+            WorkspaceState::Running => "running",
+            WorkspaceState::Stopped => "stopped",
+            WorkspaceState::Failed => "failed",
+        }
+    }
+}
+
+impl std::str::FromStr for WorkspaceState {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<WorkspaceState> {
+        Ok(match s {
+            "starting" => WorkspaceState::Starting,
+            "running" => WorkspaceState::Running,
+            "stopped" => WorkspaceState::Stopped,
+            "failed" => WorkspaceState::Failed,
+            other => bail!("unknown workspace state {other:?} (starting, running, stopped, failed)"),
+        })
+    }
+}
+
+impl std::fmt::Display for WorkspaceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A runtime move (`update-port`) to record in today's `migrations` table.
@@ -348,6 +390,7 @@ fn workspace_from_tuple(t: WorkspaceTuple) -> Result<WorkspaceRow> {
     let port = |p: i64, what: &str| {
         u16::try_from(p).map_err(|_| anyhow::anyhow!("workspace of user {user_id} has an invalid {what} port {p}"))
     };
+    let state = state.parse().map_err(|e: anyhow::Error| e.context(format!("workspace of user {user_id}")))?;
     Ok(WorkspaceRow {
         editor_port: port(editor_port, "editor")?,
         runtime_port: port(runtime_port, "runtime")?,
@@ -396,5 +439,21 @@ fn session_insert_error(err: sqlx::Error, user_id: &str) -> anyhow::Error {
     match err.as_database_error() {
         Some(db_err) if db_err.is_foreign_key_violation() => DbError::UnknownUser(user_id.to_owned()).into(),
         _ => anyhow::Error::new(err).context(format!("creating a session for user {user_id}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_states_map_to_one_text_each_and_back() {
+        use WorkspaceState::*;
+        for state in [Starting, Running, Stopped, Failed] {
+            assert_eq!(state.as_str().parse::<WorkspaceState>().ok(), Some(state));
+            assert_eq!(serde_json::to_value(state).ok(), Some(serde_json::json!(state.as_str())));
+        }
+        assert!("Running".parse::<WorkspaceState>().is_err());
+        assert!("".parse::<WorkspaceState>().is_err());
     }
 }

@@ -12,7 +12,7 @@ use markco_proxy::table::{RouteTable, UserRoutes};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::db::{Db, DbError, MoveRecord, WorkspaceRow};
+use crate::db::{Db, DbError, MoveRecord, WorkspaceRow, WorkspaceState};
 use crate::engine::ContainerEngine;
 use crate::http_client;
 use crate::sessions::{Lookup, SessionCache, SessionSettings};
@@ -174,7 +174,7 @@ pub struct ControlPlane {
 pub fn routes_of(row: &WorkspaceRow) -> Option<UserRoutes> {
     let editor = resolve(&row.editor_host, row.editor_port)?;
     let runtime = resolve(&row.runtime_host, row.runtime_port)?;
-    Some(UserRoutes::new(editor, runtime, row.state == "running"))
+    Some(UserRoutes::new(editor, runtime, row.state == WorkspaceState::Running))
 }
 
 fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
@@ -229,17 +229,18 @@ async fn reconcile(
         name.as_ref().is_some_and(|n| managed.iter().any(|c| &c.name == n && c.state == "running"))
     };
     for row in rows.iter_mut() {
-        if row.state == "running" && !(running(&row.editor_container) && running(&row.runtime_container)) {
+        if row.state == WorkspaceState::Running && !(running(&row.editor_container) && running(&row.runtime_container))
+        {
             tracing::warn!(user = %row.user_id, "workspace containers are gone; marked stopped");
-            row.state = "stopped".into();
+            row.state = WorkspaceState::Stopped;
             db.upsert_workspace(row).await?;
             let _ = engine.remove_pod(&crate::workspaces::pod_name(&row.user_id)).await;
-        } else if row.state == "running" {
+        } else if row.state == WorkspaceState::Running {
             tracing::info!(user = %row.user_id, "adopted running workspace");
         }
     }
     let live: std::collections::HashSet<&str> =
-        rows.iter().filter(|r| r.state == "running").map(|r| r.user_id.as_str()).collect();
+        rows.iter().filter(|r| r.state == WorkspaceState::Running).map(|r| r.user_id.as_str()).collect();
     let mut strays: Vec<String> = managed
         .iter()
         .filter_map(|c| c.labels.get(crate::engine::LABEL_USER))

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
-use crate::db::{Db, DbError, WorkspaceRow};
+use crate::db::{Db, DbError, WorkspaceRow, WorkspaceState};
 use crate::engine::{ContainerEngine, ContainerSpec, PodSpec, LABEL_INSTANCE, LABEL_MANAGED, LABEL_ROLE, LABEL_USER};
 use crate::http_client;
 
@@ -237,7 +237,7 @@ impl Workspaces {
                 editor_port: e,
                 runtime_host: "127.0.0.1".into(),
                 runtime_port: r,
-                state: "starting".into(),
+                state: WorkspaceState::Starting,
                 editor_container: Some(container_name("editor", user)),
                 runtime_container: Some(container_name("runtime", user)),
                 updated_at: chrono::Utc::now().timestamp(),
@@ -292,11 +292,11 @@ impl Workspaces {
         if let Err(e) = run.await {
             self.metrics.starts.with_label_values(&["error"]).inc();
             let _ = self.engine.remove_pod(&pod).await;
-            row.state = "failed".into();
+            row.state = WorkspaceState::Failed;
             let _ = db.upsert_workspace(&row).await;
             return Err(e.context(format!("starting the workspace of {user}")));
         }
-        row.state = "running".into();
+        row.state = WorkspaceState::Running;
         row.updated_at = chrono::Utc::now().timestamp();
         db.upsert_workspace(&row).await?;
         self.metrics.starts.with_label_values(&["ok"]).inc();
@@ -383,7 +383,7 @@ impl Workspaces {
         self.engine.remove_pod(&pod_name(user)).await?;
         self.metrics.stops.inc();
         if let Some(mut row) = db.get_workspace(user).await? {
-            row.state = "stopped".into();
+            row.state = WorkspaceState::Stopped;
             db.upsert_workspace(&row).await?;
         }
         Ok(())

@@ -199,7 +199,7 @@ pub(super) async fn upsert_workspace(pool: &PgPool, row: &WorkspaceRow) -> Resul
     .bind(i32::from(row.editor_port))
     .bind(&row.runtime_host)
     .bind(i32::from(row.runtime_port))
-    .bind(&row.state)
+    .bind(row.state.as_str())
     .bind(&row.editor_container)
     .bind(&row.runtime_container)
     .bind(row.updated_at)
@@ -233,7 +233,7 @@ pub(super) async fn upsert_workspace(pool: &PgPool, row: &WorkspaceRow) -> Resul
             .bind(container)
             .bind(&row.runtime_host)
             .bind(i32::from(row.runtime_port))
-            .bind(&row.state)
+            .bind(row.state.as_str())
             .execute(&mut *tx)
             .await
             .context("updating the workspace's runtime")?;
@@ -256,7 +256,7 @@ pub(super) async fn upsert_workspace(pool: &PgPool, row: &WorkspaceRow) -> Resul
             .bind(container)
             .bind(&row.runtime_host)
             .bind(i32::from(row.runtime_port))
-            .bind(&row.state)
+            .bind(row.state.as_str())
             .execute(&mut *tx)
             .await
             .context("recording the workspace's runtime")?;

@@ -170,7 +170,7 @@ pub(super) async fn upsert_workspace(pool: &SqlitePool, row: &WorkspaceRow) -> R
     .bind(row.editor_port)
     .bind(&row.runtime_host)
     .bind(row.runtime_port)
-    .bind(&row.state)
+    .bind(row.state.as_str())
     .bind(&row.editor_container)
     .bind(&row.runtime_container)
     .bind(row.updated_at)
@@ -205,7 +205,7 @@ pub(super) async fn upsert_workspace(pool: &SqlitePool, row: &WorkspaceRow) -> R
             .bind(container)
             .bind(&row.runtime_host)
             .bind(row.runtime_port)
-            .bind(&row.state)
+            .bind(row.state.as_str())
             .bind(now)
             .execute(&mut *tx)
             .await
@@ -230,7 +230,7 @@ pub(super) async fn upsert_workspace(pool: &SqlitePool, row: &WorkspaceRow) -> R
             .bind(container)
             .bind(&row.runtime_host)
             .bind(row.runtime_port)
-            .bind(&row.state)
+            .bind(row.state.as_str())
             .bind(now)
             .execute(&mut *tx)
             .await
