@@ -6,6 +6,7 @@ use std::sync::Arc;
 use markco_control::api::same_token;
 use markco_control::db::WorkspaceRow;
 use markco_control::plane::{ControlPlane, PlaneError};
+use markco_proxy::user_id::UserId;
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -60,8 +61,9 @@ fn host_port(v: &serde_json::Value, key: &str) -> Result<(String, u16), String> 
 }
 
 /// A user id in a path: what the auth service issues (UUIDs) and nothing that could be a path trick.
+/// The same rule as the gateway's and the database's ([`UserId`]).
 fn valid_user_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    UserId::is_valid(id)
 }
 
 impl AdminApp {

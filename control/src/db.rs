@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use base64::Engine as _;
 use futures_util::stream::BoxStream;
+use markco_proxy::user_id::UserId;
 use serde::{Deserialize, Serialize};
 
 /// A handle on the control plane's database. Cheap to clone (it is a connection pool).
@@ -120,7 +121,7 @@ pub enum DbError {
     /// Another workspace holds this address (the DB's unique constraints); allocate another port.
     #[error("{kind} address {host}:{port} is already used by another workspace")]
     AddressInUse { kind: &'static str, host: String, port: u16 },
-    #[error("user id {0:?} is not a UUID")]
+    #[error("user id {0:?} is not a UUID in canonical form (lowercase, hyphenated)")]
     InvalidUserId(String),
 }
 
@@ -291,7 +292,7 @@ impl Db {
     /// How many moves (`migrations` rows) the user's runtimes have had, including the ones
     /// compute-manager recorded before markco.
     pub async fn count_moves(&self, user_id: &str) -> Result<i64> {
-        if uuid::Uuid::parse_str(user_id).is_err() {
+        if !UserId::is_valid(user_id) {
             return Ok(0);
         }
         match self {
@@ -354,11 +355,9 @@ fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// The one user-id rule ([`UserId`]), also the gateway's and the admin API's.
 fn check_user_id(user_id: &str) -> Result<(), DbError> {
-    match uuid::Uuid::parse_str(user_id) {
-        Ok(_) => Ok(()),
-        Err(_) => Err(DbError::InvalidUserId(user_id.to_owned())),
-    }
+    UserId::parse(user_id).map(|_| ()).map_err(|_| DbError::InvalidUserId(user_id.to_owned()))
 }
 
 /// Milliseconds as stored in today's `integer` columns (saturating).

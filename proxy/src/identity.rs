@@ -106,7 +106,8 @@ pub fn query_without_token(query: Option<&str>) -> Option<String> {
 pub fn owner_segment<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
     let rest = path.strip_prefix(prefix)?;
     let owner = rest.split('/').next()?;
-    (!owner.is_empty()).then_some(owner)
+    // Only a valid user id names an owner (anything else: 404, before any lookup).
+    crate::user_id::UserId::is_valid(owner).then_some(owner)
 }
 
 /// Does the client want HTML (a browser navigation), so that a login redirect makes sense?
@@ -157,12 +158,15 @@ mod tests {
 
     #[test]
     fn owners() {
-        assert_eq!(owner_segment("/u/alice/x/y", "/u/"), Some("alice"));
-        assert_eq!(owner_segment("/u/alice", "/u/"), Some("alice"));
+        let alice = "3f2b9c1e-aaaa-4bbb-8ccc-0123456789ab";
+        assert_eq!(owner_segment(&format!("/u/{alice}/x/y"), "/u/"), Some(alice));
+        assert_eq!(owner_segment(&format!("/u/{alice}"), "/u/"), Some(alice));
         assert_eq!(owner_segment("/u/", "/u/"), None);
         assert_eq!(owner_segment("/u", "/u/"), None);
-        assert_eq!(owner_segment("/tunnel/bob", "/tunnel/"), Some("bob"));
-        assert_eq!(owner_segment("/u/al%2Fice/x", "/u/"), Some("al%2Fice"));
+        assert_eq!(owner_segment(&format!("/tunnel/{alice}"), "/tunnel/"), Some(alice));
+        assert_eq!(owner_segment("/u/al%2Fice/x", "/u/"), None);
+        assert_eq!(owner_segment("/u/bob/x", "/u/"), None);
+        assert_eq!(owner_segment(&format!("/u/{}/", alice.to_uppercase()), "/u/"), None);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod path;
 pub mod static_files;
 pub mod table;
 pub mod tunnel;
+pub mod user_id;
 
 pub use gateway::Gateway;
 pub use metrics::Metrics;
