@@ -382,3 +382,41 @@ fn hostile_answers_to_a_websocket_upgrade_on_the_runtime_route() {
     assert_eq!((r.status, r.body_text().as_str()), (403, "no ws"), "{:?}", String::from_utf8_lossy(&raw));
     assert!(m.log().lines().all(|l| !l.contains("panicked")), "{}", m.log());
 }
+
+/// The runtime health loop probes every running workspace's runtime: with one runtime of each
+/// hostile kind, it keeps its rhythm, never panics, and Bob's runtime keeps passing and moving.
+/// Needs podman (`MARKCO_PODMAN_SOCKET`): the loop runs only when markco manages containers. No
+/// container is started (the workspaces are registered through the admin API).
+#[test]
+fn hostile_answers_to_the_runtime_health_probe() {
+    let socket = std::env::var("MARKCO_PODMAN_SOCKET").unwrap_or_else(|_| "/run/podman/podman.sock".into());
+    let config = CONFIG.to_string()
+        + &format!(
+            "\n[workspaces]\nengine = \"unix://{socket}\"\ndata_dir = \"{{dir}}/users\"\n\
+             health_interval = \"200ms\"\nidle_timeout = \"1h\"\n"
+        );
+    let m = Markco::start(&config);
+    let peers = Peers::new();
+    let mut bob = Bystander::new(&m);
+    for (i, kind) in KINDS.into_iter().enumerate() {
+        let (user, _) = add_user(&m, &format!("eve{i}@example.com"));
+        let editor: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        put_workspace(&m, &user, editor, peers.start(kind));
+    }
+    let failures = |m: &Markco| metric_value(&m.metrics(), "markco_workspace_probe_failures_total", &[]).unwrap_or(0.0);
+    // Every hostile runtime fails its probes, round after round (a round is bounded by the
+    // probe's 2 s timeout, whatever the runtimes answer).
+    eventually(Duration::from_secs(15), "two rounds of failed probes", || failures(&m) >= 2.0 * KINDS.len() as f64);
+    let before = failures(&m);
+    bob.still_served(&m, "hostile health probes");
+    eventually(Duration::from_secs(15), "the health loop goes on", || failures(&m) >= before + KINDS.len() as f64);
+    let metrics = m.metrics();
+    assert_eq!(
+        metric_value(&metrics, "markco_task_restarts_total", &[("task", "runtime_health")]),
+        Some(0.0),
+        "the runtime health loop panicked:\n{}",
+        m.log()
+    );
+    bob.still_served(&m, "more hostile health probes");
+    assert!(m.log().lines().all(|l| !l.contains("panicked")), "{}", m.log());
+}
