@@ -5,6 +5,9 @@
 //! Whatever answers is tenant input (a runtime runs the user's code), so the framing is left to
 //! hyper's parser, the body is read through [`Limited`], and the whole call runs under one timeout.
 
+// Bytes from the network: no arithmetic that can overflow, no indexing that can panic.
+#![deny(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -2,6 +2,9 @@
 //! plane asks the control plane (session lookups, the control API). The proxy never talks to a
 //! database itself.
 
+// Bytes from the network: no arithmetic that can overflow, no indexing that can panic.
+#![deny(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+
 use std::sync::Arc;
 
 use async_trait::async_trait;

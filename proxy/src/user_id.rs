@@ -3,6 +3,9 @@
 //! canonical text form (lowercase hex, hyphenated, 36 characters), so one user has exactly one
 //! spelling and a path can never name a user in a way the database would read differently.
 
+// Bytes from the network: no arithmetic that can overflow, no indexing that can panic.
+#![deny(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+
 use std::fmt;
 use std::sync::Arc;
 
