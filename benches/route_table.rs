@@ -19,18 +19,18 @@ fn user_id(i: usize) -> String {
 fn table_with(users: usize) -> RouteTable {
     let metrics = Metrics::new();
     let routes = vec![
-        std::sync::Arc::new(Route {
-            name: "workspace".into(),
-            patterns: vec![PathPattern::parse("/u/*")],
-            action: Action::Workspace,
-            metrics: metrics.route("workspace"),
-        }),
-        std::sync::Arc::new(Route {
-            name: "fallback".into(),
-            patterns: vec![PathPattern::parse("/*")],
-            action: Action::Control,
-            metrics: metrics.route("fallback"),
-        }),
+        std::sync::Arc::new(Route::new(
+            "workspace",
+            vec![PathPattern::parse("/u/*")],
+            Action::Workspace,
+            metrics.route("workspace"),
+        )),
+        std::sync::Arc::new(Route::new(
+            "fallback",
+            vec![PathPattern::parse("/*")],
+            Action::Control,
+            metrics.route("fallback"),
+        )),
     ];
     let site = Site { hosts: vec!["markco.dev".into()], tls: false, routes };
     let mut t = RouteTable::new(1, Routing::new(ProxySettings::default(), vec![site]));

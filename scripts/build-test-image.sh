@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
-target_dir="${MARKCO_STATIC_TARGET_DIR:-${CARGO_TARGET_DIR:-$PWD/target}-static}"
+target_dir="${MARKCO_STATIC_TARGET_DIR:-${CARGO_TARGET_DIR:-$PWD/target}/static-testupstream}"
 triple="$(rustc -vV | sed -n 's/^host: //p')"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release -p markco-testupstream \
   --target "$triple" --target-dir "$target_dir"

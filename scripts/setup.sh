@@ -3,8 +3,8 @@
 #   ./scripts/setup.sh          build needs: C toolchain and cmake (Pingora's zlib-ng), curl, Rust
 #   ./scripts/setup.sh --test   also what the tests use, and starts their services:
 #                               PostgreSQL (started, password set for the tests), pebble (ACME
-#                               test server), wrk, psql, python3, and podman with its API
-#                               service (scripts/podman-setup.sh)
+#                               test server), wrk, psql, python3, chromium (the operator page's
+#                               tests), and podman with its API service (scripts/podman-setup.sh)
 set -euo pipefail
 
 if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -12,7 +12,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 packages=(build-essential cmake pkg-config curl ca-certificates python3)
 if [ "${1:-}" = "--test" ]; then
-  packages+=(postgresql postgresql-client pebble wrk procps)
+  packages+=(postgresql postgresql-client pebble wrk procps chromium)
 fi
 missing=()
 for p in "${packages[@]}"; do

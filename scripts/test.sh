@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-# The statically linked test upstream for the container image gets its own target dir.
-export MARKCO_STATIC_TARGET_DIR="${MARKCO_STATIC_TARGET_DIR:-$CARGO_TARGET_DIR-static}"
+# The statically linked test upstream for the container image gets its own target dir (other
+# RUSTFLAGS would invalidate the main cache), inside the main one so the clone stays clean.
+export MARKCO_STATIC_TARGET_DIR="${MARKCO_STATIC_TARGET_DIR:-$CARGO_TARGET_DIR/static-testupstream}"
 export MARKCO_PODMAN_SOCKET="${MARKCO_PODMAN_SOCKET:-/run/podman/podman.sock}"
 export MARKCO_TEST_PG_URL="${MARKCO_TEST_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
 # Hundreds of sockets are opened by the websocket tests.

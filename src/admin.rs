@@ -273,6 +273,10 @@ impl ServeHttp for AdminApp {
         if path == "/health" {
             return json(StatusCode::OK, serde_json::json!({"status": "ok"}));
         }
+        // The operator page carries no data; its script calls the API below with the token.
+        if let Some(page) = crate::ui::serve(&method, &path) {
+            return page;
+        }
         if !self.authorized(session) {
             let mut r = json(
                 StatusCode::UNAUTHORIZED,
@@ -293,6 +297,34 @@ impl ServeHttp for AdminApp {
                     .header("Content-Length", body.len())
                     .body(body)
                     .unwrap_or_default()
+            }
+            // What `markco status` shows: version, route table generation and the health checks.
+            (Method::GET, "/status") => {
+                let health = self.plane.health();
+                let checks: Vec<serde_json::Value> = self
+                    .plane
+                    .health_checks()
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "name": c.name,
+                            "url": format!("http://{}{}", c.addr, c.path),
+                            "passing": health.get(&c.name).copied().unwrap_or(false),
+                            "disables_route": c.disable_route,
+                        })
+                    })
+                    .collect();
+                let ok = checks.iter().all(|c| c["passing"] == true);
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({
+                        "status": if ok { "ok" } else { "degraded" },
+                        "version": env!("CARGO_PKG_VERSION"),
+                        "pid": std::process::id(),
+                        "generation": self.reloader.table().generation,
+                        "health_checks": checks,
+                    }),
+                )
             }
             (Method::GET, "/routes") => {
                 let view = self.reloader.table().describe();
@@ -332,12 +364,12 @@ impl ServeHttp for AdminApp {
                     ),
                 }
             }
-            (_, "/metrics" | "/routes" | "/certs" | "/reload") => {
+            (_, "/metrics" | "/routes" | "/certs" | "/reload" | "/status") => {
                 json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method not allowed"}))
             }
             _ => json(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /metrics", "GET /routes", "GET /certs", "POST /reload", "GET /api/admin/workspaces", "GET|PUT|DELETE /api/admin/workspaces/<userId>", "POST /api/runtime/update-port", "POST /api/admin/routes/<name>/disable|enable", "POST /api/admin/users/<userId>/invalidate"]}),
+                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /ui", "GET /status", "GET /metrics", "GET /routes", "GET /certs", "POST /reload", "GET /api/admin/workspaces", "GET|PUT|DELETE /api/admin/workspaces/<userId>", "POST /api/runtime/update-port", "POST /api/admin/routes/<name>/disable|enable", "POST /api/admin/users/<userId>/invalidate"]}),
             ),
         }
     }

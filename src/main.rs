@@ -2,9 +2,14 @@
 
 mod admin;
 mod config;
+mod ctl;
+mod import_caddy;
 mod logging;
 mod reload;
 mod server;
+mod systemd;
+mod ui;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,8 +67,99 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Translate Caddy's JSON config (e.g. `curl localhost:2019/config/`, or `caddy adapt`'s
+    /// output) to a markco config on stdout; what could not be translated is listed on stderr
+    /// and the exit code is 1 (2 when the file cannot be read at all).
+    ImportCaddy {
+        /// The Caddy JSON config file.
+        file: PathBuf,
+    },
+    /// The running gateway at a glance: version, routes (and which are off), workspaces,
+    /// certificates, health checks. Exit 1 when a health check fails or a certificate expires
+    /// within 14 days, 3 when the admin API cannot be reached or refuses the token.
+    Status {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// The live route table, with each route's switch.
+    Routes {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Every user's workspace: state, editor and runtime addresses.
+    Workspaces {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// The certificates served, with their expiry (exit 1 when one expires within 14 days).
+    Certs {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Switch a route off (503 with Retry-After) or on again.
+    Route {
+        #[command(subcommand)]
+        action: RouteAction,
+    },
+    /// Act on a user's workspace.
+    Workspace {
+        #[command(subcommand)]
+        action: WorkspaceAction,
+    },
     /// Print the version.
     Version,
+}
+
+/// Which gateway an operator command talks to.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// The config the gateway runs with: its `[server] admin` address and `admin_token_file`.
+    #[arg(long, short = 'c', default_value = "/etc/markco/markco.toml")]
+    config: PathBuf,
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum RouteAction {
+    /// Turn the route off: its requests get 503 with Retry-After until it is enabled again.
+    Disable {
+        name: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Turn the route on again.
+    Enable {
+        name: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkspaceAction {
+    /// Stop the user's editor and runtime containers (the next visit starts them again).
+    Stop {
+        user: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+/// Runs an operator command against the gateway the config names.
+fn ctl(target: AdminTarget, op: ctl::Op) -> ExitCode {
+    match config::load(&target.config) {
+        Ok(cfg) => ctl::run(&cfg, op, target.json),
+        Err(e) => {
+            eprint!("{e}");
+            eprintln!(
+                "help: operator commands read the admin address and token from the config markco runs with \
+                 (--config); run them as a user who may read its admin_token_file (e.g. with sudo)"
+            );
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -108,6 +204,47 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> ExitCo
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn import_caddy_cmd(file: &std::path::Path) -> ExitCode {
+    let src = match std::fs::read_to_string(file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut im = match import_caddy::import(&src) {
+        Ok(im) => im,
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    // The output must pass `markco check`; validate it the same way before anyone deploys it.
+    // Relative paths in it are taken from the working directory, where it is usually written.
+    match config::parse(std::path::Path::new("markco.toml"), &im.toml) {
+        Ok(c) => im.notes.extend(c.warnings),
+        Err(e) => im.untranslated.push(format!("the generated config does not pass `markco check`:\n{e}")),
+    }
+    print!("{}", im.toml);
+    eprintln!("import-caddy: {}: {} routes in {} sites written to stdout", file.display(), im.routes, im.sites);
+    for n in &im.notes {
+        eprintln!("note: {n}");
+    }
+    for u in &im.untranslated {
+        eprintln!("NOT TRANSLATED: {u}");
+    }
+    if im.untranslated.is_empty() {
+        eprintln!("import-caddy: everything translated; next: markco check --config FILE");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "import-caddy: {} part(s) not translated (listed above and at the top of the output); edit the config by hand before switching over",
+            im.untranslated.len()
+        );
+        ExitCode::from(1)
     }
 }
 
@@ -158,6 +295,20 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             })
+        }
+        Command::ImportCaddy { file } => import_caddy_cmd(&file),
+        Command::Status { target } => ctl(target, ctl::Op::Status),
+        Command::Routes { target } => ctl(target, ctl::Op::Routes),
+        Command::Workspaces { target } => ctl(target, ctl::Op::Workspaces),
+        Command::Certs { target } => ctl(target, ctl::Op::Certs),
+        Command::Route { action: RouteAction::Disable { name, target } } => {
+            ctl(target, ctl::Op::Route { name, disable: true })
+        }
+        Command::Route { action: RouteAction::Enable { name, target } } => {
+            ctl(target, ctl::Op::Route { name, disable: false })
+        }
+        Command::Workspace { action: WorkspaceAction::Stop { user, target } } => {
+            ctl(target, ctl::Op::WorkspaceStop { user })
         }
         Command::Check { config } => match config::load(&config) {
             Ok(c) => {

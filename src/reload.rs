@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use markco_certs::CertManager;
 use markco_control::plane::ControlPlane;
+use markco_proxy::conn::ConnLimits;
 use markco_proxy::{Metrics, RouteTable};
 
 use crate::config::{self, Config};
@@ -24,6 +25,8 @@ pub struct Reloader {
     started: Config,
     /// One reload at a time, so generations are applied in order.
     lock: Mutex<()>,
+    /// The edge listener's connection limits, which a reload may change.
+    conn_limits: Option<Arc<ConnLimits>>,
 }
 
 impl Reloader {
@@ -47,7 +50,13 @@ impl Reloader {
             admin_token,
             started,
             lock: Mutex::new(()),
+            conn_limits: None,
         }
+    }
+
+    pub fn with_conn_limits(mut self, limits: Arc<ConnLimits>) -> Reloader {
+        self.conn_limits = Some(limits);
+        self
     }
 
     pub fn table(&self) -> Arc<RouteTable> {
@@ -62,6 +71,19 @@ impl Reloader {
     /// failure nothing changed and the error says why.
     pub fn reload(&self) -> Result<u64, String> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        // systemd sees RELOADING=1 now and READY=1 with the outcome when this returns.
+        let mut notice = crate::systemd::Reloading::begin();
+        let result = self.reload_locked();
+        notice.status(match &result {
+            Ok(g) => format!("serving generation {g} (reloaded)"),
+            Err(e) => {
+                format!("reload refused, still serving generation {}: {}", self.table().generation, first_line(e))
+            }
+        });
+        result
+    }
+
+    fn reload_locked(&self) -> Result<u64, String> {
         let Some(path) = &self.path else {
             self.metrics.reload(false);
             return Err("markco runs on its embedded default config; start it with --config FILE to reload".into());
@@ -95,10 +117,17 @@ impl Reloader {
         // Workspaces and kill switches carry over; only the config's part changes.
         self.table.rcu(|old| old.with_routing(generation, routing.clone()));
         self.admin_token.store(Arc::new(cfg.server.admin_token.clone()));
+        if let Some(l) = &self.conn_limits {
+            l.set_limits(cfg.server.max_connections_per_ip, cfg.server.max_connections);
+        }
         self.plane.reconfigure(cfg.plane.clone());
         self.metrics.table_generation.set(generation as i64);
         self.metrics.reload(true);
         tracing::info!(target: "markco::reload", generation, sites = cfg.sites.len(), routes = cfg.route_count(), "config reloaded");
         Ok(generation)
     }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
 }

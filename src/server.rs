@@ -13,7 +13,10 @@ use markco_certs::{CertManager, CertStore, TlsMetrics};
 use markco_control::api::{LazyStarter, PublicApi};
 use markco_control::plane::{self, ControlPlane};
 use markco_proxy::app::EdgeApp;
+use markco_proxy::conn::ConnLimits;
 use markco_proxy::{Gateway, Metrics, RouteTable};
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -142,7 +145,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         tracing::error!("{problem}");
     }
 
+    // Open websockets get a Close frame just before the grace period of a shutdown ends.
+    let drain = Arc::new(markco_proxy::drain::Drain::new(cfg.server.grace_period));
     let mut gateway = Gateway::new(table.clone(), metrics.clone(), certs.tokens.clone())
+        .with_drain(drain.clone())
         .with_identity(control.sessions.clone())
         .with_control(Arc::new(PublicApi { plane: control.clone(), admin_token: admin_token.clone() }));
     if let Some(ws) = &cfg.plane.workspaces {
@@ -150,25 +156,51 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         gateway = gateway.with_starter(Arc::new(LazyStarter { plane: control.clone(), wait }));
     }
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
-    let mut edge = Service::new("markco edge".to_string(), EdgeApp::new(proxy, cfg.server.header_timeout));
-    edge.add_tcp(&cfg.server.http.to_string());
+    let conn_limits = ConnLimits::new(cfg.server.max_connections_per_ip, cfg.server.max_connections, &metrics.registry);
+    let edge_app = EdgeApp::new(proxy, cfg.server.header_timeout, conn_limits.clone(), metrics.header_timeouts.clone())
+        .with_drain(drain);
+    let mut edge = Service::new("markco edge".to_string(), edge_app);
+    // No read buffer in front of the client socket: Pingora's HTTP/1 reader reads into its own
+    // buffer anyway, and the default 64 KiB one is allocated (and touched) for every connection
+    // for its whole life, idle websockets and slow clients included.
+    let l4_buffer = L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE);
+    edge.endpoints().add_listener(ListenerConfig::tcp(cfg.server.http.to_string()).l4_buffer(l4_buffer));
     if let Some(https) = cfg.server.https {
         let mut tls =
             pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(HandshakeCounter { store: store.clone() }))
                 .context("setting up the HTTPS listener")?;
         tls.set_cert_resolver(store.clone());
         tls.enable_h2();
-        edge.add_tls_with_settings(&https.to_string(), None, tls);
+        edge.endpoints().add_listener(ListenerConfig::tcp(https.to_string()).tls(tls).l4_buffer(l4_buffer));
         edge.endpoints().set_pre_tls_callback(Arc::new(PreTlsHook {
             store: store.clone(),
             hello_timeout: cfg.server.header_timeout,
         }));
     }
 
+    let summary = format!(
+        "http {}, https {}, admin {}; {} sites, {} routes",
+        cfg.server.http,
+        cfg.server.https.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        cfg.server.admin,
+        cfg.sites.len(),
+        cfg.route_count()
+    );
+    let notifier = crate::systemd::Notifier {
+        http: cfg.server.http,
+        admin: cfg.server.admin,
+        plane: control.clone(),
+        summary,
+        took_over: upgrade,
+    };
+    let self_upgrade = crate::upgrade::SelfUpgrade { upgrade_sock: cfg.server.upgrade_sock.clone() };
     let http_addr = cfg.server.http;
     let admin_addr = cfg.server.admin;
     let https_addr = cfg.server.https;
-    let reloader = Arc::new(Reloader::new(path, table, metrics, certs.clone(), control.clone(), admin_token, cfg));
+    let reloader = Arc::new(
+        Reloader::new(path, table, metrics, certs.clone(), control.clone(), admin_token, cfg)
+            .with_conn_limits(conn_limits),
+    );
     let mut admin =
         Service::new("markco admin".to_string(), AdminApp { reloader: reloader.clone(), plane: control.clone() });
     admin.add_tcp(&admin_addr.to_string());
@@ -179,6 +211,8 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     server.add_service(background_service("reload on SIGHUP", HangupReload { reloader }));
     server.add_service(background_service("certificates", CertService { manager: certs }));
     server.add_service(background_service("control plane", ControlService { plane: control }));
+    server.add_service(background_service("systemd notify", notifier));
+    server.add_service(background_service("upgrade on SIGUSR2", self_upgrade));
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         http = %http_addr,

@@ -54,6 +54,9 @@ hosts = ["*"]
   status = 404
 "#;
 
+/// Bound on every websocket step: a hang fails instead of blocking the suite.
+const WS_TIMEOUT: Duration = Duration::from_secs(10);
+
 struct World {
     m: Markco,
     alice: (String, String),
@@ -81,13 +84,13 @@ fn bearer(token: &str) -> String {
 }
 
 /// Nothing of Bob's upstreams (nor the sync service, which would act for the user in the path)
-/// may answer.
-fn assert_not_bobs(what: &str, r: &Resp) {
+/// may answer, and the status is the one the README promises for the case.
+fn assert_not_bobs(what: &str, r: &Resp, want: u16) {
     let body = r.body_text();
     for marker in ["editor-bob", "runtime-bob", "\"name\":\"sync\""] {
         assert!(!body.contains(marker), "{what}: reached {marker}: {body}");
     }
-    assert!(matches!(r.status, 302 | 400 | 401 | 403 | 404), "{what}: unexpected status {} {body}", r.status);
+    assert_eq!(r.status, want, "{what}: {body}");
 }
 
 #[test]
@@ -190,7 +193,10 @@ fn isolation_suite() {
                 _ => format!("{path}{}token={at}", if path.contains('?') { "&" } else { "?" }),
             };
             let r = http_get(w.m.http, &path, &headers).expect("get");
-            assert_not_bobs(&format!("{path} ({how})"), &r);
+            // Paths that no per-user route matches fall through to the 404 catch-all; every
+            // other one names a user who is not Alice, so Alice's valid token gets 403.
+            let want = if path.starts_with("/U/") || path.starts_with("/u%2F") { 404 } else { 403 };
+            assert_not_bobs(&format!("{path} ({how})"), &r, want);
         }
     }
     // A websocket upgrade with Alice's token to Bob's editor, runtime and tunnel: refused.
@@ -208,7 +214,10 @@ fn isolation_suite() {
                 if !with_query {
                     req.headers_mut().insert("Cookie", cookie.parse().expect("header"));
                 }
-                match tokio_tungstenite::connect_async(req).await {
+                let Ok(answer) = tokio::time::timeout(WS_TIMEOUT, tokio_tungstenite::connect_async(req)).await else {
+                    panic!("websocket {url}: no answer in time")
+                };
+                match answer {
                     Ok(_) => panic!("websocket {url} to Bob's upstream was accepted"),
                     Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                         assert_eq!(resp.status().as_u16(), 403, "{url}")
@@ -220,9 +229,13 @@ fn isolation_suite() {
         // Alice's own websocket works and reaches her editor.
         let mut req = format!("ws://{}/u/{alice}/events", w.m.http).into_client_request().expect("request");
         req.headers_mut().insert("Cookie", cookie.parse().expect("header"));
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("own websocket");
+        let (mut ws, _) = tokio::time::timeout(WS_TIMEOUT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("own websocket handshake in time")
+            .expect("own websocket");
         ws.send(Message::Text("__whoami".into())).await.expect("send");
-        let msg = ws.next().await.expect("reply").expect("message");
+        let msg =
+            tokio::time::timeout(WS_TIMEOUT, ws.next()).await.expect("reply in time").expect("reply").expect("message");
         assert_eq!(msg.into_text().expect("text").as_str(), "editor-alice");
     });
 }
@@ -287,7 +300,6 @@ fn missing_workspace_and_disabled_route_answer_503() {
     assert_eq!(r.json()["name"], "sync");
     let r = request(m.admin, "POST", "/api/admin/routes/nosuch/disable", &[], b"").expect("disable");
     assert_eq!(r.status, 404);
-    let _ = Duration::from_secs(0);
 }
 
 #[test]
@@ -295,12 +307,12 @@ fn failing_health_check_disables_its_route_and_api_health_says_so() {
     let relay = Upstream::start("sync");
     let port = relay.addr.port();
     let template = CONFIG.replace("{sync}", &relay.addr.to_string())
-        + &format!("\n[[health_check]]\nname = \"sync-relay\"\nurl = \"http://127.0.0.1:{port}/health\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\ndisable_route = \"sync\"\n");
+        + &format!("\n[[health_check]]\nname = \"sync-relay\"\nurl = \"http://127.0.0.1:{port}/health\"\ninterval = \"200ms\"\ntimeout = \"2s\"\ndisable_route = \"sync\"\n");
     let m = Markco::start(&template);
     let (carol, token) = add_user(&m, "carol@example.com");
     let auth = bearer(&token);
     let sync_path = format!("/sync/{carol}/p/d");
-    eventually(Duration::from_secs(5), "health passes", || {
+    eventually(Duration::from_secs(15), "health passes", || {
         http_get(m.http, "/api/health", &[]).is_ok_and(|r| r.status == 200)
     });
     let r = http_get(m.http, "/api/health", &[]).expect("get");
@@ -309,21 +321,69 @@ fn failing_health_check_disables_its_route_and_api_health_says_so() {
 
     // The relay dies: /api/health turns 503 "degraded" and the sync route answers 503 + Retry-After.
     drop(relay);
-    eventually(Duration::from_secs(5), "health fails", || {
+    eventually(Duration::from_secs(15), "health fails", || {
         http_get(m.http, "/api/health", &[]).is_ok_and(|r| r.status == 503)
     });
     let r = http_get(m.http, "/api/health", &[]).expect("get");
     assert_eq!(r.json()["status"], "degraded");
     assert_eq!(r.json()["services"]["sync-relay"], "down");
-    eventually(Duration::from_secs(5), "sync disabled", || {
+    eventually(Duration::from_secs(15), "sync disabled", || {
         http_get(m.http, &sync_path, &[("Authorization", &auth)])
             .is_ok_and(|r| r.status == 503 && r.header("retry-after").is_some())
     });
 
     // It comes back on the same port: the route is enabled again.
     let _relay = Upstream::start_on("sync", &format!("127.0.0.1:{port}"));
-    eventually(Duration::from_secs(5), "sync enabled again", || {
+    eventually(Duration::from_secs(15), "sync enabled again", || {
         http_get(m.http, &sync_path, &[("Authorization", &auth)]).is_ok_and(|r| r.status == 200)
     });
     assert_eq!(http_get(m.http, "/api/health", &[]).expect("get").status, 200);
+}
+
+#[test]
+fn metrics_after_traffic_from_several_users_carry_no_user_id() {
+    let w = world();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    for (user, token) in [&w.alice, &w.bob] {
+        let auth = bearer(token);
+        for path in [format!("/u/{user}/p"), format!("/r/{user}/mrp/v1/x"), format!("/sync/{user}/doc")] {
+            let r = http_get(w.m.http, &path, &[("Authorization", &auth)]).expect("get");
+            assert_eq!(r.status, 200, "{path}: {}", r.body_text());
+        }
+        // Refused and unauthenticated requests are counted too.
+        let other = if user == &w.alice.0 { &w.bob.0 } else { &w.alice.0 };
+        assert_eq!(http_get(w.m.http, &format!("/u/{other}/"), &[("Authorization", &auth)]).expect("get").status, 403);
+        let r = http_get(w.m.http, &format!("/u/{user}/"), &[("Accept", "application/json")]).expect("get");
+        assert_eq!(r.status, 401);
+        // And a websocket, open while the metrics are scraped.
+        rt.block_on(async {
+            let mut req = format!("ws://{}/u/{user}/events", w.m.http).into_client_request().expect("request");
+            req.headers_mut().insert("Authorization", auth.parse().expect("header"));
+            let (mut ws, _) = tokio::time::timeout(WS_TIMEOUT, tokio_tungstenite::connect_async(req))
+                .await
+                .expect("websocket handshake in time")
+                .expect("websocket");
+            ws.send(Message::Text("__whoami".into())).await.expect("send");
+            let msg = tokio::time::timeout(WS_TIMEOUT, ws.next()).await.expect("reply in time");
+            assert!(matches!(msg, Some(Ok(Message::Text(_)))), "{msg:?}");
+            let text = w.m.metrics();
+            assert!(!text.contains(user.as_str()), "a user id in the metrics:\n{text}");
+            let _ = ws.close(None).await;
+        });
+    }
+    let text = w.m.metrics();
+    // The per-user traffic is there, under the routes' names...
+    for route in ["workspace", "runtime", "sync"] {
+        let n = metric_value(&text, "markco_http_request_duration_seconds_count", &[("route", route)]);
+        assert!(n.is_some_and(|n| n >= 2.0), "requests on route {route}: {n:?}\n{text}");
+    }
+    // ...and no user id, token or email anywhere, in names, labels or values.
+    for (id, token) in [&w.alice, &w.bob] {
+        for secret in [id.as_str(), token.as_str()] {
+            assert!(!text.contains(secret), "{secret} in the metrics:\n{text}");
+        }
+    }
+    for email in ["alice@example.com", "bob@example.com"] {
+        assert!(!text.contains(email), "{email} in the metrics:\n{text}");
+    }
 }

@@ -144,11 +144,18 @@ type AsyncTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 /// A websocket over our own TLS stream (SNI localhost, HTTP/1.1); returns it with the serial
 /// of the certificate its handshake saw.
 async fn open_wss(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> (WebSocketStream<AsyncTls>, String) {
+    let step = Duration::from_secs(20);
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect to the HTTPS port");
-    let tls = tokio_rustls::TlsConnector::from(cfg).connect(localhost(), tcp).await.expect("TLS handshake");
+    let tls = tokio::time::timeout(step, tokio_rustls::TlsConnector::from(cfg).connect(localhost(), tcp))
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake");
     let serial = serial_of(tls.get_ref().1.peer_certificates().and_then(|c| c.first()).expect("a certificate"));
     let url = format!("wss://localhost:{}/ws", addr.port());
-    let (ws, resp) = tokio_tungstenite::client_async(url, tls).await.expect("websocket upgrade over TLS");
+    let (ws, resp) = tokio::time::timeout(step, tokio_tungstenite::client_async(url, tls))
+        .await
+        .expect("websocket upgrade in time")
+        .expect("websocket upgrade over TLS");
     assert_eq!(resp.status(), 101);
     (ws, serial)
 }
@@ -173,8 +180,10 @@ async fn ws_exchange(ws: &mut WebSocketStream<AsyncTls>, text: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // markco state
 
+/// One sample; a missing one fails (a renamed metric must not read as 0).
 fn metric(m: &Markco, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_value(&m.metrics(), name, labels).unwrap_or(0.0)
+    let text = m.metrics();
+    metric_value(&text, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in the metrics:\n{text}"))
 }
 
 fn orders(m: &Markco, result: &str) -> f64 {
@@ -481,7 +490,9 @@ fn bad_certificate_files_are_refused_by_check() {
     let (expired_cert, expired_key) = self_signed(&["localhost"], Some(((2020, 1, 1), (2021, 1, 1))));
     let (_, other_key) = self_signed(&["localhost"], None);
     let (other_host_cert, other_host_key) = self_signed(&["other.test"], None);
+    let (future_cert, future_key) = self_signed(&["localhost"], Some(((2099, 1, 1), (2100, 1, 1))));
     let cases = [
+        ("is not valid before", write("future.pem", &future_cert), write("future.key", &future_key)),
         ("expired", write("expired.pem", &expired_cert), write("expired.key", &expired_key)),
         ("does not belong", write("good.pem", &good_cert), write("other.key", &other_key)),
         ("does not cover", write("other-host.pem", &other_host_cert), write("other-host.key", &other_host_key)),
@@ -640,12 +651,173 @@ tls = {{ cert = "{{dir}}/site.pem", key = "{{dir}}/site.key" }}
     // (e) Silence: cut after header_timeout (1 s).
     let (got, took) = send_and_read_to_close(m.https, b"");
     assert!(got.is_empty(), "{got:02x?}");
-    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(4), "cut after {took:?}");
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(6), "cut after {took:?}");
     serves("a silent client");
 
     let text = m.metrics();
-    let count = |result: &str| metric_value(&text, "markco_tls_handshakes_total", &[("result", result)]).unwrap_or(0.0);
     for result in ["not_tls", "unknown_sni", "no_sni", "protocol_version", "no_client_hello", "ok"] {
-        assert!(count(result) >= 1.0, "markco_tls_handshakes_total{{result=\"{result}\"}} >= 1:\n{text}");
+        let count = metric_value(&text, "markco_tls_handshakes_total", &[("result", result)]);
+        assert!(count.is_some_and(|c| c >= 1.0), "markco_tls_handshakes_total{{result=\"{result}\"}} >= 1:\n{text}");
     }
+}
+
+/// A client that offers TLS 1.2 only.
+fn tls12_client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).expect("add a root");
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .expect("TLS 1.2")
+            .with_root_certificates(store)
+            .with_no_client_auth(),
+    )
+}
+
+#[test]
+fn hsts_only_over_tls_and_tls12_is_accepted() {
+    let up = Upstream::start("app");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    std::fs::write(dir.path().join("site.pem"), cert.pem()).expect("write cert");
+    std::fs::write(dir.path().join("site.key"), key.serialize_pem()).expect("write key");
+    const HSTS: &str = "max-age=63072000; includeSubDomains";
+    // Plain HTTP is served here (no redirect), so its responses can show they carry no HSTS.
+    let template = format!(
+        r#"{}
+[[site]]
+hosts = ["localhost"]
+tls = {{ cert = "{{dir}}/site.pem", key = "{{dir}}/site.key" }}
+
+  [[site.route]]
+  name = "fixed"
+  match = ["/fixed"]
+  respond = "fixed\n"
+
+  [[site.route]]
+  name = "app"
+  match = ["/*"]
+  proxy = "{}"
+"#,
+        server_section(&format!("hsts = \"{HSTS}\"\nredirect_to_https = false")),
+        up.addr
+    );
+    let m = Markco::start_in(dir, Ports::free(), &template, &[]);
+    let roots = [cert.der().clone()];
+
+    for (version, cfg) in [("TLS 1.3 or 1.2", client_config(&roots)), ("TLS 1.2 only", tls12_client_config(&roots))] {
+        let s = tls_connect(m.https, localhost(), &cfg).unwrap_or_else(|e| panic!("{version}: handshake: {e}"));
+        if version == "TLS 1.2 only" {
+            assert_eq!(s.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2), "negotiated version");
+        }
+        drop(s);
+        for path in ["/fixed", "/proxied"] {
+            let r = https_get(m.https, &cfg, path).unwrap_or_else(|e| panic!("{version}: GET {path}: {e}"));
+            assert_eq!(r.status, 200, "{version}: GET {path}: {}", r.body_text());
+            assert_eq!(r.header("strict-transport-security"), Some(HSTS), "{version}: GET {path} over HTTPS");
+        }
+    }
+    for path in ["/fixed", "/proxied"] {
+        let r = http_get(m.http, path, &[("Host", "localhost")]).expect("plain HTTP");
+        assert_eq!(r.status, 200, "GET {path} over HTTP: {}", r.body_text());
+        assert_eq!(r.header("strict-transport-security"), None, "no HSTS over plain HTTP: GET {path}");
+    }
+    let text = m.metrics();
+    let tls12 = text
+        .lines()
+        .filter(|l| l.starts_with("markco_tls_handshakes_total") && l.contains("result=\"ok\""))
+        .any(|l| l.contains("1.2") || l.contains("1_2"));
+    assert!(tls12, "a TLS 1.2 handshake is counted by protocol:\n{text}");
+}
+
+/// `(seconds since midnight UTC, retry_in_s)` of every "certificate order failed" log line.
+fn order_failures(log: &str) -> Vec<(f64, u64)> {
+    log.lines()
+        .filter(|l| l.contains("certificate order failed"))
+        .filter_map(|l| {
+            // `2026-12-04T17:33:01.627947Z ERROR ...`
+            let ts = l.split_whitespace().next()?.get(11..)?.trim_end_matches('Z');
+            let mut hms = ts.split(':');
+            let (h, m, s): (f64, f64, f64) =
+                (hms.next()?.parse().ok()?, hms.next()?.parse().ok()?, hms.next()?.parse().ok()?);
+            let retry = l.split("retry_in_s=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+            Some((h * 3600.0 + m * 60.0 + s, retry))
+        })
+        .collect()
+}
+
+#[test]
+fn acme_server_down_at_first_start_start_up_is_not_blocked_retries_double_to_the_cap_then_issue() {
+    let up = Upstream::start("app");
+    let ports = Ports::free();
+    // No ACME server at all yet: the directory is a port where nothing listens.
+    let ca_dir = tempfile::tempdir().expect("tempdir");
+    let ca = common::pebble::TestCa::generate(ca_dir.path());
+    let dead_directory = format!("https://127.0.0.1:{}/dir", free_port());
+    let retry = "retry_initial = \"1s\"\nretry_max = \"4s\"\nrenew_check_interval = \"1s\"";
+    let template = format!(
+        r#"{}
+[tls]
+acme_directory = "{dead_directory}"
+acme_ca_root = "{}"
+storage = "{{dir}}/certs"
+challenges = ["http-01"]
+{retry}
+
+[[site]]
+hosts = ["localhost"]
+tls = "acme"
+
+  [[site.route]]
+  name = "app"
+  match = ["/*"]
+  proxy = "{}"
+"#,
+        server_section(""),
+        ca.ca_pem.display(),
+        up.addr
+    );
+    // Start-up does not wait for the CA: ready (admin and listeners up) as usual.
+    let m = Markco::start_in(tempfile::tempdir().expect("tempdir"), ports, &template, &[]);
+    let r = http_get(m.http, "/x", &[("Host", "localhost")]).expect("plain HTTP while the CA is down");
+    assert_eq!(r.status, 308, "plain HTTP redirects to HTTPS: {}", r.body_text());
+
+    // Failures are retried 1 s, 2 s, 4 s, then 4 s (the cap) apart.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while order_failures(&m.log()).len() < 5 {
+        assert!(Instant::now() < deadline, "fewer than 5 failed orders in 60 s:\n{}", m.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let failures = order_failures(&m.log());
+    let delays: Vec<u64> = failures.iter().map(|f| f.1).collect();
+    assert_eq!(&delays[..5], &[1, 2, 4, 4, 4], "retry delays double up to retry_max:\n{}", m.log());
+    for (i, pair) in failures.windows(2).take(4).enumerate() {
+        let (gap, promised) = (pair[1].0 - pair[0].0, pair[0].1 as f64);
+        // Delays are kept in whole seconds, so a retry may come up to 1 s early.
+        assert!(
+            gap >= promised - 1.0 && gap <= promised + 4.0,
+            "retry {} came {gap:.1} s after a failure that promised {promised} s",
+            i + 1
+        );
+    }
+    assert!(m.log().contains("handshakes for its hosts fail until one is obtained"), "{}", m.log());
+    let e = tls_connect(m.https, localhost(), &client_config(&[])).expect_err("no certificate yet");
+    assert!(refused_by_server(&e), "the handshake is refused while there is no certificate: {e}");
+
+    // The CA comes up (at a new address, told by a reload): a certificate is obtained.
+    let pebble = Pebble::start(ports.http.port(), ports.https.port());
+    m.write_config(&acme_config(&pebble, &["http-01"], retry, up.addr));
+    let r = request(m.admin, "POST", "/reload", &[], b"").expect("POST /reload");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let cert = wait_for_acme_cert(&m, &pebble, Duration::from_secs(60));
+    let cfg = client_config(&pem_certs(&pebble.root_pem()));
+    assert_eq!(served_serial(m.https, &cfg).expect("handshake"), cert["serial"].as_str().expect("serial"));
+    assert_eq!(orders(&m, "ok"), 1.0);
+    assert!(orders(&m, "error") >= 5.0);
 }

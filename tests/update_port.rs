@@ -75,7 +75,11 @@ fn hundred_moves_under_load_lose_no_request() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("wrk is installed (apt-get install wrk)");
-    std::thread::sleep(Duration::from_millis(500));
+    // The moves start once wrk's requests are flowing through the runtime route.
+    eventually(Duration::from_secs(20), "wrk's requests reach the runtime route", || {
+        metric_value(&m.metrics(), "markco_http_request_duration_seconds_count", &[("route", "runtime")])
+            .is_some_and(|n| n >= 50.0)
+    });
     let started = Instant::now();
     for i in 0..100 {
         let (target, name) = if i % 2 == 0 { (&two, "two") } else { (&one, "one") };
@@ -146,4 +150,70 @@ fn dead_target_is_refused_and_nothing_changes_and_moves_survive_restart() {
     assert_eq!(runtime_name(&m, &user, &token), "two", "the moved runtime is where the restart finds it");
     let r = http_get(m.admin, &format!("/api/admin/workspaces/{user}"), &[]).expect("get");
     assert_eq!(r.json()["runtime_port"], two.addr.port());
+}
+
+#[test]
+fn a_move_lets_the_slow_response_and_the_websocket_in_flight_finish_on_the_old_runtime() {
+    use futures_util::{SinkExt, StreamExt};
+    use std::io::{Read, Write};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+    let m = Markco::start(&config(10));
+    let (user, token) = add_user(&m, "inflight@example.com");
+    let editor = Upstream::start("editor");
+    let one = Upstream::start("one");
+    let two = Upstream::start("two");
+    put_workspace(&m, &user, editor.addr, one.addr);
+    let step = Duration::from_secs(20);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let whoami = |ws: &mut tokio_tungstenite::WebSocketStream<_>| {
+        rt.block_on(async {
+            ws.send(Message::text("__whoami")).await.expect("send");
+            match tokio::time::timeout(step, ws.next()).await.expect("a reply in time") {
+                Some(Ok(Message::Text(t))) => t.as_str().to_string(),
+                other => panic!("expected a text reply, got {other:?}"),
+            }
+        })
+    };
+
+    // A websocket to the runtime, and a slow response from it (6 chunks 1 s apart).
+    let mut req = format!("ws://{}/r/{user}/ws", m.http).into_client_request().expect("request");
+    req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().expect("header"));
+    let (mut ws, _) = rt
+        .block_on(async { tokio::time::timeout(step, tokio_tungstenite::connect_async(req)).await })
+        .expect("websocket handshake in time")
+        .expect("websocket to the runtime");
+    assert_eq!(whoami(&mut ws), "one");
+    let mut s = std::net::TcpStream::connect(m.http).expect("connect");
+    s.set_read_timeout(Some(step)).expect("timeout");
+    let sent = Instant::now();
+    write!(
+        s,
+        "GET /r/{user}/drip?chunks=6&interval_ms=1000 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(8).any(|w| w == b"chunk 0\n") {
+        let n = s.read(&mut buf).expect("the first chunk");
+        assert!(n > 0, "closed before the first chunk: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+
+    // The move: new requests reach "two" at once...
+    let r = move_to(&m, &user, two.addr.port());
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(runtime_name(&m, &user, &token), "two");
+    assert!(sent.elapsed() < Duration::from_secs(5), "the move came after the response ended: nothing was tested");
+
+    // ...the response in flight finishes whole on "one", and the websocket still reaches "one".
+    got.extend(read_to_close(&mut s).expect("the rest of the response"));
+    let r = parse_response(&got)
+        .unwrap_or_else(|| panic!("the response across the move is incomplete: {:?}", String::from_utf8_lossy(&got)));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body_text(), (0..6).map(|i| format!("chunk {i}\n")).collect::<String>());
+    assert_eq!(whoami(&mut ws), "one", "an open websocket keeps the runtime it was opened on");
+    rt.block_on(async {
+        let _ = ws.close(None).await;
+    });
 }

@@ -17,6 +17,95 @@ fn socket() -> String {
     std::env::var("MARKCO_PODMAN_SOCKET").unwrap_or_else(|_| "/run/podman/podman.sock".into())
 }
 
+/// podman on the same API socket markco uses (not whatever `podman` alone would reach).
+fn podman_cmd(args: &[&str]) -> std::process::Output {
+    Command::new("podman")
+        .arg("--url")
+        .arg(format!("unix://{}", socket()))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run podman {args:?}: {e}"))
+}
+
+/// Runs podman and returns its stdout; a failure fails the test.
+fn podman(args: &[&str]) -> String {
+    let out = podman_cmd(args);
+    assert!(out.status.success(), "podman {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Does a container exist? (`podman container exists`: 0 yes, 1 no, anything else an error.)
+fn container_exists(name: &str) -> bool {
+    let out = podman_cmd(&["container", "exists", name]);
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!("podman container exists {name} failed: {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+/// This test process, as `pid:start time` (the start time tells a reused pid apart). Every
+/// container these tests make carries it in `MARKCO_TEST_OWNER`.
+fn owner() -> String {
+    format!("{}:{}", std::process::id(), start_time(std::process::id()).expect("own start time"))
+}
+
+fn start_time(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; the command name (field 2) may hold spaces, so count after its ')'.
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(19)).map(str::to_owned)
+}
+
+/// Removes the containers and pods of earlier runs of these tests that were killed before
+/// their guards ran (found by `MARKCO_TEST_OWNER` of a process that is gone), so they do not
+/// hold ports and memory. Containers of live test processes, and anything else, are left.
+fn remove_leftovers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let ids = podman(&["ps", "-a", "--format", "{{.ID}}"]);
+        let ids: Vec<&str> = ids.lines().filter(|l| !l.trim().is_empty()).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let mut args = vec!["inspect"];
+        args.extend(&ids);
+        // A container removed meanwhile makes inspect fail; the next run cleans up then.
+        let out = podman_cmd(&args);
+        let Ok(list) = serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout) else { return };
+        for c in list {
+            let env = c["Config"]["Env"].as_array().cloned().unwrap_or_default();
+            let Some(owner) = env.iter().filter_map(|e| e.as_str()).find_map(|e| e.strip_prefix("MARKCO_TEST_OWNER="))
+            else {
+                continue;
+            };
+            let alive = owner
+                .split_once(':')
+                .and_then(|(pid, start)| Some(start_time(pid.parse().ok()?)? == start))
+                .unwrap_or(false);
+            if alive {
+                continue;
+            }
+            let name = c["Name"].as_str().unwrap_or_default();
+            eprintln!("removing {name}, left behind by the killed test process {owner}");
+            match c["Pod"].as_str().filter(|p| !p.is_empty()) {
+                Some(pod) => drop(podman_cmd(&["pod", "rm", "-f", pod])),
+                None => drop(podman_cmd(&["rm", "-f", name])),
+            }
+        }
+    });
+}
+
+/// The editor and runtime port ranges (100 ports each) of test number `slot`: above the
+/// kernel's ephemeral range, so no outgoing connection of this busy machine holds one when
+/// podman publishes it, and apart for each test, so parallel tests never compete.
+fn port_ranges(slot: u16) -> (u16, u16) {
+    let (_, hi) = ephemeral_range();
+    let base = (u32::from(hi) + 1).div_ceil(1000) * 1000;
+    let editor = base + u32::from(slot) * 200;
+    assert!(editor + 199 <= 65535, "no room for workspace ports above the ephemeral range ..{hi}");
+    (editor as u16, editor as u16 + 100)
+}
+
 fn image() -> &'static str {
     static BUILD: Once = Once::new();
     BUILD.call_once(|| {
@@ -34,7 +123,9 @@ fn image() -> &'static str {
     "localhost/markco-testupstream:test"
 }
 
-fn config(ports: (u16, u16)) -> String {
+fn config(slot: u16) -> String {
+    remove_leftovers();
+    let ports = port_ranges(slot);
     format!(
         r#"
 [server]
@@ -56,8 +147,8 @@ runtime_ports = "{r0}-{r1}"
 ready_timeout = "20s"
 editor_command = []
 runtime_command = []
-editor_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "editor-{{user_id}}" }}
-runtime_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "runtime-{{user_id}}" }}
+editor_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "editor-{{user_id}}", MARKCO_TEST_OWNER = "{owner}" }}
+runtime_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "runtime-{{user_id}}", MARKCO_TEST_OWNER = "{owner}" }}
 editor_memory_mb = 64
 runtime_memory_mb = 64
 
@@ -80,9 +171,10 @@ hosts = ["*"]
         socket = socket(),
         image = image(),
         e0 = ports.0,
-        e1 = ports.0 + 499,
+        e1 = ports.0 + 99,
         r0 = ports.1,
-        r1 = ports.1 + 499,
+        r1 = ports.1 + 99,
+        owner = owner(),
     )
 }
 
@@ -94,8 +186,8 @@ fn containers(user: &str, running_only: bool) -> Vec<String> {
         args.push("-a".into());
     }
     args.extend(["--filter".into(), format!("label=markco.user={user}"), "--format".into(), "{{.Names}}".into()]);
-    let out = Command::new("podman").args(&args).output().expect("podman ps");
-    String::from_utf8_lossy(&out.stdout).lines().filter(|n| n.starts_with("markco-")).map(str::to_owned).collect()
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    podman(&args).lines().filter(|n| n.starts_with("markco-")).map(str::to_owned).collect()
 }
 
 fn containers_of(user: &str) -> Vec<String> {
@@ -111,7 +203,7 @@ struct RemoveContainer(String);
 
 impl Drop for RemoveContainer {
     fn drop(&mut self) {
-        let _ = Command::new("podman").args(["rm", "-f", &self.0]).output();
+        let _ = podman_cmd(&["rm", "-f", &self.0]);
     }
 }
 
@@ -121,14 +213,14 @@ struct Cleanup(Vec<String>);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for user in &self.0 {
-            let _ = Command::new("podman").args(["pod", "rm", "-f", &format!("markco-ws-{user}")]).output();
+            let _ = podman_cmd(&["pod", "rm", "-f", &format!("markco-ws-{user}")]);
         }
     }
 }
 
 #[test]
 fn first_request_starts_both_containers_and_is_answered_through_them() {
-    let m = Markco::start(&config((31000, 51000)));
+    let m = Markco::start(&config(0));
     let (user, token) = add_user(&m, "first@example.com");
     let _c = Cleanup(vec![user.clone()]);
     let auth = format!("Bearer {token}");
@@ -145,22 +237,14 @@ fn first_request_starts_both_containers_and_is_answered_through_them() {
     assert!(names.contains(&format!("markco-editor-{user}")), "{names:?}");
     assert!(names.contains(&format!("markco-runtime-{user}")), "{names:?}");
     // Published on 127.0.0.1 only.
-    let ports =
-        Command::new("podman").args(["pod", "inspect", &format!("markco-ws-{user}")]).output().expect("inspect");
-    let text = String::from_utf8_lossy(&ports.stdout);
+    let text = podman(&["pod", "inspect", &format!("markco-ws-{user}")]);
     assert!(text.contains("127.0.0.1"), "{text}");
     assert!(
         !text.contains("\"HostIp\": \"\"") && !text.contains("0.0.0.0"),
         "a port is published beyond loopback: {text}"
     );
     // The user's plan ("free") sets the limits.
-    let mem = |name: &str| {
-        let out = Command::new("podman")
-            .args(["inspect", "--format", "{{.HostConfig.Memory}}", name])
-            .output()
-            .expect("inspect");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let mem = |name: &str| podman(&["inspect", "--format", "{{.HostConfig.Memory}}", name]).trim().to_string();
     assert_eq!(mem(&format!("markco-runtime-{user}")), (96u64 * 1024 * 1024).to_string());
     assert_eq!(mem(&format!("markco-editor-{user}")), (80u64 * 1024 * 1024).to_string());
     // The data directory was created.
@@ -172,7 +256,7 @@ fn first_request_starts_both_containers_and_is_answered_through_them() {
 
 #[test]
 fn twenty_concurrent_first_requests_start_one_workspace() {
-    let m = Markco::start(&config((32000, 52000)));
+    let m = Markco::start(&config(1));
     let (user, token) = add_user(&m, "many@example.com");
     let _c = Cleanup(vec![user.clone()]);
     let auth = format!("Bearer {token}");
@@ -192,7 +276,7 @@ fn twenty_concurrent_first_requests_start_one_workspace() {
 
 #[test]
 fn users_sharing_an_id_prefix_get_separate_containers_and_websockets_never_start_one() {
-    let m = Markco::start(&config((33000, 53000)));
+    let m = Markco::start(&config(2));
     // Two ids with the same first 8 characters (today's names kept only those, so starting one
     // user's editor replaced the other's). Inserted as the auth service would.
     let (a, b) =
@@ -213,13 +297,13 @@ fn users_sharing_an_id_prefix_get_separate_containers_and_websockets_never_start
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _c = Cleanup(vec![a.clone(), b.clone()]);
     // A websocket upgrade to a stopped workspace gets 503 and starts nothing.
-    let raw = raw_exchange(
+    let r = raw_exchange_one(
         m.http,
         format!("GET /u/{a}/ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ta}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes(),
-        Duration::from_secs(5),
+        Duration::from_secs(10),
     )
-    .expect("io");
-    assert_eq!(parse_response(&raw).map(|r| r.status), Some(503));
+    .expect("a complete answer to the upgrade");
+    assert_eq!(r.status, 503, "{}", r.body_text());
     assert!(containers_of(&a).is_empty(), "a websocket must not start a workspace");
 
     for (u, t) in [(&a, &ta), (&b, &tb)] {
@@ -235,9 +319,7 @@ fn users_sharing_an_id_prefix_get_separate_containers_and_websockets_never_start
 }
 
 fn started_at(name: &str) -> String {
-    let out =
-        Command::new("podman").args(["inspect", "--format", "{{.State.StartedAt}}", name]).output().expect("inspect");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    podman(&["inspect", "--format", "{{.State.StartedAt}}", name]).trim().to_string()
 }
 
 fn with_idle(cfg: String, idle: &str) -> String {
@@ -246,7 +328,7 @@ fn with_idle(cfg: String, idle: &str) -> String {
 
 #[test]
 fn a_killed_editor_is_noticed_and_the_workspace_comes_back() {
-    let m = Markco::start(&config((34000, 54000)));
+    let m = Markco::start(&config(3));
     let (user, token) = add_user(&m, "kill@example.com");
     let _c = Cleanup(vec![user.clone()]);
     let auth = format!("Bearer {token}");
@@ -254,9 +336,8 @@ fn a_killed_editor_is_noticed_and_the_workspace_comes_back() {
     let editor = format!("markco-editor-{user}");
     let before = started_at(&editor);
     let killed = Instant::now();
-    let out = Command::new("podman").args(["kill", &editor]).output().expect("podman kill");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    eventually(Duration::from_secs(2), "markco notices the exit", || m.log().contains("workspace container died"));
+    podman(&["kill", &editor]);
+    eventually(Duration::from_secs(30), "markco notices the exit", || m.log().contains("workspace container died"));
     println!("exit noticed after {:?}", killed.elapsed());
     eventually(Duration::from_secs(15), "the workspace is back", || {
         http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).is_ok_and(|r| r.status == 200)
@@ -266,7 +347,7 @@ fn a_killed_editor_is_noticed_and_the_workspace_comes_back() {
 
 #[test]
 fn a_restart_of_markco_adopts_running_containers_and_removes_strays_only() {
-    let cfg = config((35000, 55000));
+    let cfg = config(4);
     let m = Markco::start(&cfg);
     let (user, token) = add_user(&m, "adopt@example.com");
     let _c = Cleanup(vec![user.clone(), "00000000-dead-4000-8000-000000000000".into()]);
@@ -279,18 +360,15 @@ fn a_restart_of_markco_adopts_running_containers_and_removes_strays_only() {
     let foreign = format!("not-markco-{}", free_port());
     let _foreign_guard = RemoveContainer(foreign.clone());
     let img = image();
+    let owner_env = format!("MARKCO_TEST_OWNER={}", owner());
     let run = |args: &[&str]| {
-        let out = Command::new("podman").args(args).output().expect("podman");
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        podman(args);
     };
-    run(&["run", "-d", "--name", &foreign, "-e", "PORT=8080", img]);
+    run(&["run", "-d", "--name", &foreign, "-e", "PORT=8080", "-e", &owner_env, img]);
     let stray_pod = "markco-ws-00000000-dead-4000-8000-000000000000";
     // The stray carries this gateway's instance label (read off its own container).
-    let out = Command::new("podman")
-        .args(["inspect", "--format", "{{ index .Config.Labels \"markco.instance\" }}", &editor])
-        .output()
-        .expect("inspect");
-    let instance = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let instance =
+        podman(&["inspect", "--format", "{{ index .Config.Labels \"markco.instance\" }}", &editor]).trim().to_string();
     assert!(!instance.is_empty(), "markco labels its containers with its instance");
     let (user_label, instance_label) =
         ("markco.user=00000000-dead-4000-8000-000000000000".to_string(), format!("markco.instance={instance}"));
@@ -321,6 +399,8 @@ fn a_restart_of_markco_adopts_running_containers_and_removes_strays_only() {
         &instance_label,
         "-e",
         "PORT=8080",
+        "-e",
+        &owner_env,
         img,
     ]);
 
@@ -330,15 +410,14 @@ fn a_restart_of_markco_adopts_running_containers_and_removes_strays_only() {
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert_eq!((started_at(&editor), started_at(&runtime)), (e0, r0), "adopted, not restarted");
     assert!(m.log().contains("adopted running workspace"), "{}", m.log());
-    let exists =
-        |name: &str| Command::new("podman").args(["container", "exists", name]).status().is_ok_and(|s| s.success());
+    let exists = container_exists;
     assert!(exists(&foreign), "a container markco did not create must not be touched");
     assert!(!exists("markco-editor-00000000-dead-4000-8000-000000000000"), "the stray markco container is removed");
 }
 
 #[test]
 fn idle_workspaces_are_reaped_and_woken_but_not_with_an_open_websocket() {
-    let m = Markco::start(&with_idle(config((36000, 56000)), "2s"));
+    let m = Markco::start(&with_idle(config(5), "2s"));
     let (a, ta) = add_user(&m, "idle@example.com");
     let (b, tb) = add_user(&m, "busy@example.com");
     let _c = Cleanup(vec![a.clone(), b.clone()]);
@@ -350,13 +429,14 @@ fn idle_workspaces_are_reaped_and_woken_but_not_with_an_open_websocket() {
     }
     // B keeps a websocket open (and silent) the whole time.
     let mut ws = std::net::TcpStream::connect(m.http).expect("connect");
+    ws.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
     use std::io::{Read, Write};
     ws.write_all(format!("GET /u/{b}/ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tb}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes()).expect("write");
     let mut buf = [0u8; 512];
     let n = ws.read(&mut buf).expect("read");
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf[..n]));
 
-    eventually(Duration::from_secs(10), "the idle workspace is stopped", || running_of(&a).is_empty());
+    eventually(Duration::from_secs(30), "the idle workspace is stopped", || running_of(&a).is_empty());
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(running_of(&b).len(), 2, "a workspace with an open websocket is never reaped");
     // The next request wakes the idle one.
@@ -368,8 +448,7 @@ fn idle_workspaces_are_reaped_and_woken_but_not_with_an_open_websocket() {
 
 #[test]
 fn an_unresponsive_runtime_is_replaced_after_three_failed_probes_and_the_editor_is_told() {
-    let cfg = config((37000, 57000))
-        .replace("ready_timeout = \"20s\"", "ready_timeout = \"20s\"\nhealth_interval = \"300ms\"");
+    let cfg = config(6).replace("ready_timeout = \"20s\"", "ready_timeout = \"20s\"\nhealth_interval = \"300ms\"");
     let m = Markco::start(&cfg);
     let (user, token) = add_user(&m, "hung@example.com");
     let _c = Cleanup(vec![user.clone()]);
@@ -378,8 +457,7 @@ fn an_unresponsive_runtime_is_replaced_after_three_failed_probes_and_the_editor_
     let row = http_get(m.admin, &format!("/api/admin/workspaces/{user}"), &[]).expect("get").json();
     let old_port = row["runtime_port"].as_u64().expect("port");
     // The runtime keeps running but stops answering.
-    let out = Command::new("podman").args(["pause", &format!("markco-runtime-{user}")]).output().expect("pause");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    podman(&["pause", &format!("markco-runtime-{user}")]);
     let paused = Instant::now();
     eventually(Duration::from_secs(20), "the runtime route moves to a new runtime", || {
         http_get(m.admin, &format!("/api/admin/workspaces/{user}"), &[])
@@ -407,4 +485,207 @@ fn an_unresponsive_runtime_is_replaced_after_three_failed_probes_and_the_editor_
         "{updates}"
     );
     assert!(m.log().contains("runtime health probe failed"), "{}", m.log());
+}
+
+#[test]
+fn admin_start_stop_and_logout_do_what_they_say() {
+    let m = Markco::start(&config(7));
+    let (user, token) = add_user(&m, "admin-calls@example.com");
+    let _c = Cleanup(vec![user.clone()]);
+    let auth = format!("Bearer {token}");
+    let admin = |path: &str| {
+        let r = request(m.admin, "POST", path, &[], b"").unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        assert_eq!(r.status, 200, "POST {path}: {}\n{}", r.body_text(), m.log());
+        r.json()
+    };
+
+    // start: both containers run before any request, and the first request is served by them.
+    let v = admin(&format!("/api/admin/workspaces/{user}/start"));
+    assert_eq!(v["running"], true, "{v}");
+    let names = running_of(&user);
+    assert!(
+        names.contains(&format!("markco-editor-{user}")) && names.contains(&format!("markco-runtime-{user}")),
+        "{names:?}"
+    );
+    let r = http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).expect("get");
+    assert_eq!((r.status, r.json()["name"].clone()), (200, serde_json::json!(format!("editor-{user}"))));
+
+    // stop: the containers stop.
+    let v = admin(&format!("/api/admin/workspaces/{user}/stop"));
+    assert_eq!(v["running"], false, "{v}");
+    assert!(running_of(&user).is_empty(), "stopped: {:?}", containers_of(&user));
+
+    // A request starts it again (lazy start), then the auth service deletes the session and
+    // calls logout: the cached session is refused at once and the workspace is stopped.
+    let r = http_get(m.http, &format!("/u/{user}/again"), &[("Authorization", &auth)]).expect("get");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(running_of(&user).len(), 2);
+    let db = m.dir.path().join("markco.db");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('delete from sessions where token=?', (sys.argv[2],)); c.commit()")
+        .arg(&db)
+        .arg(&token)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = admin(&format!("/api/admin/users/{user}/logout"));
+    assert_eq!((v["sessions_invalidated"].clone(), v["workspace_stopped"].clone()), (true.into(), true.into()), "{v}");
+    let r = http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth), ("Accept", "application/json")])
+        .expect("get");
+    assert_eq!(r.status, 401, "a logged-out session is refused: {}", r.body_text());
+    assert!(running_of(&user).is_empty(), "logout stops the workspace: {:?}", containers_of(&user));
+}
+
+#[test]
+fn an_editor_that_never_gets_ready_gives_503_after_ready_timeout() {
+    // The editor listens on a port nobody publishes, so its /health never answers.
+    let cfg = config(8)
+        .replace("ready_timeout = \"20s\"", "ready_timeout = \"3s\"")
+        .replace("editor_env = { PORT = \"{port}\"", "editor_env = { PORT = \"9\"");
+    assert!(cfg.contains("PORT = \"9\""), "{cfg}");
+    let m = Markco::start(&cfg);
+    let (user, token) = add_user(&m, "never-ready@example.com");
+    let _c = Cleanup(vec![user.clone()]);
+    let started = Instant::now();
+    let r = http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &format!("Bearer {token}"))]).expect("get");
+    let took = started.elapsed();
+    println!("never-ready editor: {} after {took:?}", r.status);
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert!(r.header("retry-after").is_some(), "503 with Retry-After");
+    assert!(took >= Duration::from_millis(2500), "503 before ready_timeout (3 s): {took:?}");
+    assert!(took < Duration::from_secs(15), "503 long after ready_timeout (3 s): {took:?}");
+    let metrics = m.metrics();
+    let failed = metric_value(&metrics, "markco_workspace_starts_total", &[("result", "error")]);
+    assert!(failed.is_some_and(|v| v >= 1.0), "a failed start is counted: {failed:?}\n{metrics}");
+}
+
+/// A relay to podman's API socket that the test can cut: markco reaches podman only through it,
+/// so "podman's API is down" can be made without stopping the shared service.
+struct SocketRelay {
+    path: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SocketRelay {
+    fn start(path: &std::path::Path) -> SocketRelay {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::Ordering;
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).expect("bind the podman relay");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop2, conns2, target) = (stop.clone(), conns.clone(), socket());
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let Ok(server) = UnixStream::connect(&target) else { continue };
+                let _ = client.set_nonblocking(false);
+                let mut list = conns2.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else { continue };
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                list.extend([client, server]);
+            }
+        });
+        SocketRelay { path: path.to_path_buf(), stop, conns, thread: Some(thread) }
+    }
+
+    /// podman's API goes away: the socket is removed and every relayed connection cut.
+    fn cut(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+        for c in self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for SocketRelay {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+#[test]
+fn podman_api_down_running_workspaces_serve_new_ones_get_503_and_it_recovers() {
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let relay_path = relay_dir.path().join("podman.sock");
+    let mut relay = SocketRelay::start(&relay_path);
+    let cfg = config(9)
+        .replace(&format!("unix://{}", socket()), &format!("unix://{}", relay_path.display()))
+        .replace("ready_timeout = \"20s\"", "ready_timeout = \"5s\"");
+    assert!(cfg.contains(&relay_path.display().to_string()));
+    let m = Markco::start(&cfg);
+    let http = m.http;
+    let (a, ta) = add_user(&m, "running@example.com");
+    let (b, tb) = add_user(&m, "new@example.com");
+    let _c = Cleanup(vec![a.clone(), b.clone()]);
+    let get = |u: &str, t: &str| {
+        http_get(http, &format!("/u/{u}/"), &[("Authorization", &format!("Bearer {t}"))]).expect("get")
+    };
+    assert_eq!(get(&a, &ta).status, 200, "A's workspace starts");
+
+    relay.cut();
+    // A's running workspace does not need podman to be served.
+    let r = get(&a, &ta);
+    assert_eq!((r.status, r.json()["name"].clone()), (200, format!("editor-{a}").into()));
+    // B's first request cannot start anything: 503 with Retry-After, in bounded time.
+    let t = Instant::now();
+    let r = get(&b, &tb);
+    let took = t.elapsed();
+    println!("first request with podman's API down: {} after {took:?}", r.status);
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert!(r.header("retry-after").is_some());
+    assert!(took < Duration::from_secs(20), "the request waited {took:?}");
+    assert_eq!(http_get(m.admin, "/health", &[]).expect("markco still answers").status, 200);
+
+    // The API comes back: B's workspace starts on the next request.
+    let _back = SocketRelay::start(&relay_path);
+    eventually(Duration::from_secs(60), "B's workspace starts once podman's API is back", || {
+        get(&b, &tb).status == 200
+    });
+    assert_eq!(running_of(&b).len(), 2, "{:?}", containers_of(&b));
+}
+
+#[test]
+fn a_container_that_keeps_dying_is_restarted_with_doubling_backoff() {
+    let m = Markco::start(&config(10));
+    let (user, token) = add_user(&m, "crashy@example.com");
+    let _c = Cleanup(vec![user.clone()]);
+    let auth = format!("Bearer {token}");
+    assert_eq!(http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).expect("get").status, 200);
+    let editor = format!("markco-editor-{user}");
+    // The README's backoff: 0.5 s, doubling per restart. A restart cannot come before its delay.
+    for (k, delay) in [0.5f64, 1.0, 2.0, 4.0].into_iter().enumerate() {
+        let before = started_at(&editor);
+        let killed = Instant::now();
+        podman(&["kill", &editor]);
+        eventually(Duration::from_secs(60), &format!("restart {} of the editor", k + 1), || {
+            started_at(&editor) != before
+        });
+        let took = killed.elapsed().as_secs_f64();
+        println!("restart {}: {took:.2} s after the kill (backoff {delay} s)", k + 1);
+        assert!(took >= delay, "restart {} came {took:.2} s after the exit, before its {delay} s backoff", k + 1);
+        assert!(took < delay + 20.0, "restart {} took {took:.2} s (backoff {delay} s)", k + 1);
+        // Back in service before the next kill.
+        eventually(Duration::from_secs(60), "the workspace answers again", || {
+            http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).is_ok_and(|r| r.status == 200)
+        });
+    }
+    let exits = metric_value(&m.metrics(), "markco_workspace_container_exits_total", &[]);
+    assert!(exits.is_some_and(|v| v >= 4.0), "container exits counted: {exits:?}");
 }

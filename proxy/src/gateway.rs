@@ -23,6 +23,7 @@ use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
 use crate::path;
 use crate::static_files;
 use crate::table::{canonical_host, Action, Activity, PathPattern, ProxySettings, Route, RouteTable};
+use crate::target::{self, TargetForm};
 use crate::tunnel;
 
 /// ACME HTTP-01 answers (token → key authorization), published by the certificate manager.
@@ -43,6 +44,8 @@ pub struct Gateway {
     /// Upstream labels of per-user routes, made once (a request only clones the `Arc`).
     editor_label: Arc<str>,
     runtime_label: Arc<str>,
+    /// Tells websocket tunnels when a graceful shutdown is about to end them.
+    drain: Option<Arc<crate::drain::Drain>>,
 }
 
 impl Gateway {
@@ -58,7 +61,14 @@ impl Gateway {
             unrouted,
             editor_label: Arc::from("workspace:editor"),
             runtime_label: Arc::from("workspace:runtime"),
+            drain: None,
         }
+    }
+
+    /// Websockets end with a Close frame just before a graceful shutdown would cut them.
+    pub fn with_drain(mut self, drain: Arc<crate::drain::Drain>) -> Gateway {
+        self.drain = Some(drain);
+        self
     }
 
     /// The control plane's session lookups.
@@ -111,19 +121,34 @@ pub struct Ctx {
     activity: Option<Arc<Activity>>,
 }
 
-/// A short plain-text response; the body names no internals.
-pub async fn respond_text(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
-    let mut h = ResponseHeader::build(status, Some(4))?;
-    h.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+/// Writes a response of our own (every reply markco makes itself goes through here): a short
+/// body that names no internals, never cached, never sniffed.
+pub async fn reply(
+    session: &mut Session,
+    status: u16,
+    content_type: &str,
+    body: Bytes,
+    extra: &[(http::HeaderName, &str)],
+) -> Result<()> {
+    let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    h.insert_header(header::CONTENT_TYPE, content_type)?;
     h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     h.insert_header("X-Content-Type-Options", "nosniff")?;
     h.insert_header(header::CACHE_CONTROL, "no-store")?;
-    let head = session.req_header().method == http::Method::HEAD;
+    for (k, v) in extra {
+        h.insert_header(k.clone(), *v)?;
+    }
+    let head = session.req_header().method == http::Method::HEAD || body.is_empty();
     session.write_response_header(Box::new(h), head).await?;
     if !head {
-        session.write_response_body(Some(Bytes::from_static(body.as_bytes())), true).await?;
+        session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// A short plain-text response; the body names no internals.
+pub async fn respond_text(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
+    reply(session, status, "text/plain; charset=utf-8", Bytes::from_static(body.as_bytes()), &[]).await
 }
 
 fn peer_ip(session: &Session) -> Option<IpAddr> {
@@ -195,7 +220,9 @@ fn rewrite_request(session: &Session, f: &Forward, trusted_peer: bool, upstream:
         Some(q) => format!("{}?{q}", f.path),
         None => f.path.clone(),
     };
-    if upstream.uri.path_and_query().map(|x| x.as_str()) != Some(pq.as_str()) {
+    // Compared with the raw target, not the parsed URI: an absolute-form target keeps its raw
+    // bytes, which Pingora would otherwise send upstream as they came.
+    if upstream.raw_path() != pq.as_bytes() {
         let uri = http::Uri::builder()
             .path_and_query(pq)
             .build()
@@ -216,6 +243,77 @@ fn rewrite_request(session: &Session, f: &Forward, trusted_peer: bool, upstream:
         is_tls(session),
         session.is_upgrade_req(),
     )
+}
+
+/// The `Content-Length` to send when the client sent it more than once or as a list
+/// (`5, 5`); Pingora has already refused copies that differ.
+fn duplicate_content_length(req: &RequestHeader) -> Option<String> {
+    let mut values = req.headers.get_all(header::CONTENT_LENGTH).iter();
+    let first = values.next()?;
+    let listed = first.as_bytes().contains(&b',');
+    if values.next().is_none() && !listed {
+        return None;
+    }
+    let text = first.to_str().ok()?;
+    text.split(',').next().map(|v| v.trim().to_string())
+}
+
+/// Keeps only the `Upgrade` protocols `route` tunnels (`websocket`, and what its `upgrades`
+/// lists); `h2c` never passes, since a tunnel opened by an upstream's 101 to it would carry
+/// later requests past every route rule. With none left, the request goes on as a plain one,
+/// without `Upgrade` and without the `upgrade` connection option.
+fn restrict_upgrade(req: &mut RequestHeader, route: &Route) {
+    let Some(offered) = req.headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()) else {
+        req.remove_header(&header::UPGRADE);
+        return;
+    };
+    let kept: Vec<&str> = offered
+        .split(',')
+        .map(str::trim)
+        .filter(|t| {
+            let name = t.split('/').next().unwrap_or("").trim();
+            !name.eq_ignore_ascii_case("h2c") && route.allows_upgrade(name)
+        })
+        .collect();
+    if kept.len() == offered.split(',').count() {
+        return;
+    }
+    if kept.is_empty() {
+        req.remove_header(&header::UPGRADE);
+        let rest: Vec<String> = req
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("upgrade"))
+            .map(str::to_owned)
+            .collect();
+        req.remove_header(&header::CONNECTION);
+        if !rest.is_empty() {
+            // Still names the hop-by-hop headers (e.g. HTTP2-Settings) to drop upstream.
+            let _ = req.insert_header(header::CONNECTION, rest.join(", "));
+        }
+    } else {
+        let _ = req.insert_header(header::UPGRADE, kept.join(", "));
+    }
+}
+
+/// The address a rate limit counts: the peer, or the client a trusted proxy names last.
+fn client_ip(session: &Session, trusted_peer: bool) -> Option<IpAddr> {
+    let peer = peer_ip(session);
+    if !trusted_peer {
+        return peer;
+    }
+    session
+        .req_header()
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|ip| ip.trim().parse().ok())
+        .or(peer)
 }
 
 /// Any `Connection` line lists `close`.
@@ -338,16 +436,37 @@ impl Gateway {
 
     /// A short JSON response.
     async fn json(&self, session: &mut Session, ctx: &mut Ctx, status: u16, body: &'static str) -> Result<bool> {
-        let mut h = ResponseHeader::build(status, Some(4))?;
-        h.insert_header(header::CONTENT_TYPE, "application/json")?;
-        h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-        h.insert_header(header::CACHE_CONTROL, "no-store")?;
-        if status == 503 {
-            h.insert_header(header::RETRY_AFTER, "5")?;
-        }
-        session.write_response_header(Box::new(h), false).await?;
-        session.write_response_body(Some(Bytes::from_static(body.as_bytes())), true).await?;
+        let retry: &[(http::HeaderName, &str)] = if status == 503 { &[(header::RETRY_AFTER, "5")] } else { &[] };
+        reply(session, status, "application/json", Bytes::from_static(body.as_bytes()), retry).await?;
         ctx.status = status;
+        Ok(true)
+    }
+
+    /// 429 when `key` is over the route's `rate_limit`; `Ok(false)` lets the request go on.
+    async fn rate_limited<K: std::hash::Hash + Sync + ?Sized>(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        route: &Route,
+        key: &K,
+    ) -> Result<bool> {
+        let Some(limiter) = &route.rate_limit else {
+            return Ok(false);
+        };
+        if limiter.allow(key) {
+            return Ok(false);
+        }
+        self.metrics.rate_limited(&route.name);
+        let retry = limiter.retry_after().to_string();
+        reply(
+            session,
+            429,
+            "application/json",
+            Bytes::from_static(br#"{"error":"Too many requests; retry later"}"#),
+            &[(header::RETRY_AFTER, retry.as_str())],
+        )
+        .await?;
+        ctx.status = 429;
         Ok(true)
     }
 
@@ -397,6 +516,10 @@ impl Gateway {
         // User ids are compared exactly: no case folding, no decoding beyond normalisation.
         if *user != *owner {
             return self.json(session, ctx, 403, r#"{"error":"Forbidden"}"#).await;
+        }
+        // Identity routes are limited per user, so users behind one address do not share a budget.
+        if self.rate_limited(session, ctx, route, &user).await? {
+            return Ok(true);
         }
         let table = ctx.table.clone().expect("table loaded");
         let settings = &table.settings;
@@ -464,7 +587,7 @@ impl Gateway {
                 a.websocket_opened();
             }
         };
-        let outcome = tunnel::relay(session, &req, addr, connect, idle, on_upgrade).await;
+        let outcome = tunnel::relay(session, &req, addr, connect, idle, self.drain.as_deref(), on_upgrade).await;
         if let (Some(a), Ok(o)) = (&ctx.activity, &outcome) {
             if o.upgraded {
                 a.websocket_closed();
@@ -537,6 +660,36 @@ impl ProxyHttp for Gateway {
         {
             session.set_keepalive(None);
         }
+        let form = {
+            let req = session.req_header();
+            target::classify(req.method.as_str().as_bytes(), req.raw_path())
+        };
+        let form = match form {
+            Ok(f) => f,
+            Err(e) => {
+                ctx.table = Some(table);
+                return self.refuse(session, ctx, 400, e.reason(), "bad request: malformed request target\n").await;
+            }
+        };
+        if session.req_header().version == http::Version::HTTP_11
+            && !session.req_header().headers.contains_key(header::HOST)
+        {
+            // RFC 9112 3.2: a 1.1 request without Host is malformed, whatever its target.
+            ctx.table = Some(table);
+            return self.refuse(session, ctx, 400, "missing_host", "bad request: no Host header\n").await;
+        }
+        if let Some(len) = duplicate_content_length(session.req_header()) {
+            // Pingora checked that the copies agree (and refuses differing ones); the upstream
+            // gets exactly one.
+            session.req_header_mut().insert_header(header::CONTENT_LENGTH, len)?;
+        }
+        if form == TargetForm::Asterisk {
+            ctx.table = Some(table);
+            let allow = [(header::ALLOW, "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")];
+            reply(session, 200, "text/plain; charset=utf-8", Bytes::new(), &allow).await?;
+            ctx.status = 200;
+            return Ok(true);
+        }
         ctx.trusted_peer = forwarded::is_trusted(peer_ip(session), &settings.trusted_proxies);
         let req = session.req_header();
         let host = req
@@ -604,6 +757,15 @@ impl ProxyHttp for Gateway {
             return self
                 .json(session, ctx, 503, r#"{"error":"This service is temporarily disabled; retry later"}"#)
                 .await;
+        }
+        if session.is_upgrade_req() {
+            restrict_upgrade(session.req_header_mut(), &route);
+        }
+        if !route.action.is_identity() {
+            let client = client_ip(session, ctx.trusted_peer);
+            if self.rate_limited(session, ctx, &route, &client).await? {
+                return Ok(true);
+            }
         }
         self.run_action(session, ctx, &route).await
     }

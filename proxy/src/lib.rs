@@ -2,13 +2,17 @@
 //! forwarded headers and request metrics.
 
 pub mod app;
+pub mod conn;
+pub mod drain;
 pub mod forwarded;
 pub mod gateway;
 pub mod identity;
 pub mod metrics;
 pub mod path;
+pub mod ratelimit;
 pub mod static_files;
 pub mod table;
+pub mod target;
 pub mod tunnel;
 pub mod user_id;
 

@@ -68,6 +68,9 @@ pub struct Metrics {
     pub table_generation: IntGauge,
     reloads: IntCounterVec,
     pub bad_requests: IntCounterVec,
+    rate_limited: IntCounterVec,
+    /// Connections whose request header was not complete within `header_timeout`.
+    pub header_timeouts: prometheus::IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -118,6 +121,16 @@ impl Metrics {
             &["reason"],
         )
         .expect("static metric definition");
+        let rate_limited = IntCounterVec::new(
+            Opts::new("markco_http_rate_limited_total", "Requests refused with 429 by a route's rate_limit, by route"),
+            &["route"],
+        )
+        .expect("static metric definition");
+        let header_timeouts = prometheus::IntCounter::new(
+            "markco_http_header_timeouts_total",
+            "Connections closed because a request header was not complete within header_timeout",
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -126,6 +139,8 @@ impl Metrics {
             Box::new(table_generation.clone()),
             Box::new(reloads.clone()),
             Box::new(bad_requests.clone()),
+            Box::new(rate_limited.clone()),
+            Box::new(header_timeouts.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -141,6 +156,8 @@ impl Metrics {
             table_generation,
             reloads,
             bad_requests,
+            rate_limited,
+            header_timeouts,
         })
     }
 
@@ -161,6 +178,10 @@ impl Metrics {
 
     pub fn reload(&self, ok: bool) {
         self.reloads.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+    }
+
+    pub fn rate_limited(&self, route: &str) {
+        self.rate_limited.with_label_values(&[route]).inc();
     }
 
     pub fn bad_request(&self, reason: &str) {

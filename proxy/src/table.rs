@@ -115,6 +115,11 @@ impl Action {
             Action::Control => "control",
         }
     }
+
+    /// Routes that check a session and an owner (`/u/`, `/r/`, `/sync/`, `/tunnel/`).
+    pub fn is_identity(&self) -> bool {
+        matches!(self, Action::Workspace | Action::Runtime | Action::UserService(_))
+    }
 }
 
 #[derive(Debug)]
@@ -124,11 +129,25 @@ pub struct Route {
     pub patterns: Vec<PathPattern>,
     pub action: Action,
     pub metrics: RouteMetrics,
+    /// `Upgrade` protocols tunnelled besides `websocket` (never `h2c`; checked at load).
+    pub upgrades: Vec<Arc<str>>,
+    /// `rate_limit` with its `burst`, per client address (per user on identity routes).
+    pub rate_limit: Option<crate::ratelimit::RateLimiter>,
 }
 
 impl Route {
+    /// A route with no upgrades beyond websockets and no rate limit.
+    pub fn new(name: &str, patterns: Vec<PathPattern>, action: Action, metrics: RouteMetrics) -> Route {
+        Route { name: name.into(), patterns, action, metrics, upgrades: Vec::new(), rate_limit: None }
+    }
+
     pub fn matches(&self, path: &str) -> bool {
         self.patterns.iter().any(|p| p.matches(path))
+    }
+
+    /// This route tunnels the `Upgrade` protocol `token` (`websocket` always does).
+    pub fn allows_upgrade(&self, token: &str) -> bool {
+        token.eq_ignore_ascii_case("websocket") || self.upgrades.iter().any(|u| u.eq_ignore_ascii_case(token))
     }
 }
 

@@ -18,6 +18,7 @@ use pingora::ErrorType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::drain::{close_frame, Drain, Frames, CLOSE_REPLY_WAIT};
 use crate::forwarded;
 
 const MAX_HEAD: usize = 64 * 1024;
@@ -101,6 +102,7 @@ pub async fn relay(
     addr: SocketAddr,
     connect_timeout: Duration,
     idle: Option<Duration>,
+    drain: Option<&Drain>,
     mut on_upgrade: impl FnMut(),
 ) -> Result<Outcome> {
     let mut up = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
@@ -119,6 +121,11 @@ pub async fn relay(
         read_head(&mut up, connect_timeout.max(Duration::from_secs(10))).await?;
     forwarded::clean_response(&mut resp);
     let status = resp.status.as_u16();
+    if status == 101 && !switches_to_requested(req, &resp) {
+        // An upstream that switches to a protocol the client did not ask for (h2c, say) would
+        // get a raw tunnel for whatever it wants to speak.
+        return Err(up_err(ErrorType::InvalidHTTPHeader, "upstream switched to a protocol that was not requested"));
+    }
     if status != 101 {
         // The upstream refused the upgrade: relay its (short) answer as a plain response.
         let body = refusal_body(&mut up, leftover, content_length, chunked)
@@ -134,15 +141,42 @@ pub async fn relay(
     }
     session.write_response_header(Box::new(resp), false).await?;
     on_upgrade();
+    // Frame boundaries both ways, so that a shutdown can close a websocket with a Close frame.
+    let websocket = req.headers.get("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let (mut to_client, mut to_upstream) = (Frames::default(), Frames::default());
+    to_client.feed(&leftover);
     if !leftover.is_empty() && session.write_response_body(Some(Bytes::from(leftover)), false).await.is_err() {
         return Ok(Outcome { status, upgraded: true });
     }
     let idle = idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
     let mut buf = vec![0u8; 16 * 1024];
+    let closing = async {
+        match drain {
+            Some(d) => d.closing().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(closing);
+    let mut draining = false;
+    let mut close_sent: Option<tokio::time::Instant> = None;
     loop {
+        // Draining: our Close goes to the client as soon as no upstream frame is half sent.
+        if draining && close_sent.is_none() && to_client.at_boundary() {
+            if session.write_response_body(Some(Bytes::from(close_frame(None))), false).await.is_err() {
+                break;
+            }
+            close_sent = Some(tokio::time::Instant::now());
+        }
+        let reply_wait = async {
+            match close_sent {
+                Some(at) => tokio::time::sleep_until(at + CLOSE_REPLY_WAIT).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             down = session.as_downstream_mut().read_body_or_idle(false) => match down {
                 Ok(Some(data)) => {
+                    to_upstream.feed(&data);
                     if up.write_all(&data).await.is_err() {
                         break;
                     }
@@ -152,18 +186,61 @@ pub async fn relay(
             },
             n = up.read(&mut buf) => match n {
                 Ok(0) | Err(_) => break,
+                // After our Close nothing more may reach the client (RFC 6455 5.5.1).
+                Ok(_) if close_sent.is_some() => {}
                 Ok(n) => {
+                    to_client.feed(&buf[..n]);
                     if session.write_response_body(Some(Bytes::copy_from_slice(&buf[..n])), false).await.is_err() {
                         break;
                     }
                 }
             },
             _ = tokio::time::sleep(idle) => break,
+            _ = &mut closing, if !draining => {
+                if !websocket {
+                    break;
+                }
+                draining = true;
+            }
+            _ = reply_wait => {
+                // The client did not answer in time: close the upstream's side ourselves.
+                if !to_upstream.saw_close && to_upstream.at_boundary() {
+                    let _ = up.write_all(&close_frame(Some(mask()))).await;
+                }
+                break;
+            }
         }
     }
     let _ = up.shutdown().await;
     let _ = session.write_response_body(None, true).await;
     Ok(Outcome { status, upgraded: true })
+}
+
+/// A masking key for the one frame we send upstream as if from the client.
+fn mask() -> [u8; 4] {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    nanos.to_le_bytes()
+}
+
+/// A 101's `Upgrade` (when it names one) is one of the protocols the request offered.
+fn switches_to_requested(req: &RequestHeader, resp: &ResponseHeader) -> bool {
+    let Some(chosen) = resp.headers.get(http::header::UPGRADE) else {
+        return true; // Some servers leave it out; the request offered only allowed protocols.
+    };
+    let name = |t: &str| t.split('/').next().unwrap_or("").trim().to_ascii_lowercase();
+    let Ok(chosen) = chosen.to_str() else {
+        return false;
+    };
+    let offered: Vec<String> = req
+        .headers
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(name)
+        .collect();
+    chosen.split(',').map(name).all(|c| offered.contains(&c))
 }
 
 /// Reads a refused upgrade's body: whole, or an error (a cut or oversized body is not relayed as

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use markco_certs::{AcmeConfig, ManagedSite, SiteTls};
 use markco_control::plane::PlaneConfig;
 use markco_proxy::metrics::Metrics;
+use markco_proxy::ratelimit::{RateLimiter, RateSpec};
 use markco_proxy::table::{
     Action, PathPattern, ProxyAction, ProxySettings, Route, Routing, Site, StaticAction, Upstream,
 };
@@ -43,6 +44,9 @@ pub struct ServerSettings {
     pub admin_token: Option<String>,
     pub threads: usize,
     pub header_timeout: Duration,
+    /// Open client connections allowed from one address, and in all.
+    pub max_connections_per_ip: usize,
+    pub max_connections: usize,
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
     pub upgrade_sock: PathBuf,
@@ -72,6 +76,8 @@ pub struct RouteSpec {
     pub name: String,
     pub patterns: Vec<String>,
     pub action: ActionSpec,
+    pub upgrades: Vec<String>,
+    pub rate_limit: Option<RateSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -221,6 +227,19 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         None => None,
         some => Some(cx.addr(some, "https", "0.0.0.0:443")?),
     };
+    let limit = |v: &Option<Spanned<i64>>, key: &str, default: usize| -> Result<usize, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) if *n.get_ref() >= 1 => Ok(usize::try_from(*n.get_ref()).unwrap_or(usize::MAX)),
+            Some(n) => cx.err(
+                n.span(),
+                format!("`{key}` must be at least 1"),
+                Some("leave it out for the default".to_string()),
+            ),
+        }
+    };
+    let max_connections = limit(&s.max_connections, "max_connections", markco_proxy::conn::default_max_connections())?;
+    let max_connections_per_ip = limit(&s.max_connections_per_ip, "max_connections_per_ip", 256)?;
     let server = ServerSettings {
         http: cx.addr(&s.http, "http", "127.0.0.1:8080")?,
         https,
@@ -228,6 +247,8 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         admin_token,
         threads,
         header_timeout: cx.duration(&s.header_timeout, "header_timeout", Duration::from_secs(10))?,
+        max_connections_per_ip,
+        max_connections,
         grace_period: cx.duration(&s.grace_period, "grace_period", Duration::from_secs(10))?,
         shutdown_timeout: cx.duration(&s.shutdown_timeout, "shutdown_timeout", Duration::from_secs(5))?,
         upgrade_sock: s
@@ -589,12 +610,65 @@ fn route_spec(
     } else {
         return cx.err(r.span(), "this route has no action", Some(action_help));
     };
+    only_for(
+        raw.upgrades.is_some(),
+        "upgrades",
+        raw.upgrades.as_ref().map(|s| s.span()).unwrap_or(0..0),
+        &["proxy", "workspace", "runtime", "user_service"],
+    )?;
+    let mut upgrades = Vec::new();
+    for u in raw.upgrades.iter().flat_map(|u| u.get_ref()) {
+        let token = u.get_ref().trim();
+        if token.eq_ignore_ascii_case("h2c") {
+            return cx.err(
+                u.span(),
+                "`h2c` cannot be tunnelled",
+                Some("an h2c tunnel would carry later requests past every route rule (h2c smuggling); serve HTTP/2 over TLS instead".to_string()),
+            );
+        }
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._/".contains(&b)) {
+            return cx.err(
+                u.span(),
+                format!("{token:?} is not an Upgrade protocol name"),
+                Some("write a token such as \"websocket\" (always allowed) or \"IRC/6.9\"".to_string()),
+            );
+        }
+        upgrades.push(token.to_string());
+    }
+    if raw.burst.is_some() && raw.rate_limit.is_none() {
+        let span = raw.burst.as_ref().map(|b| b.span()).unwrap_or(0..0);
+        return cx.err(
+            span,
+            "`burst` needs a `rate_limit`",
+            Some("e.g. rate_limit = \"100/s\" with burst = 20".to_string()),
+        );
+    }
+    let burst = match &raw.burst {
+        None => 0,
+        Some(b) => match u32::try_from(*b.get_ref()) {
+            Ok(v) => v,
+            Err(_) => return cx.err(b.span(), "`burst` must be a whole number from 0", None),
+        },
+    };
+    let rate_limit = match &raw.rate_limit {
+        None => None,
+        Some(r) => match RateSpec::parse(r.get_ref(), burst) {
+            Ok(spec) => Some(spec),
+            Err(why) => {
+                return cx.err(
+                    r.span(),
+                    format!("bad `rate_limit`: {why}"),
+                    Some("e.g. rate_limit = \"100/s\", \"600/m\" or \"5000/h\"".to_string()),
+                )
+            }
+        },
+    };
     let name = match &raw.name {
         Some(n) if !n.get_ref().trim().is_empty() => n.get_ref().trim().to_string(),
         Some(n) => return cx.err(n.span(), "`name` is empty", None),
         None => format!("{}{}#{}", hosts[0], patterns[0], index + 1),
     };
-    Ok(RouteSpec { name, patterns, action })
+    Ok(RouteSpec { name, patterns, action, upgrades, rate_limit })
 }
 
 impl Config {
@@ -656,12 +730,15 @@ impl Config {
                                 Action::UserService(proxy_action(label, *addr, strip_prefix))
                             }
                         };
-                        Arc::new(Route {
-                            name: r.name.as_str().into(),
-                            patterns: r.patterns.iter().map(|p| PathPattern::parse(p)).collect(),
+                        let mut route = Route::new(
+                            &r.name,
+                            r.patterns.iter().map(|p| PathPattern::parse(p)).collect(),
                             action,
-                            metrics: metrics.route(&r.name),
-                        })
+                            metrics.route(&r.name),
+                        );
+                        route.upgrades = r.upgrades.iter().map(|u| Arc::from(u.as_str())).collect();
+                        route.rate_limit = r.rate_limit.map(RateLimiter::new);
+                        Arc::new(route)
                     })
                     .collect(),
             })

@@ -54,6 +54,8 @@ pub struct RawServer {
     pub upstream_idle_timeout: Option<Spanned<String>>,
     pub websocket_idle_timeout: Option<Spanned<String>>,
     pub max_header_bytes: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
     pub grace_period: Option<Spanned<String>>,
     pub shutdown_timeout: Option<Spanned<String>>,
     pub upgrade_sock: Option<Spanned<String>>,
@@ -97,6 +99,9 @@ pub struct RawRoute {
     pub runtime: Option<Spanned<bool>>,
     pub user_service: Option<Spanned<String>>,
     pub control: Option<Spanned<bool>>,
+    pub upgrades: Option<Spanned<Vec<Spanned<String>>>>,
+    pub rate_limit: Option<Spanned<String>>,
+    pub burst: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -30,9 +30,51 @@ pub fn upstream_bin() -> PathBuf {
     p
 }
 
-/// A free loopback port (bound, then released: good enough on a test machine).
+/// The kernel's ephemeral port range (`ip_local_port_range`): ports it hands to outgoing
+/// connections and to `bind(:0)` at any moment, so a port from there can be taken between our
+/// choosing it and markco binding it.
+pub fn ephemeral_range() -> (u16, u16) {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = text.split_whitespace().filter_map(|v| v.parse::<u16>().ok());
+    match (it.next(), it.next()) {
+        (Some(lo), Some(hi)) if lo <= hi => (lo, hi),
+        _ => (32768, 60999),
+    }
+}
+
+/// Where [`free_port`] picks from: below the ephemeral range, and below the workspace tests'
+/// container port ranges (which sit above it, see `tests/workspaces.rs`).
+const PORT_BAND_START: u16 = 15000;
+
+/// A free loopback port outside the ephemeral range. Each call in this process gets a different
+/// port (a cursor from a random start walks the band), and it was bindable when chosen; another
+/// process can still take it before markco binds it, which [`Markco::start`] survives by
+/// retrying on new ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("addr").port()
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    let band_end = ephemeral_range().0.max(PORT_BAND_START + 2000);
+    let band = u32::from(band_end - PORT_BAND_START);
+    if CURSOR.load(Ordering::Relaxed) == u32::MAX {
+        // A random start, so concurrent test processes rarely walk the same ports.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let _ = CURSOR.compare_exchange(
+            u32::MAX,
+            (h.finish() % u64::from(band)) as u32,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    for _ in 0..band {
+        let n = CURSOR.fetch_add(1, Ordering::Relaxed);
+        let port = PORT_BAND_START + (n % band) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {PORT_BAND_START}..{band_end}");
 }
 
 /// A child process killed on drop.
@@ -127,12 +169,40 @@ impl Markco {
     }
 
     pub fn start_with_args(template: &str, extra: &[&str]) -> Markco {
-        Self::start_in(tempfile::tempdir().expect("tempdir"), Ports::free(), template, extra)
+        let mut dir = tempfile::tempdir().expect("tempdir");
+        // Ports are chosen here, so a collision with another process is retried on new ones.
+        for _ in 0..5 {
+            match Self::try_start_in(dir, Ports::free(), template, extra) {
+                Ok(m) => return m,
+                Err(d) => dir = d,
+            }
+        }
+        panic!("markco could not bind free ports in 5 attempts");
     }
 
     /// Starts markco in a given directory on given ports (to restart one on the same state, or
-    /// to tell another process, such as an ACME server, where it will listen).
-    pub fn start_in(dir: tempfile::TempDir, ports: Ports, template: &str, extra: &[&str]) -> Markco {
+    /// to tell another process, such as an ACME server, where it will listen). A port taken by
+    /// a short-lived socket is retried a few times.
+    pub fn start_in(mut dir: tempfile::TempDir, ports: Ports, template: &str, extra: &[&str]) -> Markco {
+        for _ in 0..5 {
+            match Self::try_start_in(dir, ports, template, extra) {
+                Ok(m) => return m,
+                Err(d) => dir = d,
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("markco could not bind {ports:?} in 5 attempts");
+    }
+
+    /// Starts markco and waits until it serves; on a port collision (another process bound
+    /// one of ours first) hands the directory back for another attempt. Any other failure
+    /// to start panics with markco's log.
+    pub fn try_start_in(
+        dir: tempfile::TempDir,
+        ports: Ports,
+        template: &str,
+        extra: &[&str],
+    ) -> Result<Markco, tempfile::TempDir> {
         let Ports { http, https, admin } = ports;
         let config_path = dir.path().join("markco.toml");
         std::fs::write(&config_path, render(template, ports, dir.path())).expect("write config");
@@ -148,25 +218,58 @@ impl Markco {
             .stderr(log)
             .spawn()
             .expect("start markco");
-        let m = Markco { http, https, admin, dir, config_path, log_path, proc: Proc { child } };
-        m.wait_ready();
-        m
+        let mut m = Markco { http, https, admin, dir, config_path, log_path, proc: Proc { child } };
+        match m.wait_ready() {
+            Ok(()) => Ok(m),
+            Err(log) if log.contains("Address already in use") || log.contains("cannot listen on") => {
+                eprintln!("markco: a port of {ports:?} was taken, retrying");
+                let (dir, _) = m.stop();
+                Err(dir)
+            }
+            Err(log) => panic!("markco did not become ready; log:\n{log}"),
+        }
     }
 
-    pub fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    /// Waits until the admin API and the HTTP listener answer and the SIGHUP handler is
+    /// installed; `Err(log)` when markco exits or does not get there in a minute (a generous
+    /// bound for a busy machine: it only costs time when markco is broken).
+    pub fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(r) = http_get(self.admin, "/health", &[]) {
-                if r.status == 200 && TcpStream::connect(self.http).is_ok() {
-                    // Give the SIGHUP handler (a background service) a moment to be installed.
-                    std::thread::sleep(Duration::from_millis(100));
-                    return;
-                }
+            if !self.alive() {
+                // Let the last lines reach the log file.
+                std::thread::sleep(Duration::from_millis(50));
+                return Err(self.log());
+            }
+            if http_get(self.admin, "/health", &[]).is_ok_and(|r| r.status == 200)
+                && TcpStream::connect(self.http).is_ok()
+                && catches_signal(self.pid(), libc::SIGHUP)
+            {
+                return Ok(());
             }
             if Instant::now() > deadline {
-                panic!("markco did not become ready; log:\n{}", self.log());
+                return Err(format!("(not ready after 60 s)\n{}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM (graceful shutdown).
+    pub fn sigterm(&self) {
+        signal(self.pid(), libc::SIGTERM);
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.proc.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -220,6 +323,17 @@ impl Markco {
     }
 }
 
+/// Has `pid` installed a handler for `sig`? (`SigCgt` in /proc: until markco's handler is in
+/// place a SIGHUP is ignored, so a test that sends one must wait for this.)
+pub fn catches_signal(pid: u32, sig: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
+}
+
 pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a pid we spawned.
     unsafe {
@@ -259,31 +373,136 @@ impl Resp {
     }
 }
 
-/// Sends raw bytes, reads until the server closes (or `timeout`), and parses the response.
+/// Sends raw bytes and reads until the server closes. A read timeout is an error: a server
+/// that keeps a connection open it should have closed must fail the test, not pass it.
 pub fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(timeout))?;
     s.write_all(request)?;
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    Ok(out)
+    read_to_close(&mut s)
 }
 
-pub fn parse_response(raw: &[u8]) -> Option<Resp> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next()?;
-    let status = status_line.split_whitespace().nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
-    let mut body = raw[end + 4..].to_vec();
-    let chunked =
-        headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
-    if chunked {
-        body = markco_proxy::tunnel::dechunk(&body, usize::MAX).ok()?;
+/// Reads until EOF; a reset after some bytes counts as the end (a server may reset a
+/// connection it refused), a timeout is an error that says what had arrived.
+pub fn read_to_close(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the connection was not closed within the read timeout; received so far: {:?}",
+                        String::from_utf8_lossy(&out[..out.len().min(2000)])
+                    ),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !out.is_empty() => return Ok(out),
+            Err(e) => return Err(e),
+        }
     }
-    Some(Resp { status, headers, body })
+}
+
+/// Sends raw bytes and reads one complete response (the connection may stay open, as it may
+/// without `Connection: close`); a timeout before the response is complete is an error.
+pub fn raw_exchange_one(addr: SocketAddr, request: &[u8], timeout: Duration) -> std::io::Result<Resp> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(request)?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Ok(r) = parse_response_to("GET", &out) {
+            return Ok(r);
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("closed before a complete response: {:?}", String::from_utf8_lossy(&out)),
+            ));
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Parses one HTTP/1.1 response to a GET (see [`parse_response_to`]); `None` if it is not
+/// a complete, well-formed response.
+pub fn parse_response(raw: &[u8]) -> Option<Resp> {
+    parse_response_to("GET", raw).ok()
+}
+
+/// Parses one HTTP/1.1 response with httparse and frames its body by itself (not with the
+/// code under test): a chunked body must be well-formed and terminated, a `Content-Length`
+/// body complete and no longer, so a truncated or malformed response is an error.
+pub fn parse_response_to(method: &str, raw: &[u8]) -> Result<Resp, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let head_len = match parsed.parse(raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err("incomplete response head".into()),
+        Err(e) => return Err(format!("malformed response head: {e}")),
+    };
+    let status = parsed.code.ok_or("no status code")?;
+    let headers: Vec<(String, String)> = parsed
+        .headers
+        .iter()
+        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).trim().to_string()))
+        .collect();
+    let find = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+    let rest = &raw[head_len..];
+    let bodyless =
+        method.eq_ignore_ascii_case("HEAD") || (100..200).contains(&status) || status == 204 || status == 304;
+    let body = if bodyless {
+        Vec::new()
+    } else if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        decode_chunked(rest)?
+    } else if let Some(cl) = find("content-length") {
+        let cl: usize = cl.parse().map_err(|_| format!("bad Content-Length {cl:?}"))?;
+        if rest.len() < cl {
+            return Err(format!("body truncated: {} of {cl} bytes", rest.len()));
+        }
+        // Bytes past the body would be a second response on a connection asked to close.
+        if rest.len() > cl {
+            return Err(format!("{} bytes after the {cl}-byte body", rest.len() - cl));
+        }
+        rest.to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(Resp { status, headers, body })
+}
+
+/// A strict chunked-body decoder (RFC 9112 7.1) built on httparse's chunk-size parser.
+fn decode_chunked(mut raw: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    loop {
+        let (used, size) = match httparse::parse_chunk_size(raw) {
+            Ok(httparse::Status::Complete(v)) => v,
+            Ok(httparse::Status::Partial) => return Err("chunked body ends inside a chunk size".into()),
+            Err(_) => {
+                return Err(format!("bad chunk size line in {:?}", String::from_utf8_lossy(&raw[..raw.len().min(40)])))
+            }
+        };
+        raw = &raw[used..];
+        let size = usize::try_from(size).map_err(|_| "chunk too large")?;
+        if size == 0 {
+            // No trailers are expected from markco; the body ends with an empty line.
+            return if raw == b"\r\n" { Ok(out) } else { Err(format!("bad chunked terminator {raw:?}")) };
+        }
+        if raw.len() < size + 2 {
+            return Err(format!("chunked body truncated: a {size}-byte chunk has {} bytes", raw.len()));
+        }
+        if &raw[size..size + 2] != b"\r\n" {
+            return Err("a chunk is not followed by CRLF".into());
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
 }
 
 /// A GET with `Connection: close`; `headers` may include `Host`.
@@ -312,15 +531,16 @@ pub fn request(
     let mut bytes = req.into_bytes();
     bytes.extend_from_slice(body);
     let raw = raw_exchange(addr, &bytes, Duration::from_secs(10))?;
-    parse_response(&raw).ok_or_else(|| {
+    parse_response_to(method, &raw).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("unparseable response: {:?}", String::from_utf8_lossy(&raw)),
+            format!("{e}: {:?}", String::from_utf8_lossy(&raw[..raw.len().min(4000)])),
         )
     })
 }
 
-/// Waits until `f` is true or panics after `timeout` with `what`.
+/// Waits until `f` is true or panics after `timeout` with `what`. Deadlines are sized for a
+/// loaded machine: they only cost time when the awaited thing is broken.
 pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {

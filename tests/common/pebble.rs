@@ -73,48 +73,62 @@ impl Pebble {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = TestCa::generate(dir.path());
         let a = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().expect("addr") };
-        let (acme, mgmt) = (a(free_port()), a(free_port()));
-        let config = serde_json::json!({
-            "pebble": {
-                "listenAddress": acme.to_string(),
-                "managementListenAddress": mgmt.to_string(),
-                "certificate": ca.server_cert,
-                "privateKey": ca.server_key,
-                "httpPort": http_port,
-                "tlsPort": tls_port,
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": false
+        // Its own two ports are chosen here: a collision with another process is retried.
+        for _ in 0..5 {
+            let (acme, mgmt) = (a(free_port()), a(free_port()));
+            let config = serde_json::json!({
+                "pebble": {
+                    "listenAddress": acme.to_string(),
+                    "managementListenAddress": mgmt.to_string(),
+                    "certificate": ca.server_cert,
+                    "privateKey": ca.server_key,
+                    "httpPort": http_port,
+                    "tlsPort": tls_port,
+                    "ocspResponderURL": "",
+                    "externalAccountBindingRequired": false
+                }
+            });
+            let config_path = dir.path().join("pebble.json");
+            std::fs::write(&config_path, serde_json::to_vec_pretty(&config).expect("json")).expect("write pebble.json");
+            let log_path = dir.path().join("pebble.log");
+            let log = File::create(&log_path).expect("pebble log");
+            let child = Command::new(PEBBLE_BIN)
+                .arg("-config")
+                .arg(&config_path)
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_WFE_NONCEREJECT", "0")
+                .env("PEBBLE_AUTHZREUSE", "0")
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone log handle"))
+                .stderr(log)
+                .spawn()
+                .expect("start pebble");
+            let mut proc = Proc { child };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+            loop {
+                // Pebble prints its addresses before it binds them, and a connect may reach
+                // another process on a taken port: a bind error in the log or an exit wins.
+                if read_log().contains("ACME directory available")
+                    && TcpStream::connect(acme).is_ok()
+                    && TcpStream::connect(mgmt).is_ok()
+                    && matches!(proc.child.try_wait(), Ok(None))
+                    && !read_log().contains("address already in use")
+                {
+                    return Pebble { dir, acme, mgmt, ca, log_path, proc: Some(proc) };
+                }
+                if matches!(proc.child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "pebble did not start; its log:\n{}", read_log());
+                std::thread::sleep(Duration::from_millis(50));
             }
-        });
-        let config_path = dir.path().join("pebble.json");
-        std::fs::write(&config_path, serde_json::to_vec_pretty(&config).expect("json")).expect("write pebble.json");
-        let log_path = dir.path().join("pebble.log");
-        let log = File::create(&log_path).expect("pebble log");
-        let child = Command::new(PEBBLE_BIN)
-            .arg("-config")
-            .arg(&config_path)
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .expect("start pebble");
-        let p = Pebble { dir, acme, mgmt, ca, log_path, proc: Some(Proc { child }) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if p.log().contains("ACME directory available")
-                && TcpStream::connect(acme).is_ok()
-                && TcpStream::connect(mgmt).is_ok()
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "pebble did not start; its log:\n{}", p.log());
-            std::thread::sleep(Duration::from_millis(50));
+            let log = read_log();
+            assert!(log.contains("address already in use"), "pebble exited; its log:\n{log}");
+            eprintln!("pebble: a port was taken, retrying");
         }
-        p
+        panic!("pebble could not bind free ports in 5 attempts");
     }
 
     pub fn directory_url(&self) -> String {

@@ -87,6 +87,25 @@ pub fn ticking(n: u64, interval: Duration, make: fn(u64) -> String) -> RespBody 
     StreamBody::new(stream).boxed_unsync()
 }
 
+/// `sent` bytes of the [`LargeBody`] pattern, then, after `wait`, the end of the stream: with a
+/// larger `Content-Length` declared, hyper then closes the connection, so the peer sees an
+/// upstream that died in the middle of its response.
+pub fn cut_short(sent: u64, wait: Duration) -> RespBody {
+    let stream = futures_util::stream::unfold(0u8, move |step| async move {
+        match step {
+            0 => {
+                let data: Vec<u8> = (0..sent).map(|i| (i % PERIOD as u64) as u8).collect();
+                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(data))), 1))
+            }
+            _ => {
+                tokio::time::sleep(wait).await;
+                None
+            }
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,8 @@
 //!
 //! Usage: `markco-testupstream [--listen ADDR] [--name NAME]`
 //! (env: `PORT` → listen on `0.0.0.0:$PORT` when `--listen` is absent;
-//! `MARKCO_TU_NAME` → name when `--name` is absent).
+//! `MARKCO_TU_NAME` → name when `--name` is absent; `MARKCO_TU_EVENTS_GREETING=1` → a websocket
+//! on a path ending in `/events` first gets `{"event":"connected",...}`, like the editor's).
 
 mod bodies;
 mod routes;
@@ -27,6 +28,9 @@ pub struct State {
     pub name: String,
     /// Bodies received on `POST /api/runtime/update-port`, in order.
     pub updates: Mutex<Vec<serde_json::Value>>,
+    /// Greet websockets on `.../events` as mrmd-server's editor does (off by default, so echo
+    /// tests get their echo first).
+    pub events_greeting: bool,
 }
 
 /// Writes one line to stderr, ignoring errors (stderr may be closed).
@@ -122,7 +126,8 @@ async fn run(config: Config) -> ExitCode {
         let _ = writeln!(out, "listening on {addr}");
         let _ = out.flush();
     }
-    let state = Arc::new(State { name: config.name, updates: Mutex::new(Vec::new()) });
+    let events_greeting = std::env::var("MARKCO_TU_EVENTS_GREETING").is_ok_and(|v| v == "1");
+    let state = Arc::new(State { name: config.name, updates: Mutex::new(Vec::new()), events_greeting });
     tokio::select! {
         () = accept_loop(listener, state) => ExitCode::FAILURE,
         () = shutdown_signal() => ExitCode::SUCCESS,

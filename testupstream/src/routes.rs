@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 
-use crate::bodies::{empty, full, ticking, LargeBody, RespBody};
+use crate::bodies::{cut_short, empty, full, ticking, LargeBody, RespBody};
 use crate::util::{parse_status, query_u64};
 use crate::{ws, State};
 
@@ -68,6 +68,17 @@ pub async fn handle(req: Request<Incoming>, state: Arc<State>, peer: SocketAddr)
             let interval = Duration::from_millis(query_u64(query, "interval_ms", 100, MAX_MS));
             let mut resp = Response::new(ticking(n, interval, |i| format!("chunk {i}\n")));
             resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            resp
+        }
+        "/die" if get => {
+            // Declares `of` bytes, sends `bytes`, waits `ms`, then drops the connection.
+            let sent = query_u64(query, "bytes", 1000, MAX_JSON as u64);
+            let of = query_u64(query, "of", sent * 2, MAX_LARGE).max(sent + 1);
+            let wait = Duration::from_millis(query_u64(query, "ms", 200, MAX_MS));
+            let mut resp = Response::new(cut_short(sent, wait));
+            let h = resp.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            h.insert(CONTENT_LENGTH, HeaderValue::from(of));
             resp
         }
         "/upload" if is_post || req.method() == Method::PUT => upload(req).await,

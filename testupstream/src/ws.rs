@@ -46,7 +46,13 @@ pub fn upgrade(mut req: Request<Incoming>, state: Arc<State>) -> Response<RespBo
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+                let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+                if state.events_greeting && path.split('?').next().is_some_and(|p| p.ends_with("/events")) {
+                    let hello = serde_json::json!({"event": "connected", "name": state.name}).to_string();
+                    if ws.send(Message::text(hello)).await.is_err() {
+                        return;
+                    }
+                }
                 echo_loop(ws, &state.name, &path).await;
             }
             Err(e) => log(format_args!("websocket upgrade failed: {e}")),
