@@ -61,6 +61,13 @@ fn host_port(v: &serde_json::Value, key: &str) -> Result<(String, u16), String> 
 }
 
 /// A user id in a path: what the auth service issues (UUIDs) and nothing that could be a path trick.
+/// A route's holders as `/routes` and the switch calls show them: `holders`, their names (what
+/// `markco routes` and the operator page list), and `holds`, each with since when.
+fn holders_json(holds: Vec<markco_control::switches::Hold>) -> (serde_json::Value, serde_json::Value) {
+    let names: Vec<&str> = holds.iter().map(|h| h.holder.as_str()).collect();
+    (serde_json::json!(names), serde_json::to_value(&holds).unwrap_or_default())
+}
+
 /// The same rule as the gateway's and the database's ([`UserId`]).
 fn valid_user_id(id: &str) -> bool {
     UserId::is_valid(id)
@@ -194,10 +201,14 @@ impl AdminApp {
             // The operator's own hold only: a failing health check's hold stays (and the route
             // stays off) after `enable`.
             return Some(match self.plane.switch_route(&name, disable).await {
-                Ok(holders) => json(
-                    StatusCode::OK,
-                    serde_json::json!({"route": name, "disabled": !holders.is_empty(), "holders": holders}),
-                ),
+                Ok(holds) => {
+                    let disabled = !holds.is_empty();
+                    let (holders, holds) = holders_json(holds);
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({"route": name, "disabled": disabled, "holders": holders, "holds": holds}),
+                    )
+                }
                 Err(e) => plane_error(e),
             });
         }
@@ -334,11 +345,10 @@ impl ServeHttp for AdminApp {
                 if let Some(sites) = view.get_mut("sites").and_then(|s| s.as_array_mut()) {
                     let routes = sites.iter_mut().filter_map(|s| s.get_mut("routes")?.as_array_mut()).flatten();
                     for route in routes.filter_map(|r| r.as_object_mut()) {
-                        let holders = route.get("name").and_then(|n| n.as_str()).and_then(|n| holds.get(n)).cloned();
-                        route.insert(
-                            "holders".into(),
-                            serde_json::to_value(holders.unwrap_or_default()).unwrap_or_default(),
-                        );
+                        let of_route = route.get("name").and_then(|n| n.as_str()).and_then(|n| holds.get(n)).cloned();
+                        let (names, details) = holders_json(of_route.unwrap_or_default());
+                        route.insert("holders".into(), names);
+                        route.insert("holds".into(), details);
                     }
                 }
                 json(StatusCode::OK, view)
