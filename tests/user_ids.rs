@@ -1,5 +1,6 @@
-//! One user-id rule (a canonical lowercase UUID) at every door: the gateway's owner segment, the
-//! admin API and the database agree on what names a user.
+//! One user-id rule (a canonical lowercase UUID): the admin API and the database refuse any other
+//! spelling, and the gateway, comparing a path's owner exactly with the session's (valid) id,
+//! treats another spelling as another user.
 
 mod common;
 
@@ -34,10 +35,10 @@ fn a_user_id_that_is_not_canonical_names_nobody() {
     let auth = format!("Bearer {token}");
     let own = http_get(m.http, &format!("/u/{user}/"), &[("Authorization", &auth)]).expect("get");
     assert_eq!(own.status, 200, "{}", own.body_text());
-    // Other spellings of the same id are not an owner at all: 404 before any session lookup.
+    // Other spellings of the same id are somebody else: 403 on the gateway, 400 at the admin API.
     for other in [user.to_uppercase(), user.replace('-', ""), format!("{{{user}}}"), "alice".to_string()] {
         let r = http_get(m.http, &format!("/u/{other}/"), &[("Authorization", &auth)]).expect("get");
-        assert_eq!(r.status, 404, "/u/{other}/: {}", r.body_text());
+        assert_eq!(r.status, 403, "/u/{other}/: {}", r.body_text());
         let r = http_get(m.admin, &format!("/api/admin/workspaces/{other}"), &[]).expect("get");
         assert_eq!(r.status, 400, "admin {other}: {}", r.body_text());
         let body = serde_json::json!({"userId": other, "port": runtime.addr.port()}).to_string();
