@@ -135,10 +135,23 @@ fn sigterm_finishes_requests_in_flight_and_closes_websockets_at_the_end_of_the_g
     assert_eq!((r.status, r.body_text().as_str()), (200, "chunk 0\nchunk 1\nchunk 2\n"));
     assert!(term.elapsed() < grace, "the response finished within the grace period");
 
-    // The websocket is closed at the end of the grace period, not before.
-    let closed = rt.block_on(ws_wait_end(&mut ws, grace + STEP)).duration_since(term);
-    println!("websocket closed {closed:?} after SIGTERM (grace period {grace:?})");
-    assert!(closed >= grace - Duration::from_millis(500), "the websocket was closed before the grace period ended");
+    // The websocket is closed at the end of the grace period, not before: with a Close frame
+    // (1001, going away) in its last 1.5 s, so that the close handshake fits in the period.
+    let (closed, code) = rt.block_on(async {
+        loop {
+            match tokio::time::timeout(grace + STEP, ws.next()).await {
+                Err(_) => panic!("the websocket was still open after the grace period"),
+                Ok(Some(Ok(Message::Close(frame)))) => return (Instant::now(), frame.map(|f| u16::from(f.code))),
+                Ok(None | Some(Err(_))) => return (Instant::now(), None),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    });
+    let closed = closed.duration_since(term);
+    println!("websocket closed {closed:?} after SIGTERM (grace period {grace:?}), close code {code:?}");
+    assert!(closed >= grace - Duration::from_secs(2), "the websocket was closed before the end of the grace period");
+    assert!(closed <= grace + Duration::from_secs(1), "the websocket outlived the grace period");
+    assert_eq!(code, Some(1001), "a Close frame saying the server is going away");
     let status = m.wait_exit(STEP).unwrap_or_else(|| panic!("markco still runs after SIGTERM; log:\n{}", m.log()));
     assert!(status.success(), "markco exits cleanly on SIGTERM: {status}; log:\n{}", m.log());
 }

@@ -119,6 +119,38 @@ pub struct Ctx {
     forward: Option<Forward>,
     /// The user's activity record, for an upgraded connection to a workspace.
     activity: Option<Arc<Activity>>,
+    /// The client's address, read once (a detached tunnel leaves the session without a socket).
+    client: Option<IpAddr>,
+}
+
+/// An open tunnel, counted in the websocket gauge and the user's activity record until the
+/// tunnel's task drops it.
+struct OpenTunnel {
+    route: Option<Arc<Route>>,
+    activity: Option<Arc<Activity>>,
+}
+
+impl OpenTunnel {
+    fn open(route: Option<Arc<Route>>, activity: Option<Arc<Activity>>) -> OpenTunnel {
+        if let Some(r) = &route {
+            r.metrics.websockets.inc();
+        }
+        if let Some(a) = &activity {
+            a.websocket_opened();
+        }
+        OpenTunnel { route, activity }
+    }
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        if let Some(r) = &self.route {
+            r.metrics.websockets.dec();
+        }
+        if let Some(a) = &self.activity {
+            a.websocket_closed();
+        }
+    }
 }
 
 /// Writes a response of our own (every reply markco makes itself goes through here): a short
@@ -577,25 +609,11 @@ impl Gateway {
         rewrite_request(session, f, ctx.trusted_peer, &mut req)?;
         let settings = &ctx.table.as_ref().expect("table loaded").settings;
         let (connect, idle, addr) = (settings.upstream_connect_timeout, settings.websocket_idle_timeout, f.addr);
-        let route = ctx.route.clone();
-        let activity = ctx.activity.clone();
-        let on_upgrade = || {
-            if let Some(r) = &route {
-                r.metrics.websockets.inc();
-            }
-            if let Some(a) = &activity {
-                a.websocket_opened();
-            }
-        };
-        let outcome = tunnel::relay(session, &req, addr, connect, idle, self.drain.as_deref(), on_upgrade).await;
-        if let (Some(a), Ok(o)) = (&ctx.activity, &outcome) {
-            if o.upgraded {
-                a.websocket_closed();
-            }
-        }
-        let outcome = outcome?;
+        let (route, activity) = (ctx.route.clone(), ctx.activity.clone());
+        let on_upgrade = move || OpenTunnel::open(route, activity);
+        let outcome = tunnel::relay(session, &req, addr, connect, idle, self.drain.clone(), on_upgrade).await?;
+        // The tunnel's task counts itself (gauge and activity) for as long as it runs.
         ctx.status = outcome.status;
-        ctx.upgraded = outcome.upgraded;
         Ok(true)
     }
 
@@ -632,10 +650,12 @@ impl ProxyHttp for Gateway {
             hsts: None,
             forward: None,
             activity: None,
+            client: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.client = peer_ip(session);
         let table = self.table.load_full();
         let settings = &table.settings;
         if has_cl_and_te(session) {
@@ -871,7 +891,7 @@ impl ProxyHttp for Gateway {
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 route = ctx.route.as_ref().map(|r| &*r.name).unwrap_or("-"),
                 upstream,
-                client = %peer_ip(session).map(|i| i.to_string()).unwrap_or_default(),
+                client = %ctx.client.map(|i| i.to_string()).unwrap_or_default(),
                 error = e.map(|e| e.etype().as_str()).unwrap_or(""),
                 "request"
             );

@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod identity;
 pub mod metrics;
 pub mod path;
+pub mod pump;
 pub mod ratelimit;
 pub mod static_files;
 pub mod table;

@@ -7,19 +7,24 @@
 //! either side closes or the idle timeout passes. The tunnel holds its own socket, so no route
 //! swap can touch it.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::drain::{close_frame, Drain, Frames, CLOSE_REPLY_WAIT};
+use crate::drain::Drain;
 use crate::forwarded;
+use crate::pump;
 
 const MAX_HEAD: usize = 64 * 1024;
 /// A refused upgrade's body is relayed up to this size (they are short error pages).
@@ -96,14 +101,14 @@ async fn read_head(up: &mut TcpStream, timeout: Duration) -> Result<(ResponseHea
 
 /// Relays one upgrade request to `addr`. Errors before anything was written to the client are
 /// returned for the caller to answer (502/504); later ones just end the tunnel.
-pub async fn relay(
+pub async fn relay<G: Send + 'static>(
     session: &mut Session,
     req: &RequestHeader,
     addr: SocketAddr,
     connect_timeout: Duration,
     idle: Option<Duration>,
-    drain: Option<&Drain>,
-    mut on_upgrade: impl FnMut(),
+    drain: Option<Arc<Drain>>,
+    on_upgrade: impl FnOnce() -> G,
 ) -> Result<Outcome> {
     let mut up = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
@@ -140,87 +145,59 @@ pub async fn relay(
         return Ok(Outcome { status, upgraded: false });
     }
     session.write_response_header(Box::new(resp), false).await?;
-    on_upgrade();
-    // Frame boundaries both ways, so that a shutdown can close a websocket with a Close frame.
+    let open = on_upgrade();
     let websocket = req.headers.get("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    let (mut to_client, mut to_upstream) = (Frames::default(), Frames::default());
-    to_client.feed(&leftover);
-    if !leftover.is_empty() && session.write_response_body(Some(Bytes::from(leftover)), false).await.is_err() {
-        return Ok(Outcome { status, upgraded: true });
-    }
+    let (mut client, early) = detach_client(session).await?;
+    let to_client = pump::Direction::starting_with(&leftover);
+    let to_upstream = pump::Direction::starting_with(&early);
+    drop(leftover);
     let idle = idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
-    let mut buf = vec![0u8; 16 * 1024];
-    let closing = async {
-        match drain {
-            Some(d) => d.closing().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(closing);
-    let mut draining = false;
-    let mut close_sent: Option<tokio::time::Instant> = None;
-    loop {
-        // Draining: our Close goes to the client as soon as no upstream frame is half sent.
-        if draining && close_sent.is_none() && to_client.at_boundary() {
-            if session.write_response_body(Some(Bytes::from(close_frame(None))), false).await.is_err() {
-                break;
-            }
-            close_sent = Some(tokio::time::Instant::now());
-        }
-        let reply_wait = async {
-            match close_sent {
-                Some(at) => tokio::time::sleep_until(at + CLOSE_REPLY_WAIT).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            down = session.as_downstream_mut().read_body_or_idle(false) => match down {
-                Ok(Some(data)) => {
-                    to_upstream.feed(&data);
-                    if up.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
-                // The client closed (or broke) its side: the tunnel is over.
-                Ok(None) | Err(_) => break,
-            },
-            n = up.read(&mut buf) => match n {
-                Ok(0) | Err(_) => break,
-                // After our Close nothing more may reach the client (RFC 6455 5.5.1).
-                Ok(_) if close_sent.is_some() => {}
-                Ok(n) => {
-                    to_client.feed(&buf[..n]);
-                    if session.write_response_body(Some(Bytes::copy_from_slice(&buf[..n])), false).await.is_err() {
-                        break;
-                    }
-                }
-            },
-            _ = tokio::time::sleep(idle) => break,
-            _ = &mut closing, if !draining => {
-                if !websocket {
-                    break;
-                }
-                draining = true;
-            }
-            _ = reply_wait => {
-                // The client did not answer in time: close the upstream's side ourselves.
-                if !to_upstream.saw_close && to_upstream.at_boundary() {
-                    let _ = up.write_all(&close_frame(Some(mask()))).await;
-                }
-                break;
-            }
-        }
-    }
-    let _ = up.shutdown().await;
-    let _ = session.write_response_body(None, true).await;
+    // The tunnel runs as a task of its own, holding only its two sockets: Pingora's request
+    // (its session, buffers and future) ends here. It runs on the listener's runtime, so a
+    // shutdown still ends it after the grace period (with a Close frame first, see `drain`).
+    tokio::spawn(async move {
+        let _open = open;
+        let end = pump::run(&mut *client, &mut up, idle, drain.as_deref(), websocket, to_client, to_upstream).await;
+        tracing::debug!(?end, "tunnel ended");
+        let _ = up.shutdown().await;
+        let _ = AsyncWriteExt::shutdown(&mut client).await;
+    });
     Ok(Outcome { status, upgraded: true })
 }
 
-/// A masking key for the one frame we send upstream as if from the client.
-fn mask() -> [u8; 4] {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    nanos.to_le_bytes()
+/// Takes the client's connection out of Pingora's session after the 101, leaving a stand-in
+/// session (the same request, on no socket) for Pingora to log and close. Returns the stream
+/// and any bytes the client sent past its request that the session had already read.
+async fn detach_client(session: &mut Session) -> Result<(Stream, Vec<u8>)> {
+    let early = match session.as_downstream_mut() {
+        ServerSession::H1(h1) => ready_body_bytes(h1),
+        _ => return Error::e_explain(ErrorType::InternalError, "an upgrade on a connection that is not HTTP/1.1"),
+    };
+    let mut stand_in = ServerSession::new_http1(Box::new(std::io::Cursor::new(head_bytes(session.req_header()))));
+    stand_in.read_request().await?;
+    stand_in.set_keepalive(None);
+    let taken = std::mem::replace(&mut session.downstream_session, Box::new(stand_in));
+    match *taken {
+        ServerSession::H1(h1) => {
+            let mut stream = h1.into_inner();
+            // The 101 may still sit in the stream's write buffer.
+            stream.flush().await.map_err(|e| Error::because(ErrorType::WriteError, "sending the 101", e))?;
+            Ok((stream, early))
+        }
+        _ => Error::e_explain(ErrorType::InternalError, "an upgrade on a connection that is not HTTP/1.1"),
+    }
+}
+
+/// Body bytes the session holds already (read with the request header), without waiting for
+/// more: a client should wait for the 101, but none of what it sent may be lost.
+fn ready_body_bytes(h1: &mut pingora::protocols::http::v1::server::HttpSession) -> Vec<u8> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let read = h1.read_body_bytes();
+    let mut read = std::pin::pin!(read);
+    match read.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(Ok(Some(b))) => b.to_vec(),
+        _ => Vec::new(),
+    }
 }
 
 /// A 101's `Upgrade` (when it names one) is one of the protocols the request offered.
