@@ -6,6 +6,7 @@ use std::sync::Arc;
 use markco_control::api::same_token;
 use markco_control::db::WorkspaceRow;
 use markco_control::plane::{ControlPlane, PlaneError};
+use markco_proxy::user_id::UserId;
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -60,8 +61,16 @@ fn host_port(v: &serde_json::Value, key: &str) -> Result<(String, u16), String> 
 }
 
 /// A user id in a path: what the auth service issues (UUIDs) and nothing that could be a path trick.
+/// A route's holders as `/routes` and the switch calls show them: `holders`, their names (what
+/// `markco routes` and the operator page list), and `holds`, each with since when.
+fn holders_json(holds: Vec<markco_control::switches::Hold>) -> (serde_json::Value, serde_json::Value) {
+    let names: Vec<&str> = holds.iter().map(|h| h.holder.as_str()).collect();
+    (serde_json::json!(names), serde_json::to_value(&holds).unwrap_or_default())
+}
+
+/// The same rule as the gateway's and the database's ([`UserId`]).
 fn valid_user_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    UserId::is_valid(id)
 }
 
 impl AdminApp {
@@ -120,7 +129,10 @@ impl AdminApp {
                         (Ok(e), Ok(r)) => (e, r),
                         (Err(e), _) | (_, Err(e)) => return Some(bad_request(e)),
                     };
-                    let state = body.get("state").and_then(|s| s.as_str()).unwrap_or("running").to_string();
+                    let state = match body.get("state").and_then(|s| s.as_str()).unwrap_or("running").parse() {
+                        Ok(s) => s,
+                        Err(e) => return Some(bad_request(format!("{e:#}"))),
+                    };
                     let row = WorkspaceRow {
                         user_id: user.to_string(),
                         editor_host: editor.0,
@@ -186,9 +198,19 @@ impl AdminApp {
                     serde_json::json!({"error": format!("no route named {name:?}")}),
                 ));
             }
-            self.plane.table.rcu(|t| t.with_route_disabled(&name, disable));
-            tracing::warn!(route = %name, disabled = disable, "route switched by an admin");
-            return Some(json(StatusCode::OK, serde_json::json!({"route": name, "disabled": disable})));
+            // The operator's own hold only: a failing health check's hold stays (and the route
+            // stays off) after `enable`.
+            return Some(match self.plane.switch_route(&name, disable).await {
+                Ok(holds) => {
+                    let disabled = !holds.is_empty();
+                    let (holders, holds) = holders_json(holds);
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({"route": name, "disabled": disabled, "holders": holders, "holds": holds}),
+                    )
+                }
+                Err(e) => plane_error(e),
+            });
         }
         if let Some(user) = path.strip_prefix("/api/admin/users/").and_then(|r| r.strip_suffix("/logout")) {
             // Logout or account deletion in the auth service: sessions dropped, containers stopped.
@@ -317,7 +339,19 @@ impl ServeHttp for AdminApp {
             }
             (Method::GET, "/routes") => {
                 let view = self.reloader.table().describe();
-                json(StatusCode::OK, serde_json::to_value(view).unwrap_or_default())
+                let mut view = serde_json::to_value(view).unwrap_or_default();
+                // Who holds each route off, and since when.
+                let holds = self.plane.switches.all();
+                if let Some(sites) = view.get_mut("sites").and_then(|s| s.as_array_mut()) {
+                    let routes = sites.iter_mut().filter_map(|s| s.get_mut("routes")?.as_array_mut()).flatten();
+                    for route in routes.filter_map(|r| r.as_object_mut()) {
+                        let of_route = route.get("name").and_then(|n| n.as_str()).and_then(|n| holds.get(n)).cloned();
+                        let (names, details) = holders_json(of_route.unwrap_or_default());
+                        route.insert("holders".into(), names);
+                        route.insert("holds".into(), details);
+                    }
+                }
+                json(StatusCode::OK, view)
             }
             (Method::GET, "/certs") => {
                 let list = self.reloader.certs.store.list();

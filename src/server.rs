@@ -115,12 +115,14 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     }
     let metrics = Metrics::new();
     // The workspace map comes from the database before any listener accepts a request.
-    let rows = plane::bootstrap(&cfg.plane.database_url, cfg.plane.workspaces.as_ref())
+    let boot = plane::bootstrap(&cfg.plane.database_url, cfg.plane.workspaces.as_ref())
         .with_context(|| format!("opening the database {}", redact_url(&cfg.plane.database_url)))?;
-    tracing::info!(workspaces = rows.len(), "state loaded from the database");
+    tracing::info!(workspaces = boot.rows.len(), route_holds = boot.holds.len(), "state loaded from the database");
     let table = RouteTable::new(1, cfg.build_routing(&metrics));
-    let table = Arc::new(ArcSwap::from_pointee(plane::with_workspaces(table, &rows)));
+    let table = Arc::new(ArcSwap::from_pointee(plane::with_workspaces(table, &boot.rows)));
     let control = ControlPlane::new(table.clone(), cfg.plane.clone(), &metrics.registry);
+    // An operator's switch outlives a restart: applied before any listener accepts a request.
+    control.restore_holds(&boot.holds);
     let admin_token = Arc::new(ArcSwap::from_pointee(cfg.server.admin_token.clone()));
     metrics.table_generation.set(1);
 

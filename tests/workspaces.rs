@@ -470,6 +470,12 @@ fn an_unresponsive_runtime_is_replaced_after_three_failed_probes_and_the_editor_
         .expect("port");
     let r = http_get(m.http, &format!("/r/{user}/mrp/v1/capabilities"), &[("Authorization", &auth)]).expect("get");
     assert_eq!(r.status, 200, "{}", r.body_text());
+    // The replacement keeps the user's plan limits ("free": 96 MiB here).
+    let out = Command::new("podman")
+        .args(["inspect", "--format", "{{.HostConfig.Memory}}", &format!("markco-runtime-{user}-p{new_port}")])
+        .output()
+        .expect("inspect");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (96u64 * 1024 * 1024).to_string());
     // The editor was told the new port through the update-port flow.
     let r = http_get(m.http, &format!("/u/{user}/_test/runtime-updates"), &[("Authorization", &auth)]).expect("get");
     let updates = r.json();

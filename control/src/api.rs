@@ -46,6 +46,11 @@ impl PublicApi {
             all_ok &= ok;
             services.insert(check.name.clone(), json!(if ok { "ok" } else { "down" }));
         }
+        // A background loop of markco's own that panicked and waits for its restart.
+        for (task, why) in self.plane.supervisor.down() {
+            all_ok = false;
+            services.insert(format!("markco:{task}"), json!({"status": "down", "error": why}));
+        }
         (all_ok, services)
     }
 }
@@ -104,10 +109,10 @@ pub struct LazyStarter {
 
 #[async_trait]
 impl markco_proxy::identity::WorkspaceStarter for LazyStarter {
-    async fn ensure_running(&self, user: &str) -> Result<bool, markco_proxy::identity::IdentityError> {
+    async fn ensure_running(&self, user: &str) -> Result<bool, markco_proxy::identity::StartError> {
         match tokio::time::timeout(self.wait, self.plane.ensure_workspace(user)).await {
             Ok(Ok(running)) => Ok(running),
-            Ok(Err(e)) => Err(markco_proxy::identity::IdentityError::Unavailable(e.to_string())),
+            Ok(Err(e)) => Err(markco_proxy::identity::StartError(e.to_string())),
             // Still starting: the client gets 503 + Retry-After and the start goes on.
             Err(_) => Ok(false),
         }
@@ -125,5 +130,29 @@ mod tests {
         assert!(!is_admin(&t, Some("Bearer s3cre")));
         assert!(!is_admin(&t, None));
         assert!(!is_admin(&None, Some("Bearer anything")));
+    }
+
+    #[tokio::test]
+    async fn api_health_reports_a_background_task_that_is_down() {
+        use crate::plane::{MoveLimits, PlaneConfig};
+        let config = PlaneConfig {
+            database_url: "sqlite::memory:".into(),
+            workspaces: None,
+            sessions: Default::default(),
+            moves: MoveLimits::default(),
+            health_checks: Vec::new(),
+        };
+        let table = Arc::new(ArcSwap::from_pointee(markco_proxy::table::RouteTable::empty()));
+        let plane = ControlPlane::new(table, config, &prometheus::Registry::new());
+        let api = PublicApi { plane: plane.clone(), admin_token: Arc::new(ArcSwap::from_pointee(None)) };
+        let health = || api.respond(&http::Method::GET, "/api/health", None);
+        assert_eq!(health().await.status, 200);
+        let task = plane.supervisor.spawn("doomed", || async { panic!("always") });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let r = health().await;
+        let body: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(r.status, 503, "{body}");
+        assert_eq!(body["services"]["markco:doomed"]["status"], "down", "{body}");
+        task.abort();
     }
 }

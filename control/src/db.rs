@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use base64::Engine as _;
 use futures_util::stream::BoxStream;
+use markco_proxy::user_id::UserId;
 use serde::{Deserialize, Serialize};
 
 /// A handle on the control plane's database. Cheap to clone (it is a connection pool).
@@ -37,12 +38,54 @@ pub struct WorkspaceRow {
     pub editor_port: u16,
     pub runtime_host: String,
     pub runtime_port: u16,
-    /// "running" | "stopped" | "starting" | ...; copied to the `runtimes` row.
-    pub state: String,
+    /// Copied to the `runtimes` row.
+    pub state: WorkspaceState,
     pub editor_container: Option<String>,
     pub runtime_container: Option<String>,
     /// Unix seconds.
     pub updated_at: i64,
+}
+
+/// Where a workspace is in its life. Stored as text in `markco_workspaces.state` and
+/// `runtimes.state`; [`WorkspaceState::as_str`] and its `FromStr` are the only mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkspaceState {
+    Starting,
+    Running,
+    Stopped,
+    Failed,
+}
+
+impl WorkspaceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkspaceState::Starting => "starting",
+            WorkspaceState::Running => "running",
+            WorkspaceState::Stopped => "stopped",
+            WorkspaceState::Failed => "failed",
+        }
+    }
+}
+
+impl std::str::FromStr for WorkspaceState {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<WorkspaceState> {
+        Ok(match s {
+            "starting" => WorkspaceState::Starting,
+            "running" => WorkspaceState::Running,
+            "stopped" => WorkspaceState::Stopped,
+            "failed" => WorkspaceState::Failed,
+            other => bail!("unknown workspace state {other:?} (starting, running, stopped, failed)"),
+        })
+    }
+}
+
+impl std::fmt::Display for WorkspaceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A runtime move (`update-port`) to record in today's `migrations` table.
@@ -78,7 +121,7 @@ pub enum DbError {
     /// Another workspace holds this address (the DB's unique constraints); allocate another port.
     #[error("{kind} address {host}:{port} is already used by another workspace")]
     AddressInUse { kind: &'static str, host: String, port: u16 },
-    #[error("user id {0:?} is not a UUID")]
+    #[error("user id {0:?} is not a UUID in canonical form (lowercase, hyphenated)")]
     InvalidUserId(String),
 }
 
@@ -249,12 +292,36 @@ impl Db {
     /// How many moves (`migrations` rows) the user's runtimes have had, including the ones
     /// compute-manager recorded before markco.
     pub async fn count_moves(&self, user_id: &str) -> Result<i64> {
-        if uuid::Uuid::parse_str(user_id).is_err() {
+        if !UserId::is_valid(user_id) {
             return Ok(0);
         }
         match self {
             Db::Sqlite(pool) => sqlite::count_moves(pool, user_id).await,
             Db::Postgres(pool) => postgres::count_moves(pool, user_id).await,
+        }
+    }
+
+    /// Stores `holder`'s hold of `route` (unix seconds `since`); an existing hold keeps its time.
+    pub async fn hold_route(&self, route: &str, holder: &str, since: i64) -> Result<()> {
+        match self {
+            Db::Sqlite(pool) => sqlite::hold_route(pool, route, holder, since).await,
+            Db::Postgres(pool) => postgres::hold_route(pool, route, holder, since).await,
+        }
+    }
+
+    /// Removes `holder`'s hold of `route`; true if there was one.
+    pub async fn release_route(&self, route: &str, holder: &str) -> Result<bool> {
+        match self {
+            Db::Sqlite(pool) => sqlite::release_route(pool, route, holder).await,
+            Db::Postgres(pool) => postgres::release_route(pool, route, holder).await,
+        }
+    }
+
+    /// Every stored route hold: (route, holder, since in unix seconds).
+    pub async fn route_holds(&self) -> Result<Vec<(String, String, i64)>> {
+        match self {
+            Db::Sqlite(pool) => sqlite::route_holds(pool).await,
+            Db::Postgres(pool) => postgres::route_holds(pool).await,
         }
     }
 
@@ -288,11 +355,9 @@ fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// The one user-id rule ([`UserId`]), also the gateway's and the admin API's.
 fn check_user_id(user_id: &str) -> Result<(), DbError> {
-    match uuid::Uuid::parse_str(user_id) {
-        Ok(_) => Ok(()),
-        Err(_) => Err(DbError::InvalidUserId(user_id.to_owned())),
-    }
+    UserId::parse(user_id).map(|_| ()).map_err(|_| DbError::InvalidUserId(user_id.to_owned()))
 }
 
 /// Milliseconds as stored in today's `integer` columns (saturating).
@@ -324,6 +389,7 @@ fn workspace_from_tuple(t: WorkspaceTuple) -> Result<WorkspaceRow> {
     let port = |p: i64, what: &str| {
         u16::try_from(p).map_err(|_| anyhow::anyhow!("workspace of user {user_id} has an invalid {what} port {p}"))
     };
+    let state = state.parse().map_err(|e: anyhow::Error| e.context(format!("workspace of user {user_id}")))?;
     Ok(WorkspaceRow {
         editor_port: port(editor_port, "editor")?,
         runtime_port: port(runtime_port, "runtime")?,
@@ -372,5 +438,21 @@ fn session_insert_error(err: sqlx::Error, user_id: &str) -> anyhow::Error {
     match err.as_database_error() {
         Some(db_err) if db_err.is_foreign_key_violation() => DbError::UnknownUser(user_id.to_owned()).into(),
         _ => anyhow::Error::new(err).context(format!("creating a session for user {user_id}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_states_map_to_one_text_each_and_back() {
+        use WorkspaceState::*;
+        for state in [Starting, Running, Stopped, Failed] {
+            assert_eq!(state.as_str().parse::<WorkspaceState>().ok(), Some(state));
+            assert_eq!(serde_json::to_value(state).ok(), Some(serde_json::json!(state.as_str())));
+        }
+        assert!("Running".parse::<WorkspaceState>().is_err());
+        assert!("".parse::<WorkspaceState>().is_err());
     }
 }

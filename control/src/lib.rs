@@ -8,4 +8,6 @@ pub mod http_client;
 pub mod plane;
 pub mod runtime_health;
 pub mod sessions;
+pub mod supervise;
+pub mod switches;
 pub mod workspaces;

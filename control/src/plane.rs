@@ -12,10 +12,12 @@ use markco_proxy::table::{RouteTable, UserRoutes};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::db::{Db, DbError, MoveRecord, WorkspaceRow};
+use crate::db::{Db, DbError, MoveRecord, WorkspaceRow, WorkspaceState};
 use crate::engine::ContainerEngine;
 use crate::http_client;
 use crate::sessions::{Lookup, SessionCache, SessionSettings};
+use crate::supervise::{panic_message, Supervisor};
+use crate::switches::{health_holder, Hold, Switches, ADMIN};
 use crate::workspaces::{WorkspaceConfig, Workspaces};
 
 #[derive(Debug, Clone)]
@@ -97,6 +99,17 @@ fn db_error(e: anyhow::Error) -> PlaneError {
     }
 }
 
+/// A runtime move whose target answered its probe (see [`ControlPlane::complete_move`]).
+pub(crate) struct Moved<'a> {
+    /// The workspace before the move.
+    pub row: &'a WorkspaceRow,
+    pub host: &'a str,
+    pub port: u16,
+    pub target: SocketAddr,
+    /// A replacement runtime's container (the health loop's); `None`: only the address moves.
+    pub runtime_container: Option<String>,
+}
+
 /// The answer to a successful `update-port`.
 #[derive(Debug, Clone, Serialize)]
 pub struct MoveOutcome {
@@ -119,9 +132,23 @@ enum Command {
     Get(String, Reply<Option<WorkspaceRow>>),
     Put(WorkspaceRow, Reply<()>),
     Delete(String, Reply<bool>),
-    Move { user: String, host: Option<String>, port: u16, reply: Reply<MoveOutcome> },
+    Move {
+        user: String,
+        host: Option<String>,
+        port: u16,
+        reply: Reply<MoveOutcome>,
+    },
     Ensure(String, Reply<bool>),
     Stop(String, Reply<()>),
+    /// The operator holds a route off (`off`) or lifts its own hold.
+    Switch {
+        route: String,
+        off: bool,
+        reply: Reply<Vec<Hold>>,
+    },
+    /// A handler that panics, to prove the loop survives one.
+    #[cfg(test)]
+    Panic(Reply<()>),
 }
 
 /// The control plane's shared state; `run` is its loop on the control runtime.
@@ -138,12 +165,16 @@ pub struct ControlPlane {
     pub workspaces: Option<Arc<Workspaces>>,
     /// Users whose workspace markco itself is stopping: their containers' exits are expected.
     pub(crate) stopping: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Restarts the background loops after a panic, and knows which are down.
+    pub supervisor: Supervisor,
+    /// Who holds which route off.
+    pub switches: Switches,
 }
 
 pub fn routes_of(row: &WorkspaceRow) -> Option<UserRoutes> {
     let editor = resolve(&row.editor_host, row.editor_port)?;
     let runtime = resolve(&row.runtime_host, row.runtime_port)?;
-    Some(UserRoutes::new(editor, runtime, row.state == "running"))
+    Some(UserRoutes::new(editor, runtime, row.state == WorkspaceState::Running))
 }
 
 fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
@@ -152,13 +183,20 @@ fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
     (host, port).to_socket_addrs().ok()?.next()
 }
 
-/// Loads the workspace map from the database before any listener accepts traffic, checked
+/// What a start loads from the database before any listener accepts traffic.
+pub struct Boot {
+    pub rows: Vec<WorkspaceRow>,
+    /// Stored route holds: (route, holder, since in unix seconds).
+    pub holds: Vec<(String, String, i64)>,
+}
+
+/// Loads the workspace map and the route holds from the database before any listener accepts traffic, checked
 /// against the container engine when markco manages containers: running workspaces whose
 /// containers still run are adopted as they are (ports included, also a runtime moved by
 /// update-port), rows whose containers are gone are marked stopped (the next request starts them
 /// again), and markco-labelled pods of users with no running workspace are removed. Runs on a
 /// short-lived runtime of its own: the pool it opens is closed before the control runtime starts.
-pub fn bootstrap(url: &str, workspaces: Option<&WorkspaceConfig>) -> anyhow::Result<Vec<WorkspaceRow>> {
+pub fn bootstrap(url: &str, workspaces: Option<&WorkspaceConfig>) -> anyhow::Result<Boot> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let db = Db::connect(url).await?;
@@ -166,37 +204,43 @@ pub fn bootstrap(url: &str, workspaces: Option<&WorkspaceConfig>) -> anyhow::Res
         let mut rows = db.list_workspaces().await?;
         if let Some(cfg) = workspaces {
             let engine = crate::engine::podman::Podman::new(&cfg.engine_socket);
-            reconcile(&db, &engine, &cfg.instance, &mut rows).await?;
+            reconcile(&db, &engine, cfg, &mut rows).await?;
         }
+        let holds = db.route_holds().await?;
         db.close().await;
-        Ok(rows)
+        Ok(Boot { rows, holds })
     })
 }
 
 async fn reconcile(
     db: &Db,
     engine: &dyn ContainerEngine,
-    instance: &str,
+    cfg: &WorkspaceConfig,
     rows: &mut [WorkspaceRow],
 ) -> anyhow::Result<()> {
     let mut managed = engine.list_managed().await.map_err(|e| e.context("listing markco's containers"))?;
     // Another gateway's containers (another database) are not ours to judge.
-    managed.retain(|c| c.labels.get(crate::engine::LABEL_INSTANCE).is_some_and(|i| i == instance));
+    managed.retain(|c| cfg.owns(c.labels.get(crate::engine::LABEL_INSTANCE)));
+    let legacy = managed.iter().filter(|c| c.labels.get(crate::engine::LABEL_INSTANCE) != Some(&cfg.instance)).count();
+    if legacy > 0 {
+        tracing::info!(containers = legacy, "adopting containers labelled with this gateway's former instance label");
+    }
     let running = |name: &Option<String>| {
         name.as_ref().is_some_and(|n| managed.iter().any(|c| &c.name == n && c.state == "running"))
     };
     for row in rows.iter_mut() {
-        if row.state == "running" && !(running(&row.editor_container) && running(&row.runtime_container)) {
+        if row.state == WorkspaceState::Running && !(running(&row.editor_container) && running(&row.runtime_container))
+        {
             tracing::warn!(user = %row.user_id, "workspace containers are gone; marked stopped");
-            row.state = "stopped".into();
+            row.state = WorkspaceState::Stopped;
             db.upsert_workspace(row).await?;
             let _ = engine.remove_pod(&crate::workspaces::pod_name(&row.user_id)).await;
-        } else if row.state == "running" {
+        } else if row.state == WorkspaceState::Running {
             tracing::info!(user = %row.user_id, "adopted running workspace");
         }
     }
     let live: std::collections::HashSet<&str> =
-        rows.iter().filter(|r| r.state == "running").map(|r| r.user_id.as_str()).collect();
+        rows.iter().filter(|r| r.state == WorkspaceState::Running).map(|r| r.user_id.as_str()).collect();
     let mut strays: Vec<String> = managed
         .iter()
         .filter_map(|c| c.labels.get(crate::engine::LABEL_USER))
@@ -236,6 +280,8 @@ impl ControlPlane {
             Arc::new(Workspaces::new(cfg, engine, crate::workspaces::WorkspaceMetrics::new(registry)))
         });
         Arc::new(ControlPlane {
+            supervisor: Supervisor::new(registry),
+            switches: Switches::new(registry),
             workspaces,
             stopping: Arc::default(),
             table,
@@ -262,6 +308,20 @@ impl ControlPlane {
         self.health_wake.notify_one();
     }
 
+    /// Applies the route holds stored in the database (at start, before traffic).
+    pub fn restore_holds(&self, holds: &[(String, String, i64)]) {
+        for (route, holder, since) in holds {
+            self.switches.set(&self.table, route, holder, true, *since);
+            tracing::warn!(route = %route, holder = %holder, "route held off since before the restart");
+        }
+    }
+
+    /// The operator holds `route` off (`off`) or lifts its own hold; other holders stay. Returns
+    /// the route's holders after the change.
+    pub async fn switch_route(&self, route: &str, off: bool) -> Result<Vec<Hold>, PlaneError> {
+        self.ask(|reply| Command::Switch { route: route.to_string(), off, reply }).await
+    }
+
     /// Service states by name (`true`: passing).
     pub fn health(&self) -> Arc<BTreeMap<String, bool>> {
         self.health.load_full()
@@ -277,7 +337,8 @@ impl ControlPlane {
             .send(make(tx))
             .await
             .map_err(|_| PlaneError::Internal(anyhow::anyhow!("the control plane is not running")))?;
-        rx.await.map_err(|_| PlaneError::Internal(anyhow::anyhow!("the control plane stopped")))?
+        // A dropped reply: the handler panicked (the loop goes on) or the plane is shutting down.
+        rx.await.map_err(|_| PlaneError::Internal(anyhow::anyhow!("the control plane failed to handle this call")))?
     }
 
     pub async fn list_workspaces(&self) -> Result<Vec<WorkspaceRow>, PlaneError> {
@@ -346,34 +407,44 @@ impl ControlPlane {
                 });
             }
         });
-        let notify_task = tokio::spawn(Self::follow_session_changes(self.clone(), db.clone()));
-        let health_task = tokio::spawn(Self::health_loop(self.clone()));
-        let mut ws_tasks = Vec::new();
+        // Background loops: each restarted with backoff if it panics.
+        let sup = &self.supervisor;
+        let mut tasks = Vec::new();
+        let (p, d) = (self.clone(), db.clone());
+        tasks.push(sup.spawn("listen", move || Self::follow_session_changes(p.clone(), d.clone())));
+        let p = self.clone();
+        tasks.push(sup.spawn("health", move || Self::health_loop(p.clone())));
         if let Some(ws) = &self.workspaces {
-            ws_tasks.push(tokio::spawn(Self::watch_containers(self.clone(), ws.clone())));
-            ws_tasks.push(tokio::spawn(Self::runtime_health_loop(
-                self.clone(),
-                db.clone(),
-                ws.clone(),
-                ws.cfg.health_interval,
-            )));
+            let (p, w) = (self.clone(), ws.clone());
+            tasks.push(sup.spawn("events", move || Self::watch_containers(p.clone(), w.clone())));
+            let (p, d, w) = (self.clone(), db.clone(), ws.clone());
+            tasks.push(sup.spawn("runtime_health", move || {
+                Self::runtime_health_loop(p.clone(), d.clone(), w.clone(), w.cfg.health_interval)
+            }));
             if let Some(idle) = ws.cfg.idle_timeout {
-                ws_tasks.push(tokio::spawn(Self::reap_idle(self.clone(), db.clone(), ws.clone(), idle)));
+                let (p, d, w) = (self.clone(), db.clone(), ws.clone());
+                tasks.push(sup.spawn("reaping", move || Self::reap_idle(p.clone(), d.clone(), w.clone(), idle)));
             }
         }
         loop {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.handle(&db, cmd).await,
+                    Some(cmd) => {
+                        use futures_util::FutureExt;
+                        // A panicking handler drops its reply (that caller gets a 500); the loop
+                        // and every other caller go on.
+                        let handled = std::panic::AssertUnwindSafe(self.handle(&db, cmd)).catch_unwind().await;
+                        if let Err(payload) = handled {
+                            tracing::error!("a control-plane command panicked: {}", panic_message(payload));
+                        }
+                    }
                     None => break,
                 },
                 _ = shutdown.changed() => break,
             }
         }
         lookup_task.abort();
-        notify_task.abort();
-        health_task.abort();
-        for t in ws_tasks {
+        for t in tasks {
             t.abort();
         }
         db.close().await;
@@ -456,6 +527,23 @@ impl ControlPlane {
             Command::Move { user, host, port, reply } => {
                 let _ = reply.send(self.move_runtime_now(db, &user, host, port).await);
             }
+            Command::Switch { route, off, reply } => {
+                // Stored first: a hold the database did not take would vanish at the next restart.
+                let now = chrono::Utc::now().timestamp();
+                let stored = if off {
+                    db.hold_route(&route, ADMIN, now).await
+                } else {
+                    db.release_route(&route, ADMIN).await.map(|_| ())
+                };
+                let res = stored.map_err(PlaneError::Internal).map(|()| {
+                    let holders = self.switches.set(&self.table, &route, ADMIN, off, now);
+                    tracing::warn!(route = %route, held = off, holders = holders.len(), "route switched by the operator");
+                    holders
+                });
+                let _ = reply.send(res);
+            }
+            #[cfg(test)]
+            Command::Panic(_reply) => panic!("a handler bug"),
         }
     }
 
@@ -513,7 +601,7 @@ impl ControlPlane {
                 if ev.status != "died" {
                     continue;
                 }
-                if ev.labels.get(crate::engine::LABEL_INSTANCE) != Some(&ws.cfg.instance) {
+                if !ws.cfg.owns(ev.labels.get(crate::engine::LABEL_INSTANCE)) {
                     continue;
                 }
                 let Some(user) = ev.labels.get(crate::engine::LABEL_USER).cloned() else { continue };
@@ -625,38 +713,75 @@ impl ControlPlane {
             }
             return Err(PlaneError::Conflict(format!("{why}; the user stays on {}", rec.from)));
         }
-        db.set_runtime(user, &host, port).await?;
-        let editor = resolve(&row.editor_host, row.editor_port);
-        self.table.rcu(|t| match t.user(user) {
-            Some(r) => t.with_user(user, UserRoutes { runtime: target, ..(**r).clone() }),
-            None => (**t).clone(),
-        });
+        let moved = Moved { row: &row, host: &host, port, target, runtime_container: None };
+        let outcome = self.complete_move(db, moved, started, started_unix, probe_ms).await?;
         self.recent_moves
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(user.to_string())
             .or_default()
             .push_back(started);
+        Ok(outcome)
+    }
+
+    /// The second half of every `update-port` (the admin call and the health loop's replacement
+    /// alike), once the new runtime answered its probe: persist, move the route, tell the editor,
+    /// record the move.
+    pub(crate) async fn complete_move(
+        &self,
+        db: &Db,
+        m: Moved<'_>,
+        started: Instant,
+        started_unix: i64,
+        probe_ms: u64,
+    ) -> Result<MoveOutcome, PlaneError> {
+        let limits = self.config.load().moves.clone();
+        let (row, user) = (m.row, m.row.user_id.as_str());
+        let from = format!("{}:{}", row.runtime_host, row.runtime_port);
+        let to = format!("{}:{}", m.host, m.port);
+        match &m.runtime_container {
+            // A new container: the row (and its `runtimes` row) now describe it.
+            Some(name) => {
+                let new_row = WorkspaceRow {
+                    runtime_host: m.host.to_string(),
+                    runtime_port: m.port,
+                    runtime_container: Some(name.clone()),
+                    updated_at: chrono::Utc::now().timestamp(),
+                    ..row.clone()
+                };
+                db.upsert_workspace(&new_row).await.map_err(db_error)?;
+            }
+            None => db.set_runtime(user, m.host, m.port).await.map_err(db_error)?,
+        }
+        self.table.rcu(|t| match t.user(user) {
+            Some(r) => t.with_user(user, UserRoutes { runtime: m.target, ..(**r).clone() }),
+            None => (**t).clone(),
+        });
         let notify_start = Instant::now();
-        let body = serde_json::json!({"port": port, "host": host}).to_string();
-        let notified = match editor {
-            Some(e) => http_client::call(e, "POST", "/api/runtime/update-port", Some(&body), limits.notify_timeout)
-                .await
-                .and_then(|r| {
-                    if (200..300).contains(&r.status) {
-                        Ok(())
-                    } else {
-                        Err(anyhow::anyhow!("editor answered {}", r.status))
-                    }
-                }),
-            None => Err(anyhow::anyhow!("editor address does not resolve")),
-        };
+        let body = serde_json::json!({"port": m.port, "host": m.host}).to_string();
+        let notified =
+            match resolve(&row.editor_host, row.editor_port) {
+                Some(e) => http_client::call(e, "POST", "/api/runtime/update-port", Some(&body), limits.notify_timeout)
+                    .await
+                    .and_then(|r| {
+                        if r.is_success() {
+                            Ok(())
+                        } else {
+                            Err(anyhow::anyhow!("editor answered {}", r.status))
+                        }
+                    }),
+                None => Err(anyhow::anyhow!("editor address does not resolve")),
+            };
         let notify_ms = notify_start.elapsed().as_millis() as u64;
+        let editor_error = notified.err().map(|e| format!("{e:#}"));
         let rec = MoveRecord {
             user_id: user.to_string(),
             from: from.clone(),
             to: to.clone(),
-            status: "completed".into(),
+            status: match &editor_error {
+                None => "completed".into(),
+                Some(e) => format!("completed; editor not told: {e}"),
+            },
             probe_ms: probe_ms as i64,
             notify_ms: notify_ms as i64,
             started_at: started_unix,
@@ -665,11 +790,10 @@ impl ControlPlane {
         if let Err(e) = db.record_move(&rec).await {
             tracing::warn!("cannot record the move: {e:#}");
         }
-        let editor_error = notified.err().map(|e| format!("{e:#}"));
         if let Some(e) = &editor_error {
             tracing::warn!(user, "runtime moved but the editor was not told: {e}");
         }
-        tracing::info!(user, %from, %to, probe_ms, notify_ms, "runtime moved");
+        tracing::info!(user, %from, %to, probe_ms, notify_ms, ms = started.elapsed().as_millis() as u64, "runtime moved");
         Ok(MoveOutcome {
             ok: true,
             user_id: user.to_string(),
@@ -697,19 +821,36 @@ impl ControlPlane {
             .await;
             let old = self.health.load_full();
             let mut states = BTreeMap::new();
+            let now = chrono::Utc::now().timestamp();
+            // The health holds the checks want now: (route, holder).
+            let mut wanted = std::collections::BTreeSet::new();
             for (check, ok) in results {
-                if old.get(&check.name) != Some(&ok) {
-                    if ok {
-                        tracing::info!(service = %check.name, "health check passes");
-                    } else {
-                        tracing::warn!(service = %check.name, "health check fails");
+                let changed = old.get(&check.name) != Some(&ok);
+                if changed && ok {
+                    tracing::info!(service = %check.name, "health check passes");
+                } else if changed {
+                    tracing::warn!(service = %check.name, "health check fails");
+                }
+                if let Some(route) = &check.disable_route {
+                    let holder = health_holder(&check.name);
+                    if !ok {
+                        wanted.insert((route.clone(), holder.clone()));
                     }
-                    if let Some(route) = &check.disable_route {
-                        self.table.rcu(|t| t.with_route_disabled(route, !ok));
-                        tracing::warn!(route = %route, disabled = !ok, "route switched by the health of {}", check.name);
+                    // Only this check's hold: the operator's and other checks' holds stay.
+                    let holders = self.switches.set(&self.table, route, &holder, !ok, now);
+                    if changed {
+                        tracing::warn!(route = %route, held = !ok, holders = holders.len(), "route switched by {holder}");
                     }
                 }
                 states.insert(check.name.clone(), ok);
+            }
+            // Holds of checks a reload removed (or pointed at another route) go with them.
+            for (route, holds) in self.switches.all() {
+                for h in holds {
+                    if h.holder.starts_with("health:") && !wanted.contains(&(route.clone(), h.holder.clone())) {
+                        self.switches.set(&self.table, &route, &h.holder, false, now);
+                    }
+                }
             }
             self.health.store(Arc::new(states));
             tokio::select! {
@@ -717,5 +858,36 @@ impl ControlPlane {
                 _ = self.health_wake.notified() => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_command_answers_500_and_the_loop_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/markco.db", dir.path().display());
+        let db = Db::connect(&url).await.expect("open the test database");
+        db.migrate().await.expect("migrate");
+        db.close().await;
+        let config = PlaneConfig {
+            database_url: url,
+            workspaces: None,
+            sessions: SessionSettings::default(),
+            moves: MoveLimits::default(),
+            health_checks: Vec::new(),
+        };
+        let table = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
+        let plane = ControlPlane::new(table, config, &prometheus::Registry::new());
+        let (_stop, shutdown) = watch::channel(false);
+        let run = tokio::spawn(plane.clone().run(shutdown));
+        let err = plane.ask(Command::Panic).await.expect_err("the handler panicked");
+        assert_eq!(err.status(), 500, "{err}");
+        // The same loop still answers the next call.
+        let next = tokio::time::timeout(Duration::from_secs(5), plane.list_workspaces()).await;
+        assert!(matches!(next, Ok(Ok(ref rows)) if rows.is_empty()), "{next:?}");
+        run.abort();
     }
 }

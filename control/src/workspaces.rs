@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
-use crate::db::{Db, DbError, WorkspaceRow};
+use crate::db::{Db, DbError, WorkspaceRow, WorkspaceState};
 use crate::engine::{ContainerEngine, ContainerSpec, PodSpec, LABEL_INSTANCE, LABEL_MANAGED, LABEL_ROLE, LABEL_USER};
 use crate::http_client;
 
@@ -18,6 +18,8 @@ use crate::http_client;
 pub struct WorkspaceConfig {
     /// Labels this gateway's containers (see `LABEL_INSTANCE`); derived from the database URL.
     pub instance: String,
+    /// The label earlier releases gave this gateway's containers ([`legacy_instance_of`]).
+    pub legacy_instance: Option<String>,
     pub engine_socket: PathBuf,
     pub data_dir: PathBuf,
     /// Owner (uid) of a user's data directory, set once when it is created.
@@ -57,6 +59,7 @@ impl Default for WorkspaceConfig {
         let env = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         WorkspaceConfig {
             instance: "default".into(),
+            legacy_instance: None,
             engine_socket: PathBuf::from("/run/podman/podman.sock"),
             data_dir: PathBuf::from("/data/users"),
             data_uid: 1000,
@@ -106,13 +109,31 @@ impl Default for WorkspaceConfig {
     }
 }
 
-/// A stable instance name for a database URL (the same state gives the same name).
+/// A stable instance name for a database URL (the same state gives the same name): the first 16
+/// bytes of its SHA-256, in hex. Fixed by the algorithm, so no toolchain upgrade can orphan
+/// containers.
 pub fn instance_of(database_url: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(database_url.as_bytes());
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The instance name earlier markco releases derived with `DefaultHasher` (whose output may
+/// change between Rust releases). Containers carrying it are adopted as this gateway's; new ones
+/// get [`instance_of`]'s name.
+pub fn legacy_instance_of(database_url: &str) -> String {
     use std::hash::{Hash, Hasher};
-    // SipHash with fixed keys: stable across runs and builds of the same Rust version.
     let mut h = std::collections::hash_map::DefaultHasher::new();
     database_url.hash(&mut h);
     format!("{:016x}", h.finish())
+}
+
+impl WorkspaceConfig {
+    /// Whether a container's instance label says it is this gateway's (its own label, or the one
+    /// an earlier release gave it).
+    pub fn owns(&self, instance_label: Option<&String>) -> bool {
+        instance_label.is_some_and(|l| *l == self.instance || self.legacy_instance.as_ref() == Some(l))
+    }
 }
 
 /// Names built from the whole user id: two users never share one (no prefix truncation).
@@ -216,7 +237,7 @@ impl Workspaces {
                 editor_port: e,
                 runtime_host: "127.0.0.1".into(),
                 runtime_port: r,
-                state: "starting".into(),
+                state: WorkspaceState::Starting,
                 editor_container: Some(container_name("editor", user)),
                 runtime_container: Some(container_name("runtime", user)),
                 updated_at: chrono::Utc::now().timestamp(),
@@ -231,25 +252,11 @@ impl Workspaces {
             }
         }
         let Some(mut row) = row else { bail!("could not claim free ports after 16 tries") };
-        let plan = db.user_plan(user).await.ok().flatten().unwrap_or_else(|| "free".to_string());
-        let limits = self.cfg.plans.get(&plan).or_else(|| self.cfg.plans.get("free")).copied().unwrap_or(PlanLimits {
-            editor_memory: self.cfg.editor_memory,
-            runtime_memory: self.cfg.runtime_memory,
-            runtime_cpus: self.cfg.runtime_cpus,
-        });
+        let limits = self.limits_of(db, user).await;
         let pod = pod_name(user);
         // A leftover pod of this user (a crash mid-start) is ours to replace.
         let _ = self.engine.remove_pod(&pod).await;
-        let labels = |role: &str| -> BTreeMap<String, String> {
-            let mut l = BTreeMap::new();
-            l.insert(LABEL_MANAGED.to_string(), "true".to_string());
-            l.insert(LABEL_USER.to_string(), user.to_string());
-            l.insert(LABEL_INSTANCE.to_string(), self.cfg.instance.clone());
-            if !role.is_empty() {
-                l.insert(LABEL_ROLE.to_string(), role.to_string());
-            }
-            l
-        };
+        let labels = |role: &str| self.labels(user, role);
         // Both ports on 127.0.0.1 only: the gateway is the way in.
         self.engine
             .create_pod(&PodSpec {
@@ -264,17 +271,7 @@ impl Workspaces {
             .await?;
         let (ep, rp) = (row.editor_port, row.runtime_port);
         let mount = vec![(data.display().to_string(), "/home/ubuntu".to_string())];
-        let runtime = ContainerSpec {
-            name: container_name("runtime", user),
-            pod: pod.clone(),
-            image: self.cfg.runtime_image.clone(),
-            command: self.cfg.runtime_command.iter().map(|c| fill(c, rp, rp, user)).collect(),
-            env: self.cfg.runtime_env.iter().map(|(k, v)| (k.clone(), fill(v, rp, rp, user))).collect(),
-            labels: labels("runtime"),
-            mounts: mount.clone(),
-            memory_bytes: limits.runtime_memory,
-            cpus: limits.runtime_cpus,
-        };
+        let runtime = self.runtime_spec(&container_name("runtime", user), user, rp, &limits);
         let editor = ContainerSpec {
             name: container_name("editor", user),
             pod: pod.clone(),
@@ -295,11 +292,11 @@ impl Workspaces {
         if let Err(e) = run.await {
             self.metrics.starts.with_label_values(&["error"]).inc();
             let _ = self.engine.remove_pod(&pod).await;
-            row.state = "failed".into();
+            row.state = WorkspaceState::Failed;
             let _ = db.upsert_workspace(&row).await;
             return Err(e.context(format!("starting the workspace of {user}")));
         }
-        row.state = "running".into();
+        row.state = WorkspaceState::Running;
         row.updated_at = chrono::Utc::now().timestamp();
         db.upsert_workspace(&row).await?;
         self.metrics.starts.with_label_values(&["ok"]).inc();
@@ -312,6 +309,45 @@ impl Workspaces {
             "workspace ready"
         );
         Ok(row)
+    }
+
+    /// The resources of the user's plan (`users.plan`; unknown plans use "free", and without
+    /// "free" the `[workspaces]` limits).
+    pub async fn limits_of(&self, db: &Db, user: &str) -> PlanLimits {
+        let plan = db.user_plan(user).await.ok().flatten().unwrap_or_else(|| "free".to_string());
+        self.cfg.plans.get(&plan).or_else(|| self.cfg.plans.get("free")).copied().unwrap_or(PlanLimits {
+            editor_memory: self.cfg.editor_memory,
+            runtime_memory: self.cfg.runtime_memory,
+            runtime_cpus: self.cfg.runtime_cpus,
+        })
+    }
+
+    /// The labels of this gateway's containers (`role` empty: the pod's).
+    pub fn labels(&self, user: &str, role: &str) -> BTreeMap<String, String> {
+        let mut l = BTreeMap::new();
+        l.insert(LABEL_MANAGED.to_string(), "true".to_string());
+        l.insert(LABEL_USER.to_string(), user.to_string());
+        l.insert(LABEL_INSTANCE.to_string(), self.cfg.instance.clone());
+        if !role.is_empty() {
+            l.insert(LABEL_ROLE.to_string(), role.to_string());
+        }
+        l
+    }
+
+    /// A runtime container listening on `port` in the user's pod, with the plan's limits: the
+    /// first runtime of a start and a replacement runtime are made alike.
+    pub fn runtime_spec(&self, name: &str, user: &str, port: u16, limits: &PlanLimits) -> ContainerSpec {
+        ContainerSpec {
+            name: name.to_string(),
+            pod: pod_name(user),
+            image: self.cfg.runtime_image.clone(),
+            command: self.cfg.runtime_command.iter().map(|c| fill(c, port, port, user)).collect(),
+            env: self.cfg.runtime_env.iter().map(|(k, v)| (k.clone(), fill(v, port, port, user))).collect(),
+            labels: self.labels(user, "runtime"),
+            mounts: vec![(self.cfg.data_dir.join(user).display().to_string(), "/home/ubuntu".to_string())],
+            memory_bytes: limits.runtime_memory,
+            cpus: limits.runtime_cpus,
+        }
     }
 
     /// Both the editor's `/health` and the runtime's `/mrp/v1/capabilities` answer 2xx.
@@ -347,7 +383,7 @@ impl Workspaces {
         self.engine.remove_pod(&pod_name(user)).await?;
         self.metrics.stops.inc();
         if let Some(mut row) = db.get_workspace(user).await? {
-            row.state = "stopped".into();
+            row.state = WorkspaceState::Stopped;
             db.upsert_workspace(&row).await?;
         }
         Ok(())
@@ -364,6 +400,22 @@ mod tests {
         let b = "aaaaaaaa-2222-4222-8222-222222222222";
         assert_ne!(container_name("editor", a), container_name("editor", b));
         assert_ne!(pod_name(a), pod_name(b));
+    }
+
+    #[test]
+    fn instance_labels_are_fixed_and_old_ones_are_adopted() {
+        // SHA-256, pinned: a change here would orphan every running container.
+        assert_eq!(instance_of("sqlite://markco.db"), "49a7ff35dec4a70b3c610dbe773177c6");
+        let cfg = WorkspaceConfig {
+            instance: instance_of("sqlite://markco.db"),
+            legacy_instance: Some(legacy_instance_of("sqlite://markco.db")),
+            ..WorkspaceConfig::default()
+        };
+        assert!(cfg.owns(Some(&instance_of("sqlite://markco.db"))));
+        assert!(cfg.owns(Some(&legacy_instance_of("sqlite://markco.db"))));
+        assert!(!cfg.owns(Some(&instance_of("sqlite://other.db"))));
+        assert!(!cfg.owns(Some(&legacy_instance_of("sqlite://other.db"))));
+        assert!(!cfg.owns(None));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use markco_control::db::{Db, DbError, MoveRecord, WorkspaceRow};
+use markco_control::db::{Db, DbError, MoveRecord, WorkspaceRow, WorkspaceState};
 use sqlx::{Connection, Executor, PgConnection};
 use tempfile::TempDir;
 
@@ -157,7 +157,7 @@ fn workspace(user_id: &str, editor_port: u16, runtime_port: u16) -> WorkspaceRow
         editor_port,
         runtime_host: "127.0.0.1".to_owned(),
         runtime_port,
-        state: "running".to_owned(),
+        state: WorkspaceState::Running,
         editor_container: Some(format!("editor-{user_id}")),
         runtime_container: Some(format!("rt-{user_id}")),
         updated_at: 1_700_000_000,
@@ -270,7 +270,7 @@ async fn workspaces(t: TestDb) {
 
     // Replace: same runtime container, so the same runtimes row follows it.
     let row_a = WorkspaceRow {
-        state: "starting".into(),
+        state: WorkspaceState::Starting,
         editor_container: None,
         editor_port: 20011,
         updated_at: 1_700_000_100,
@@ -835,7 +835,7 @@ async fn postgres_adopts_todays_database() {
         .fetch_one(&mut conn)
         .await
         .expect("applied");
-    assert_eq!(applied, 3);
+    assert_eq!(applied, 4);
     // The services that own today's tables can still run their schema at start.
     conn.execute(TODAY_SCHEMA).await.expect("today's schema again, after markco");
 

@@ -2,6 +2,9 @@
 //! plane asks the control plane (session lookups, the control API). The proxy never talks to a
 //! database itself.
 
+// Bytes from the network: no arithmetic that can overflow, no indexing that can panic.
+#![deny(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -46,10 +49,16 @@ pub trait ControlApi: Send + Sync {
     async fn respond(&self, method: &http::Method, path: &str, authorization: Option<&str>) -> ControlResponse;
 }
 
+/// Why a lazy start failed (the container engine, the database...): its own error, so a failed
+/// start is not reported as an identity problem.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
 /// Starts a user's workspace on demand (lazy start). `Ok(true)` once it is running.
 #[async_trait]
 pub trait WorkspaceStarter: Send + Sync {
-    async fn ensure_running(&self, user: &str) -> Result<bool, IdentityError>;
+    async fn ensure_running(&self, user: &str) -> Result<bool, StartError>;
 }
 
 /// The session token: cookie `session_token`, then `Authorization: Bearer`, then `?token=`.
@@ -100,6 +109,8 @@ pub fn query_without_token(query: Option<&str>) -> Option<String> {
 pub fn owner_segment<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
     let rest = path.strip_prefix(prefix)?;
     let owner = rest.split('/').next()?;
+    // Compared exactly with the session's user, whose id is valid (`UserId`): any other
+    // spelling names somebody else, and gets 403 like any other user's path.
     (!owner.is_empty()).then_some(owner)
 }
 
@@ -151,11 +162,12 @@ mod tests {
 
     #[test]
     fn owners() {
-        assert_eq!(owner_segment("/u/alice/x/y", "/u/"), Some("alice"));
-        assert_eq!(owner_segment("/u/alice", "/u/"), Some("alice"));
+        let alice = "3f2b9c1e-aaaa-4bbb-8ccc-0123456789ab";
+        assert_eq!(owner_segment(&format!("/u/{alice}/x/y"), "/u/"), Some(alice));
+        assert_eq!(owner_segment(&format!("/u/{alice}"), "/u/"), Some(alice));
         assert_eq!(owner_segment("/u/", "/u/"), None);
         assert_eq!(owner_segment("/u", "/u/"), None);
-        assert_eq!(owner_segment("/tunnel/bob", "/tunnel/"), Some("bob"));
+        assert_eq!(owner_segment(&format!("/tunnel/{alice}"), "/tunnel/"), Some(alice));
         assert_eq!(owner_segment("/u/al%2Fice/x", "/u/"), Some("al%2Fice"));
     }
 

@@ -3,6 +3,9 @@
 //! escapes kept (upper-cased) so an encoded slash never becomes a separator, and empty segments
 //! (`//`) collapsed.
 
+// Bytes from the network: no arithmetic that can overflow, no indexing that can panic.
+#![deny(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+
 use std::fmt;
 
 /// Why a path was refused.
@@ -25,13 +28,11 @@ impl fmt::Display for PathError {
 
 impl std::error::Error for PathError {}
 
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
+/// The byte of a `%hl` escape's two hex digits.
+fn unhex(h: u8, l: u8) -> Option<u8> {
+    let (h, l) = (char::from(h).to_digit(16)?, char::from(l).to_digit(16)?);
+    // Two hex digits: at most 0xff, so the conversion cannot fail.
+    u8::try_from(h.checked_mul(16)?.checked_add(l)?).ok()
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -40,19 +41,14 @@ fn is_unreserved(b: u8) -> bool {
 
 /// Decodes escapes of unreserved characters and upper-cases the others.
 fn canonical_escapes(raw: &str) -> Result<String, PathError> {
-    let bytes = raw.as_bytes();
-    let mut out = String::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
+    let mut bytes = raw.bytes();
+    let mut out = String::with_capacity(raw.len());
+    while let Some(b) = bytes.next() {
         if b == b'%' {
-            let (Some(&h), Some(&l)) = (bytes.get(i + 1), bytes.get(i + 2)) else {
+            let (Some(h), Some(l)) = (bytes.next(), bytes.next()) else {
                 return Err(PathError::BadEscape);
             };
-            let (Some(hv), Some(lv)) = (hex_val(h), hex_val(l)) else {
-                return Err(PathError::BadEscape);
-            };
-            let decoded = hv * 16 + lv;
+            let decoded = unhex(h, l).ok_or(PathError::BadEscape)?;
             if is_unreserved(decoded) {
                 out.push(decoded as char);
             } else {
@@ -60,11 +56,9 @@ fn canonical_escapes(raw: &str) -> Result<String, PathError> {
                 out.push(h.to_ascii_uppercase() as char);
                 out.push(l.to_ascii_uppercase() as char);
             }
-            i += 3;
         } else {
             // The path came from a parsed URI, so it is ASCII; keep any other byte as it is.
             out.push(b as char);
-            i += 1;
         }
     }
     Ok(out)
@@ -107,18 +101,13 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
 /// Percent-decodes one path segment completely, for file-system use. Returns `None` when the
 /// result is not a plain file name (contains `/`, `\`, NUL, or is `.`/`..`) or not UTF-8.
 pub fn decode_segment(seg: &str) -> Option<String> {
-    let bytes = seg.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hv = hex_val(*bytes.get(i + 1)?)?;
-            let lv = hex_val(*bytes.get(i + 2)?)?;
-            out.push(hv * 16 + lv);
-            i += 3;
+    let mut bytes = seg.bytes();
+    let mut out = Vec::with_capacity(seg.len());
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            out.push(unhex(bytes.next()?, bytes.next()?)?);
         } else {
-            out.push(bytes[i]);
-            i += 1;
+            out.push(b);
         }
     }
     let s = String::from_utf8(out).ok()?;

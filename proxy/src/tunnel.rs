@@ -133,7 +133,9 @@ pub async fn relay<G: Send + 'static>(
     }
     if status != 101 {
         // The upstream refused the upgrade: relay its (short) answer as a plain response.
-        let body = refusal_body(&mut up, leftover, content_length, chunked).await;
+        let body = refusal_body(&mut up, leftover, content_length, chunked)
+            .await
+            .map_err(|e| up_err(ErrorType::InvalidHTTPHeader, format!("refused upgrade's body: {e}")))?;
         resp.remove_header("transfer-encoding");
         resp.insert_header("Content-Length", body.len().to_string())?;
         session.write_response_header(Box::new(resp), body.is_empty()).await?;
@@ -218,38 +220,108 @@ fn switches_to_requested(req: &RequestHeader, resp: &ResponseHeader) -> bool {
     chosen.split(',').map(name).all(|c| offered.contains(&c))
 }
 
-async fn refusal_body(up: &mut TcpStream, mut body: Vec<u8>, content_length: Option<usize>, chunked: bool) -> Vec<u8> {
-    let want = content_length.unwrap_or(MAX_REFUSAL_BODY).min(MAX_REFUSAL_BODY);
+/// Reads a refused upgrade's body: whole, or an error (a cut or oversized body is not relayed as
+/// if it were complete).
+async fn refusal_body(
+    up: &mut TcpStream,
+    mut body: Vec<u8>,
+    content_length: Option<usize>,
+    chunked: bool,
+) -> std::result::Result<Vec<u8>, DechunkError> {
+    // Chunked framing wins over a Content-Length; without either the body ends at the close.
+    let length = if chunked { None } else { content_length };
+    if length.is_some_and(|n| n > MAX_REFUSAL_BODY) {
+        return Err(DechunkError::TooLarge);
+    }
+    let want = length.unwrap_or(MAX_REFUSAL_BODY);
     let mut chunk = [0u8; 8192];
     let done = |b: &Vec<u8>| b.len() >= want || (chunked && b.ends_with(b"0\r\n\r\n"));
+    // One deadline for the whole body: a trickle of bytes must not hold the request forever.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut closed = false;
     while !done(&body) {
-        match tokio::time::timeout(Duration::from_secs(5), up.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
+        match tokio::time::timeout_at(deadline, up.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => body.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Ok(Ok(_)) => {
+                closed = true;
+                break;
+            }
+            // A reset or the deadline: what was read is not the whole body.
             _ => break,
         }
     }
-    body.truncate(want);
     if chunked {
-        return dechunk(&body);
+        return dechunk(&body, MAX_REFUSAL_BODY);
     }
-    body
+    match length {
+        Some(n) if body.len() < n => Err(DechunkError::Truncated),
+        Some(n) => {
+            body.truncate(n);
+            Ok(body)
+        }
+        None if body.len() > MAX_REFUSAL_BODY => Err(DechunkError::TooLarge),
+        None if !closed && body.len() < MAX_REFUSAL_BODY => Err(DechunkError::Truncated),
+        None => Ok(body),
+    }
 }
 
-/// Decodes a complete chunked body (extensions ignored; stops at the last chunk or at a cut).
-pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&b[..nl])
-            .ok()
-            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok())
-            .unwrap_or(0);
-        if size == 0 || b.len() < nl + 2 + size {
-            break;
-        }
-        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
-        b = &b[(nl + 4 + size).min(b.len())..];
+/// Why a chunked body could not be decoded. The bytes come from an upstream (a tenant's runtime),
+/// so every malformation is an error for the caller, never a panic.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DechunkError {
+    /// A chunk-size line that is not hexadecimal, or does not fit in `usize`.
+    BadSize,
+    /// A chunk not followed by CRLF.
+    BadFraming,
+    /// The body ended (or its time ran out) before its last chunk or its announced length.
+    Truncated,
+    /// The decoded body would pass the caller's limit.
+    TooLarge,
+}
+
+impl std::fmt::Display for DechunkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DechunkError::BadSize => "bad chunk size",
+            DechunkError::BadFraming => "chunk not followed by CRLF",
+            DechunkError::Truncated => "body cut before its end",
+            DechunkError::TooLarge => "body too large",
+        })
     }
-    out
+}
+
+impl std::error::Error for DechunkError {}
+
+/// Decodes a complete chunked body (extensions and trailers ignored) of at most `limit` bytes.
+pub fn dechunk(mut b: &[u8], limit: usize) -> std::result::Result<Vec<u8>, DechunkError> {
+    let mut out = Vec::new();
+    loop {
+        let nl = b.windows(2).position(|w| w == b"\r\n").ok_or(DechunkError::Truncated)?;
+        let line = b.get(..nl).ok_or(DechunkError::Truncated)?;
+        let digits = line.split(|&c| c == b';').next().unwrap_or_default();
+        let digits = std::str::from_utf8(digits).map_err(|_| DechunkError::BadSize)?.trim();
+        if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(DechunkError::BadSize);
+        }
+        let size = usize::from_str_radix(digits, 16).map_err(|_| DechunkError::BadSize)?;
+        if size == 0 {
+            return Ok(out);
+        }
+        if out.len().checked_add(size).is_none_or(|total| total > limit) {
+            return Err(DechunkError::TooLarge);
+        }
+        let start = nl.checked_add(2).ok_or(DechunkError::BadSize)?;
+        let end = start.checked_add(size).ok_or(DechunkError::BadSize)?;
+        let data = b.get(start..end).ok_or(DechunkError::Truncated)?;
+        match b.get(end..end.saturating_add(2)) {
+            Some(b"\r\n") => {}
+            Some(_) => return Err(DechunkError::BadFraming),
+            None if b.len() > end => return Err(DechunkError::BadFraming),
+            None => return Err(DechunkError::Truncated),
+        }
+        out.extend_from_slice(data);
+        b = b.get(end.saturating_add(2)..).unwrap_or_default();
+    }
 }
 
 #[cfg(test)]
@@ -269,6 +341,28 @@ mod tests {
 
     #[test]
     fn chunked_refusal() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
+        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 16), Ok(b"abcde".to_vec()));
+        assert_eq!(dechunk(b"3;ext=1\r\nabc\r\n0\r\n\r\n", 16), Ok(b"abc".to_vec()));
+    }
+
+    #[test]
+    fn hostile_chunked_refusals_are_errors() {
+        use DechunkError::*;
+        let cases: &[(&[u8], DechunkError)] = &[
+            (b"ffffffffffffffff\r\nab\r\n0\r\n\r\n", TooLarge),
+            (b"fffffffffffffffffffff\r\nab\r\n", BadSize),
+            (b"fffffffffffffff0\r\n", TooLarge),
+            (b"zz\r\nab\r\n0\r\n\r\n", BadSize),
+            (b"-1\r\nab\r\n0\r\n\r\n", BadSize),
+            (b"\r\n", BadSize),
+            (b"2\r\nabc\r\n0\r\n\r\n", BadFraming),
+            (b"5\r\nab", Truncated),
+            (b"2\r\nab\r\n", Truncated),
+            (b"", Truncated),
+            (b"100001\r\n", TooLarge),
+        ];
+        for (body, want) in cases {
+            assert_eq!(dechunk(body, MAX_REFUSAL_BODY).as_ref(), Err(want), "{}", String::from_utf8_lossy(body));
+        }
     }
 }

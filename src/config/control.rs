@@ -78,6 +78,7 @@ pub(super) fn plane_config(cx: &Ctx<'_>, raw: &RawConfig, base_dir: &Path) -> Re
         Some(w) => {
             let mut c = workspace_config(cx, w.get_ref(), base_dir)?;
             c.instance = markco_control::workspaces::instance_of(&url);
+            c.legacy_instance = Some(markco_control::workspaces::legacy_instance_of(&url));
             Some(c)
         }
     };
@@ -113,6 +114,7 @@ fn workspace_config(cx: &Ctx<'_>, w: &RawWorkspaces, base_dir: &Path) -> Result<
     };
     let cfg = WorkspaceConfig {
         instance: d.instance.clone(),
+        legacy_instance: None,
         engine_socket: match &w.engine {
             None => d.engine_socket.clone(),
             Some(e) => match e.get_ref().strip_prefix("unix://") {

@@ -199,7 +199,7 @@ pub(super) async fn upsert_workspace(pool: &PgPool, row: &WorkspaceRow) -> Resul
     .bind(i32::from(row.editor_port))
     .bind(&row.runtime_host)
     .bind(i32::from(row.runtime_port))
-    .bind(&row.state)
+    .bind(row.state.as_str())
     .bind(&row.editor_container)
     .bind(&row.runtime_container)
     .bind(row.updated_at)
@@ -233,7 +233,7 @@ pub(super) async fn upsert_workspace(pool: &PgPool, row: &WorkspaceRow) -> Resul
             .bind(container)
             .bind(&row.runtime_host)
             .bind(i32::from(row.runtime_port))
-            .bind(&row.state)
+            .bind(row.state.as_str())
             .execute(&mut *tx)
             .await
             .context("updating the workspace's runtime")?;
@@ -256,7 +256,7 @@ pub(super) async fn upsert_workspace(pool: &PgPool, row: &WorkspaceRow) -> Resul
             .bind(container)
             .bind(&row.runtime_host)
             .bind(i32::from(row.runtime_port))
-            .bind(&row.state)
+            .bind(row.state.as_str())
             .execute(&mut *tx)
             .await
             .context("recording the workspace's runtime")?;
@@ -393,4 +393,37 @@ pub(super) async fn session_changes(pool: &PgPool) -> Result<BoxStream<'static, 
         }
     });
     Ok(stream.boxed())
+}
+
+pub(super) async fn hold_route(pool: &PgPool, route: &str, holder: &str, since: i64) -> Result<()> {
+    // A hold already there keeps its first `since`.
+    sqlx::query(
+        "INSERT INTO markco_route_holds (route, holder, since) VALUES ($1, $2, to_timestamp($3::float8)) ON CONFLICT DO NOTHING",
+    )
+    .bind(route)
+    .bind(holder)
+    .bind(since as f64)
+    .execute(pool)
+    .await
+    .with_context(|| format!("storing the {holder} hold of route {route}"))?;
+    Ok(())
+}
+
+pub(super) async fn release_route(pool: &PgPool, route: &str, holder: &str) -> Result<bool> {
+    let done = sqlx::query("DELETE FROM markco_route_holds WHERE route = $1 AND holder = $2")
+        .bind(route)
+        .bind(holder)
+        .execute(pool)
+        .await
+        .with_context(|| format!("removing the {holder} hold of route {route}"))?;
+    Ok(done.rows_affected() > 0)
+}
+
+pub(super) async fn route_holds(pool: &PgPool) -> Result<Vec<(String, String, i64)>> {
+    sqlx::query_as(
+        "SELECT route, holder, floor(extract(epoch FROM since))::int8 FROM markco_route_holds ORDER BY route, holder",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the route holds")
 }

@@ -170,7 +170,7 @@ pub(super) async fn upsert_workspace(pool: &SqlitePool, row: &WorkspaceRow) -> R
     .bind(row.editor_port)
     .bind(&row.runtime_host)
     .bind(row.runtime_port)
-    .bind(&row.state)
+    .bind(row.state.as_str())
     .bind(&row.editor_container)
     .bind(&row.runtime_container)
     .bind(row.updated_at)
@@ -205,7 +205,7 @@ pub(super) async fn upsert_workspace(pool: &SqlitePool, row: &WorkspaceRow) -> R
             .bind(container)
             .bind(&row.runtime_host)
             .bind(row.runtime_port)
-            .bind(&row.state)
+            .bind(row.state.as_str())
             .bind(now)
             .execute(&mut *tx)
             .await
@@ -230,7 +230,7 @@ pub(super) async fn upsert_workspace(pool: &SqlitePool, row: &WorkspaceRow) -> R
             .bind(container)
             .bind(&row.runtime_host)
             .bind(row.runtime_port)
-            .bind(&row.state)
+            .bind(row.state.as_str())
             .bind(now)
             .execute(&mut *tx)
             .await
@@ -327,4 +327,33 @@ pub(super) async fn count_moves(pool: &SqlitePool, user_id: &str) -> Result<i64>
         .fetch_one(pool)
         .await
         .with_context(|| format!("counting the runtime moves of user {user_id}"))
+}
+
+pub(super) async fn hold_route(pool: &SqlitePool, route: &str, holder: &str, since: i64) -> Result<()> {
+    // A hold already there keeps its first `since`.
+    sqlx::query("INSERT INTO markco_route_holds (route, holder, since) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")
+        .bind(route)
+        .bind(holder)
+        .bind(since)
+        .execute(pool)
+        .await
+        .with_context(|| format!("storing the {holder} hold of route {route}"))?;
+    Ok(())
+}
+
+pub(super) async fn release_route(pool: &SqlitePool, route: &str, holder: &str) -> Result<bool> {
+    let done = sqlx::query("DELETE FROM markco_route_holds WHERE route = ?1 AND holder = ?2")
+        .bind(route)
+        .bind(holder)
+        .execute(pool)
+        .await
+        .with_context(|| format!("removing the {holder} hold of route {route}"))?;
+    Ok(done.rows_affected() > 0)
+}
+
+pub(super) async fn route_holds(pool: &SqlitePool) -> Result<Vec<(String, String, i64)>> {
+    sqlx::query_as("SELECT route, holder, since FROM markco_route_holds ORDER BY route, holder")
+        .fetch_all(pool)
+        .await
+        .context("reading the route holds")
 }

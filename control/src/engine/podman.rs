@@ -1,6 +1,6 @@
-//! The podman engine: podman's libpod REST API (v4) over its unix socket, with a small
-//! hand-written HTTP/1.1 client (one request per connection; the event stream keeps its
-//! connection and decodes chunked framing as it arrives).
+//! The podman engine: podman's libpod REST API (v4) over its unix socket, through hyper's HTTP/1
+//! client connection (one request per connection; the event stream keeps its connection and
+//! reads the body's frames as they arrive). Bodies are bounded in size, calls in time.
 //!
 //! markco only touches what it labelled: starting, stopping, removing a pod and restarting a
 //! container first inspect it and refuse one without `markco.managed=true`.
@@ -21,10 +21,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use super::{ContainerEngine, ContainerEvent, ContainerInfo, ContainerSpec, PodSpec, LABEL_MANAGED};
@@ -38,7 +41,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Restarting or force-removing waits for the containers to stop (podman's default 10 s).
 const STOP_GRACE: Duration = Duration::from_secs(10);
-const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: usize = 64 * 1024 * 1024;
 /// One event line; podman's are well under 1 KiB.
 const MAX_EVENT_LINE: usize = 1024 * 1024;
@@ -94,31 +96,48 @@ impl Podman {
 
     async fn call_inner(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Reply> {
         let call = format!("{method} {}", strip_query(path));
-        let mut conn = self.send(method, path, body).await.with_context(|| format!("podman {call}"))?;
-        let head = conn.read_head().await.with_context(|| format!("podman {call}"))?;
-        let body = conn.read_body(&head).await.with_context(|| format!("podman {call}: reading the answer"))?;
-        Ok(Reply { status: head.status, reason: head.reason, body, call })
+        let (resp, _conn) = self.send(method, path, body).await.with_context(|| format!("podman {call}"))?;
+        let status = resp.status();
+        let body =
+            read_limited(resp.into_body()).await.with_context(|| format!("podman {call}: reading the answer"))?;
+        let reason = status.canonical_reason().unwrap_or_default().to_string();
+        Ok(Reply { status: status.as_u16(), reason, body, call })
     }
 
-    /// Connects and writes the request.
-    async fn send(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Conn> {
-        let mut stream = UnixStream::connect(&self.socket).await.with_context(|| {
+    /// Connects, sends the request and reads the answer's head. The connection lives as long as
+    /// the returned guard (the answer's body is read through it).
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(http::Response<Incoming>, Connection)> {
+        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
             format!("connecting to podman's API socket {} (is `podman system service` running?)", self.socket.display())
         })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake on podman's socket")?;
+        let conn = Connection(tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("podman connection ended: {e}");
+            }
+        }));
         let body = match body {
             Some(v) => serde_json::to_vec(v).context("encoding the request body")?,
             None => Vec::new(),
         };
-        let mut req =
-            format!("{method} {API}{path} HTTP/1.1\r\nHost: d\r\nUser-Agent: markco\r\nConnection: close\r\n");
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{API}{path}"))
+            .header(http::header::HOST, "d")
+            .header(http::header::USER_AGENT, "markco");
         if !body.is_empty() {
-            req.push_str("Content-Type: application/json\r\n");
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
         }
-        req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(&body);
-        stream.write_all(&bytes).await.context("writing the request")?;
-        Ok(Conn { stream, buf: Vec::new() })
+        let req = req.body(Full::new(Bytes::from(body))).context("building the request")?;
+        let resp = sender.send_request(req).await.context("reading the answer's head")?;
+        Ok((resp, conn))
     }
 
     /// A call whose answer must be 2xx (or 304 when `not_modified_ok`); returns the body.
@@ -361,25 +380,27 @@ impl ContainerEngine for Podman {
         let filters = json!({ "type": ["container"], "label": [format!("{LABEL_MANAGED}=true")] }).to_string();
         let path = format!("/events?stream=true&filters={}", enc(&filters));
         let open = async {
-            let mut conn = self.send("GET", &path, None).await?;
-            let head = conn.read_head().await?;
-            if head.status != 200 {
-                let body = conn.read_body(&head).await.unwrap_or_default();
-                let reply = Reply { status: head.status, reason: head.reason, body, call: "GET /events".into() };
+            let (resp, conn) = self.send("GET", &path, None).await?;
+            let status = resp.status();
+            if status != http::StatusCode::OK {
+                let body = read_limited(resp.into_body()).await.unwrap_or_default();
+                let reason = status.canonical_reason().unwrap_or_default().to_string();
+                let reply = Reply { status: status.as_u16(), reason, body, call: "GET /events".into() };
                 return Err(anyhow::Error::from(reply.into_error()));
             }
-            anyhow::Ok((conn, head))
+            anyhow::Ok((resp, conn))
         };
-        let (conn, head) = tokio::time::timeout(CALL_TIMEOUT, open)
+        let (resp, conn) = tokio::time::timeout(CALL_TIMEOUT, open)
             .await
             .map_err(|_| anyhow!("podman GET /events: no answer within {CALL_TIMEOUT:?}"))?
             .context("podman GET /events")?;
-        let framing =
-            if head.chunked { Framing::Chunked(Chunked::default()) } else { Framing::Length(head.content_length) };
-        let mut events =
-            EventStream { stream: conn.stream, framing, lines: Vec::new(), pending: VecDeque::new(), done: false };
-        // Bytes that came with the header.
-        events.absorb(&conn.buf);
+        let events = EventStream {
+            body: resp.into_body(),
+            _conn: conn,
+            lines: Vec::new(),
+            pending: VecDeque::new(),
+            done: false,
+        };
         Ok(stream::unfold(events, |mut s| async move {
             let item = s.next_event().await?;
             Some((item, s))
@@ -474,24 +495,18 @@ fn is_infra_name(name: &str) -> bool {
     name.strip_suffix("-infra").is_some_and(|id| id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// The open event stream: socket, body framing, the current partial line, decoded events.
+/// The open event stream: the answer's body (hyper undoes its framing), the current partial
+/// line, decoded events.
 struct EventStream {
-    stream: UnixStream,
-    framing: Framing,
+    body: Incoming,
+    _conn: Connection,
     lines: Vec<u8>,
     pending: VecDeque<anyhow::Result<ContainerEvent>>,
     done: bool,
 }
 
-enum Framing {
-    Chunked(Chunked),
-    /// Content-Length (None: until the connection closes).
-    Length(Option<usize>),
-}
-
 impl EventStream {
     async fn next_event(&mut self) -> Option<anyhow::Result<ContainerEvent>> {
-        let mut buf = [0u8; 16 * 1024];
         loop {
             if let Some(item) = self.pending.pop_front() {
                 return Some(item);
@@ -499,44 +514,27 @@ impl EventStream {
             if self.done {
                 return None;
             }
-            match self.stream.read(&mut buf).await {
-                Ok(0) => {
-                    self.done = true;
-                    return Some(Err(anyhow!("podman's event stream ended (the service stopped?)")));
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.absorb(&data);
+                    }
                 }
-                Ok(n) => self.absorb(&buf[..n]),
-                Err(e) => {
+                Some(Err(e)) => {
                     self.done = true;
                     return Some(Err(anyhow::Error::from(e).context("reading podman's event stream")));
+                }
+                None => {
+                    self.done = true;
+                    return Some(Err(anyhow!("podman's event stream ended (the service stopped?)")));
                 }
             }
         }
     }
 
-    /// Decodes raw bytes from the socket into whole lines, and those into events.
-    fn absorb(&mut self, raw: &[u8]) {
-        if raw.is_empty() || self.done {
-            return;
-        }
-        let mut end = false;
-        match &mut self.framing {
-            Framing::Chunked(c) => match c.feed(raw, &mut self.lines) {
-                Ok(finished) => end = finished,
-                Err(e) => {
-                    self.pending.push_back(Err(e.context("podman's event stream")));
-                    self.done = true;
-                    return;
-                }
-            },
-            Framing::Length(left) => {
-                let take = left.map_or(raw.len(), |l| l.min(raw.len()));
-                self.lines.extend_from_slice(&raw[..take]);
-                if let Some(l) = left {
-                    *l -= take;
-                    end = *l == 0;
-                }
-            }
-        }
+    /// Splits decoded body bytes into whole lines, and those into events.
+    fn absorb(&mut self, data: &[u8]) {
+        self.lines.extend_from_slice(data);
         while let Some(pos) = self.lines.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.lines.drain(..=pos).collect();
             let line = line.trim_ascii();
@@ -552,24 +550,23 @@ impl EventStream {
         if self.lines.len() > MAX_EVENT_LINE {
             self.pending.push_back(Err(anyhow!("podman event longer than {MAX_EVENT_LINE} bytes")));
             self.done = true;
-        } else if end {
-            self.pending.push_back(Err(anyhow!("podman's event stream ended")));
-            self.done = true;
         }
     }
 }
 
-/// A connection after the request was sent; `buf` holds bytes read but not yet used.
-struct Conn {
-    stream: UnixStream,
-    buf: Vec<u8>,
+/// The task driving one connection to podman; stopped when the call (or stream) is dropped.
+struct Connection(tokio::task::JoinHandle<()>);
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
-struct Head {
-    status: u16,
-    reason: String,
-    chunked: bool,
-    content_length: Option<usize>,
+/// A whole answer body, at most `MAX_BODY` bytes.
+async fn read_limited(body: Incoming) -> anyhow::Result<Vec<u8>> {
+    let collected = Limited::new(body, MAX_BODY).collect().await.map_err(|e| anyhow!("{e}"))?;
+    Ok(collected.to_bytes().to_vec())
 }
 
 struct Reply {
@@ -593,170 +590,6 @@ impl Reply {
         };
         let message = if message.is_empty() { self.reason } else { message };
         ApiError { call: self.call, status: self.status, message }
-    }
-}
-
-impl Conn {
-    async fn fill(&mut self) -> anyhow::Result<usize> {
-        let mut chunk = [0u8; 16 * 1024];
-        let n = self.stream.read(&mut chunk).await.context("reading from podman's socket")?;
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(n)
-    }
-
-    async fn read_head(&mut self) -> anyhow::Result<Head> {
-        let end = loop {
-            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p;
-            }
-            if self.buf.len() > MAX_HEAD {
-                bail!("response header longer than {MAX_HEAD} bytes");
-            }
-            if self.fill().await? == 0 {
-                bail!("the connection closed before a complete response header");
-            }
-        };
-        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-        self.buf.drain(..end + 4);
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or_default();
-        let mut parts = status_line.splitn(3, ' ');
-        let version = parts.next().unwrap_or_default();
-        if !version.starts_with("HTTP/1.") {
-            bail!("not an HTTP/1.x answer: {status_line:?}");
-        }
-        let status: u16 =
-            parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("bad status line {status_line:?}"))?;
-        let reason = parts.next().unwrap_or_default().to_string();
-        let (mut chunked, mut content_length) = (false, None);
-        for line in lines {
-            let Some((name, value)) = line.split_once(':') else { continue };
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = value.split(',').any(|t| t.trim().eq_ignore_ascii_case("chunked"));
-            } else if name.eq_ignore_ascii_case("content-length") {
-                content_length = Some(value.parse().map_err(|_| anyhow!("bad Content-Length {value:?}"))?);
-            }
-        }
-        Ok(Head { status, reason, chunked, content_length })
-    }
-
-    async fn read_body(&mut self, head: &Head) -> anyhow::Result<Vec<u8>> {
-        if matches!(head.status, 100..=199 | 204 | 304) {
-            return Ok(Vec::new());
-        }
-        if head.chunked {
-            let mut decoder = Chunked::default();
-            let mut body = Vec::new();
-            let mut input = std::mem::take(&mut self.buf);
-            loop {
-                if decoder.feed(&input, &mut body)? {
-                    return Ok(body);
-                }
-                if body.len() > MAX_BODY {
-                    bail!("response body larger than {MAX_BODY} bytes");
-                }
-                if self.fill().await? == 0 {
-                    bail!("the connection closed in the middle of a chunked body");
-                }
-                input = std::mem::take(&mut self.buf);
-            }
-        }
-        if let Some(len) = head.content_length {
-            if len > MAX_BODY {
-                bail!("response body of {len} bytes is larger than {MAX_BODY}");
-            }
-            while self.buf.len() < len {
-                if self.fill().await? == 0 {
-                    bail!("the connection closed after {} of {len} body bytes", self.buf.len());
-                }
-            }
-            self.buf.truncate(len);
-            return Ok(std::mem::take(&mut self.buf));
-        }
-        // Neither: the body ends with the connection.
-        while self.fill().await? > 0 {
-            if self.buf.len() > MAX_BODY {
-                bail!("response body larger than {MAX_BODY} bytes");
-            }
-        }
-        Ok(std::mem::take(&mut self.buf))
-    }
-}
-
-/// Incremental decoder of `Transfer-Encoding: chunked`: bytes go in as they arrive (split
-/// anywhere), the chunks' data comes out.
-#[derive(Debug, Default)]
-pub(crate) struct Chunked {
-    state: ChunkState,
-    /// Undecoded bytes (a partial size or trailer line, a partial CRLF).
-    raw: Vec<u8>,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    #[default]
-    Size,
-    Data(usize),
-    DataEnd,
-    Trailer,
-    Done,
-}
-
-impl Chunked {
-    /// Decodes `input` into `out`; true once the last chunk (and trailer) ended.
-    pub(crate) fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> anyhow::Result<bool> {
-        self.raw.extend_from_slice(input);
-        let mut pos = 0;
-        let result = loop {
-            let rest = &self.raw[pos..];
-            match self.state {
-                ChunkState::Done => break Ok(true),
-                ChunkState::Size | ChunkState::Trailer => {
-                    let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else {
-                        if rest.len() > 4096 {
-                            break Err(anyhow!("chunk size or trailer line longer than 4096 bytes"));
-                        }
-                        break Ok(false);
-                    };
-                    let line = &rest[..nl];
-                    pos += nl + 2;
-                    if self.state == ChunkState::Trailer {
-                        if line.is_empty() {
-                            self.state = ChunkState::Done;
-                        }
-                        continue;
-                    }
-                    let text = std::str::from_utf8(line).unwrap_or_default();
-                    let hex = text.split(';').next().unwrap_or_default().trim();
-                    let Ok(size) = usize::from_str_radix(hex, 16) else {
-                        break Err(anyhow!("bad chunk size line {:?}", String::from_utf8_lossy(line)));
-                    };
-                    self.state = if size == 0 { ChunkState::Trailer } else { ChunkState::Data(size) };
-                }
-                ChunkState::Data(left) => {
-                    if rest.is_empty() {
-                        break Ok(false);
-                    }
-                    let take = left.min(rest.len());
-                    out.extend_from_slice(&rest[..take]);
-                    pos += take;
-                    self.state = if take == left { ChunkState::DataEnd } else { ChunkState::Data(left - take) };
-                }
-                ChunkState::DataEnd => {
-                    if rest.len() < 2 {
-                        break Ok(false);
-                    }
-                    if &rest[..2] != b"\r\n" {
-                        break Err(anyhow!("chunk data not followed by CRLF"));
-                    }
-                    pos += 2;
-                    self.state = ChunkState::Size;
-                }
-            }
-        };
-        self.raw.drain(..pos);
-        result
     }
 }
 
@@ -796,34 +629,6 @@ mod tests {
         assert_eq!(Podman::new("unix:///run/podman/podman.sock").socket(), Path::new("/run/podman/podman.sock"));
         assert_eq!(Podman::new("/tmp/p.sock").socket(), Path::new("/tmp/p.sock"));
         assert_eq!(Podman::new(PathBuf::from("/tmp/p.sock")).socket(), Path::new("/tmp/p.sock"));
-    }
-
-    #[test]
-    fn chunked_split_anywhere() {
-        let wire = b"5\r\nhello\r\n7;ext=1\r\n world\n\r\n0\r\nX-T: 1\r\n\r\n";
-        for split in 0..wire.len() {
-            let mut d = Chunked::default();
-            let mut out = Vec::new();
-            let first = d.feed(&wire[..split], &mut out).expect("first part");
-            assert!(!first || split == wire.len());
-            assert!(d.feed(&wire[split..], &mut out).expect("second part"));
-            assert_eq!(out, b"hello world\n", "split at {split}");
-        }
-        // Byte by byte.
-        let mut d = Chunked::default();
-        let mut out = Vec::new();
-        let mut done = false;
-        for b in wire {
-            done = d.feed(std::slice::from_ref(b), &mut out).expect("byte");
-        }
-        assert!(done);
-        assert_eq!(out, b"hello world\n");
-    }
-
-    #[test]
-    fn chunked_rejects_garbage() {
-        assert!(Chunked::default().feed(b"zz\r\n", &mut Vec::new()).is_err());
-        assert!(Chunked::default().feed(b"2\r\nabXY", &mut Vec::new()).is_err());
     }
 
     #[test]
