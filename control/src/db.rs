@@ -125,6 +125,21 @@ pub enum DbError {
     InvalidUserId(String),
 }
 
+/// Is this error the database being unreachable (stopped, restarting, network cut, pool out of
+/// connections), rather than a refused or failed query? Callers answer it with 503.
+pub fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed) => {
+            true
+        }
+        // Class 08: connection exception; 57P01..03: the server is shutting down or starting.
+        Some(sqlx::Error::Database(db)) => {
+            db.code().is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03"))
+        }
+        _ => false,
+    })
+}
+
 impl Db {
     /// Opens a pool on `url`:
     /// - `sqlite://PATH` (relative to the process's working directory; `sqlite:///abs/path` for an

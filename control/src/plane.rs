@@ -84,6 +84,8 @@ impl PlaneError {
             PlaneError::Invalid(_) => 400,
             PlaneError::Conflict(_) => 409,
             PlaneError::TooMany(_) => 429,
+            // The database is down: the call may work again soon, unlike a bug.
+            PlaneError::Internal(e) if crate::db::is_unavailable(e) => 503,
             PlaneError::Internal(_) => 500,
         }
     }

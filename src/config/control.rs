@@ -53,6 +53,7 @@ pub(super) fn plane_config(cx: &Ctx<'_>, raw: &RawConfig, base_dir: &Path) -> Re
                 Some(c) => return cx.err(c.span(), "`cache_capacity` must be at least 1", None),
             },
             lookup_timeout: cx.duration(&s.lookup_timeout, "lookup_timeout", d.lookup_timeout)?,
+            outage_grace: cx.duration(&s.outage_grace, "outage_grace", d.outage_grace)?,
         },
     };
     let m = MoveLimits::default();

@@ -117,6 +117,7 @@ pub struct RawSessions {
     pub negative_cache_ttl: Option<Spanned<String>>,
     pub cache_capacity: Option<Spanned<i64>>,
     pub lookup_timeout: Option<Spanned<String>>,
+    pub outage_grace: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

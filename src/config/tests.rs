@@ -106,3 +106,13 @@ fn route_names_default_and_are_unique() {
     let e = err_of("[[site]]\nhosts = [\"a.test\"]\n  [[site.route]]\n  name = \"x\"\n  match = [\"/a\"]\n  respond = \"a\"\n  [[site.route]]\n  name = \"x\"\n  match = [\"/b\"]\n  respond = \"b\"\n");
     assert!(e.message.contains("two routes are named"), "{e}");
 }
+
+#[test]
+fn outage_grace_defaults_to_ten_minutes_and_is_configurable() {
+    let c = parse_str("").expect("empty config");
+    assert_eq!(c.plane.sessions.outage_grace, std::time::Duration::from_secs(600));
+    let c = parse_str("[sessions]\noutage_grace = \"90s\"\n").expect("valid");
+    assert_eq!(c.plane.sessions.outage_grace, std::time::Duration::from_secs(90));
+    let e = parse_str("[sessions]\noutage_grace = \"soon\"\n").expect_err("not a duration");
+    assert!(e.to_string().contains("outage_grace"), "{e}");
+}

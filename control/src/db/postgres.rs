@@ -19,6 +19,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 /// Channel of the `sessions` trigger (migrations/postgres/0003_sessions_notify.sql).
 const SESSIONS_CHANNEL: &str = "markco_sessions";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a query waits for a connection. Short, so that while the database is unreachable an
+/// admin call answers 503 in seconds instead of hanging (the pool retries connecting meanwhile).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest session TTL we pass to `make_interval` (100 years), far below its range limit.
 const MAX_TTL_SECS: f64 = 100.0 * 365.0 * 86_400.0;
 
@@ -44,7 +47,7 @@ pub(super) async fn connect(url: &str) -> Result<PgPool> {
 
     PgPoolOptions::new()
         .max_connections(16)
-        .acquire_timeout(CONNECT_TIMEOUT)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_with(options.clone())
         .await
         .map_err(|e| explain_connect_error(e, &options))
