@@ -42,7 +42,7 @@ fn is_unreserved(b: u8) -> bool {
 /// Decodes escapes of unreserved characters and upper-cases the others.
 fn canonical_escapes(raw: &str) -> Result<String, PathError> {
     let mut bytes = raw.bytes();
-    let mut out = String::with_capacity(raw.len());
+    let mut out = Vec::with_capacity(raw.len());
     while let Some(b) = bytes.next() {
         if b == b'%' {
             let (Some(h), Some(l)) = (bytes.next(), bytes.next()) else {
@@ -50,18 +50,18 @@ fn canonical_escapes(raw: &str) -> Result<String, PathError> {
             };
             let decoded = unhex(h, l).ok_or(PathError::BadEscape)?;
             if is_unreserved(decoded) {
-                out.push(decoded as char);
+                out.push(decoded);
             } else {
-                out.push('%');
-                out.push(h.to_ascii_uppercase() as char);
-                out.push(l.to_ascii_uppercase() as char);
+                out.extend_from_slice(&[b'%', h.to_ascii_uppercase(), l.to_ascii_uppercase()]);
             }
         } else {
-            // The path came from a parsed URI, so it is ASCII; keep any other byte as it is.
-            out.push(b as char);
+            // Any other byte is kept as it is (a parsed URI gives ASCII; a non-ASCII character
+            // of a `&str` stays that character rather than becoming one char per byte).
+            out.push(b);
         }
     }
-    Ok(out)
+    // Only ASCII bytes were replaced by ASCII bytes, so the UTF-8 of `raw` is intact.
+    String::from_utf8(out).map_err(|_| PathError::BadEscape)
 }
 
 /// Normalises a request path (without its query).
@@ -120,6 +120,15 @@ pub fn decode_segment(seg: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the `path_normalize` fuzz target's idempotence check catches: a non-ASCII character
+    /// used to come out as one char per UTF-8 byte, so normalising twice gave another path.
+    #[test]
+    fn non_ascii_is_kept_and_normalising_is_idempotent() {
+        let once = normalize("/caf\u{e9}/%41/\u{1f600}").expect("valid");
+        assert_eq!(once, "/caf\u{e9}/A/\u{1f600}");
+        assert_eq!(normalize(&once), Ok(once.clone()));
+    }
 
     #[test]
     fn resolves_dot_segments_and_slashes() {
