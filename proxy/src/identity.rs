@@ -63,8 +63,10 @@ pub trait WorkspaceStarter: Send + Sync {
 
 /// The session token: cookie `session_token`, then `Authorization: Bearer`, then `?token=`.
 pub fn session_token(req: &RequestHeader) -> Option<String> {
-    for v in req.headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()) {
-        for pair in v.split(';') {
+    // Split as bytes: another cookie's non-ASCII value (browsers send UTF-8 as it is) must not
+    // hide the session cookie, as `HeaderValue::to_str` on the whole header would.
+    for v in req.headers.get_all(http::header::COOKIE).iter() {
+        for pair in v.as_bytes().split(|&b| b == b';').filter_map(|p| std::str::from_utf8(p).ok()) {
             if let Some(t) = pair.trim().strip_prefix("session_token=") {
                 let t = t.trim().trim_matches('"');
                 if !t.is_empty() {
@@ -150,6 +152,16 @@ mod tests {
         assert_eq!(session_token(&req("/?token=q", &[("Authorization", "Bearer b")])).as_deref(), Some("b"));
         assert_eq!(session_token(&req("/?mytoken=q", &[("Cookie", "xsession_token=c")])), None);
         assert_eq!(session_token(&req("/", &[("Authorization", "Basic abc")])), None);
+    }
+
+    /// Found by the `session_token` fuzz target: a cookie header with a non-ASCII value in
+    /// another cookie was skipped whole, so the user was sent to the login page.
+    #[test]
+    fn session_cookie_next_to_a_non_ascii_cookie() {
+        let mut r = req("/", &[]);
+        let value = http::HeaderValue::from_bytes("lang=fran\u{e7}ais; session_token=c1".as_bytes()).expect("header");
+        r.insert_header("cookie", value).expect("header");
+        assert_eq!(session_token(&r).as_deref(), Some("c1"));
     }
 
     #[test]
