@@ -70,33 +70,53 @@ async fn read_head(up: &mut TcpStream, timeout: Duration) -> Result<(ResponseHea
             Ok(Err(e)) => return Err(up_err(ErrorType::ReadError, format!("reading the upgrade answer: {e}"))),
             Err(_) => return Err(up_err(ErrorType::ReadTimedout, "no answer to the upgrade request")),
         };
-        buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let status = resp.code.unwrap_or(502);
-                let mut h = ResponseHeader::build(status, Some(resp.headers.len()))?;
-                let mut content_length = None;
-                let mut chunked = false;
-                for hd in resp.headers.iter() {
-                    if hd.name.eq_ignore_ascii_case("content-length") {
-                        content_length = std::str::from_utf8(hd.value).ok().and_then(|v| v.trim().parse().ok());
-                    }
-                    if hd.name.eq_ignore_ascii_case("transfer-encoding") {
-                        chunked = String::from_utf8_lossy(hd.value).to_ascii_lowercase().contains("chunked");
-                    }
-                    h.append_header(hd.name.to_string(), hd.value)?;
-                }
-                return Ok((h, buf.split_off(len), content_length, chunked));
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        match parse_head(&buf) {
+            Ok(Some(head)) => {
+                let rest = buf.split_off(head.len.min(buf.len()));
+                return Ok((head.header, rest, head.content_length, head.chunked));
             }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-            Ok(httparse::Status::Partial) => {
-                return Err(up_err(ErrorType::InvalidHTTPHeader, "upgrade answer head too large"))
-            }
+            Ok(None) if buf.len() < MAX_HEAD => continue,
+            Ok(None) => return Err(up_err(ErrorType::InvalidHTTPHeader, "upgrade answer head too large")),
             Err(e) => return Err(up_err(ErrorType::InvalidHTTPHeader, format!("malformed upgrade answer: {e}"))),
         }
     }
+}
+
+/// A parsed response head (see [`parse_head`]).
+#[derive(Debug)]
+pub struct Head {
+    pub header: ResponseHeader,
+    /// Bytes of the head, its final CRLF included; the body starts there.
+    pub len: usize,
+    pub content_length: Option<usize>,
+    pub chunked: bool,
+}
+
+/// Parses an upstream's response head from the bytes read so far: `Ok(None)` while it is
+/// incomplete. Pure, so it can be fuzzed: the bytes come from a tenant's runtime.
+pub fn parse_head(buf: &[u8]) -> std::result::Result<Option<Head>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let status = resp.code.unwrap_or(502);
+    let mut header = ResponseHeader::build(status, Some(resp.headers.len())).map_err(|e| e.to_string())?;
+    let mut content_length = None;
+    let mut chunked = false;
+    for hd in resp.headers.iter() {
+        if hd.name.eq_ignore_ascii_case("content-length") {
+            content_length = std::str::from_utf8(hd.value).ok().and_then(|v| v.trim().parse().ok());
+        }
+        if hd.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = String::from_utf8_lossy(hd.value).to_ascii_lowercase().contains("chunked");
+        }
+        header.append_header(hd.name.to_string(), hd.value).map_err(|e| e.to_string())?;
+    }
+    Ok(Some(Head { header, len, content_length, chunked }))
 }
 
 /// Relays one upgrade request to `addr`. Errors before anything was written to the client are

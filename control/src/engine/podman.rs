@@ -43,7 +43,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 const MAX_BODY: usize = 64 * 1024 * 1024;
 /// One event line; podman's are well under 1 KiB.
-const MAX_EVENT_LINE: usize = 1024 * 1024;
+pub const MAX_EVENT_LINE: usize = 1024 * 1024;
 /// Period of the CPU quota (µs): `cpus` 0.5 → quota 50 000 per 100 000.
 const CPU_PERIOD: u64 = 100_000;
 
@@ -397,7 +397,7 @@ impl ContainerEngine for Podman {
         let events = EventStream {
             body: resp.into_body(),
             _conn: conn,
-            lines: Vec::new(),
+            lines: EventDecoder::default(),
             pending: VecDeque::new(),
             done: false,
         };
@@ -500,9 +500,49 @@ fn is_infra_name(name: &str) -> bool {
 struct EventStream {
     body: Incoming,
     _conn: Connection,
-    lines: Vec<u8>,
+    lines: EventDecoder,
     pending: VecDeque<anyhow::Result<ContainerEvent>>,
     done: bool,
+}
+
+/// The framing of podman's event stream once hyper has undone the body's: one JSON object per
+/// line. Pure (bytes in, events out), so it can be fuzzed; its output does not depend on where
+/// the bytes were cut.
+#[derive(Debug, Default)]
+pub struct EventDecoder {
+    /// The current partial line.
+    partial: Vec<u8>,
+}
+
+impl EventDecoder {
+    /// Feeds decoded body bytes: the events of the lines they complete go to `out` (a line that
+    /// is not an event markco reports gives nothing, a malformed one an error). Returns false when
+    /// a line grew past [`MAX_EVENT_LINE`]; the stream is then unusable.
+    pub fn feed(&mut self, data: &[u8], out: &mut VecDeque<anyhow::Result<ContainerEvent>>) -> bool {
+        self.partial.extend_from_slice(data);
+        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=pos).collect();
+            let line = line.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            match parse_event(line) {
+                Ok(Some(event)) => out.push_back(Ok(event)),
+                Ok(None) => {}
+                Err(e) => out.push_back(Err(e)),
+            }
+        }
+        if self.partial.len() > MAX_EVENT_LINE {
+            out.push_back(Err(anyhow!("podman event longer than {MAX_EVENT_LINE} bytes")));
+            return false;
+        }
+        true
+    }
+
+    /// Bytes of the current partial line.
+    pub fn pending_bytes(&self) -> usize {
+        self.partial.len()
+    }
 }
 
 impl EventStream {
@@ -534,21 +574,7 @@ impl EventStream {
 
     /// Splits decoded body bytes into whole lines, and those into events.
     fn absorb(&mut self, data: &[u8]) {
-        self.lines.extend_from_slice(data);
-        while let Some(pos) = self.lines.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.lines.drain(..=pos).collect();
-            let line = line.trim_ascii();
-            if line.is_empty() {
-                continue;
-            }
-            match parse_event(line) {
-                Ok(Some(event)) => self.pending.push_back(Ok(event)),
-                Ok(None) => {}
-                Err(e) => self.pending.push_back(Err(e)),
-            }
-        }
-        if self.lines.len() > MAX_EVENT_LINE {
-            self.pending.push_back(Err(anyhow!("podman event longer than {MAX_EVENT_LINE} bytes")));
+        if !self.lines.feed(data, &mut self.pending) {
             self.done = true;
         }
     }
