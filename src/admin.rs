@@ -85,6 +85,15 @@ impl AdminApp {
                 _ => json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method not allowed"})),
             });
         }
+        if path == "/api/admin/moves" {
+            return Some(match *method {
+                Method::GET => match self.plane.recent_moves().await {
+                    Ok(moves) => json(StatusCode::OK, serde_json::json!({"moves": moves})),
+                    Err(e) => plane_error(e),
+                },
+                _ => json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method not allowed"})),
+            });
+        }
         if let Some(rest) = path.strip_prefix("/api/admin/workspaces/") {
             if let Some((user, verb)) = rest.split_once('/') {
                 if *method != Method::POST {
@@ -379,7 +388,7 @@ impl ServeHttp for AdminApp {
             }
             _ => json(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /ui", "GET /status", "GET /metrics", "GET /routes", "GET /certs", "POST /reload", "GET /api/admin/workspaces", "GET|PUT|DELETE /api/admin/workspaces/<userId>", "POST /api/runtime/update-port", "POST /api/admin/routes/<name>/disable|enable", "POST /api/admin/users/<userId>/invalidate"]}),
+                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /ui", "GET /status", "GET /metrics", "GET /routes", "GET /certs", "POST /reload", "GET /api/admin/workspaces", "GET /api/admin/moves", "GET|PUT|DELETE /api/admin/workspaces/<userId>", "POST /api/runtime/update-port", "POST /api/admin/routes/<name>/disable|enable", "POST /api/admin/users/<userId>/invalidate"]}),
             ),
         }
     }

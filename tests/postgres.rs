@@ -445,3 +445,30 @@ fn database_outage_admin_writes_503_sessions_ride_the_grace_and_it_recovers() {
     assert!(admin_ok < Duration::from_secs(10) && session_ok < Duration::from_secs(10));
     assert_eq!(get(&token).status, 200);
 }
+
+/// `GET /api/admin/moves` on PostgreSQL: a move recorded by `update-port` is listed.
+#[test]
+fn moves_are_listed_on_postgres() {
+    let db = TestDb::new();
+    let m = Markco::start(
+        &CONFIG.replace("{db}", &db.url).replace("[[site]]", "[runtime_moves]\nprobe_timeout = \"2s\"\n\n[[site]]"),
+    );
+    let (user, _) = add_user(&m, "pgmover@example.com");
+    let editor = Upstream::start("editor");
+    let one = Upstream::start("one");
+    let two = Upstream::start("two");
+    put_workspace(&m, &user, editor.addr, one.addr);
+    let body = serde_json::json!({"userId": user, "port": two.addr.port(), "host": "127.0.0.1"}).to_string();
+    let r =
+        request(m.admin, "POST", "/api/runtime/update-port", &[("Content-Type", "application/json")], body.as_bytes())
+            .expect("update-port");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let r = http_get(m.admin, "/api/admin/moves", &[]).expect("GET moves");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let moves = r.json()["moves"].as_array().cloned().expect("a moves array");
+    assert_eq!(moves.len(), 1, "{moves:?}");
+    assert_eq!(moves[0]["user_id"].as_str(), Some(user.as_str()));
+    assert_eq!(moves[0]["from"].as_str(), Some(one.addr.to_string().as_str()));
+    assert_eq!(moves[0]["to"].as_str(), Some(two.addr.to_string().as_str()));
+    assert!(moves[0]["at"].as_i64().is_some_and(|at| at > 1_700_000_000), "{moves:?}");
+}

@@ -217,3 +217,64 @@ fn a_move_lets_the_slow_response_and_the_websocket_in_flight_finish_on_the_old_r
         let _ = ws.close(None).await;
     });
 }
+
+/// `GET /api/admin/moves` (the operator page's "runtime moves"): the recorded moves, newest
+/// first, each with when, whose, from and to; for the admin token only.
+#[test]
+fn admin_lists_the_latest_moves_newest_first() {
+    let secrets = tempfile::tempdir().expect("tempdir for the token");
+    let admin_token = "moves-t0ken-for-markco-tests-0123456789abcdef";
+    let token_path = secrets.path().join("admin.token");
+    std::fs::write(&token_path, format!("{admin_token}\n")).expect("write token file");
+    let cfg = config(5).replace(
+        "pid_file = \"{dir}/markco.pid\"\n",
+        &format!("pid_file = \"{{dir}}/markco.pid\"\nadmin_token_file = \"{}\"\n", token_path.display()),
+    );
+    assert!(cfg.contains("admin_token_file"));
+    let m = Markco::start(&cfg);
+    let bearer = format!("Bearer {admin_token}");
+    let auth = [("Authorization", bearer.as_str()), ("Content-Type", "application/json")];
+    let moves = || {
+        let r = http_get(m.admin, "/api/admin/moves", &auth).expect("GET moves");
+        assert_eq!(r.status, 200, "{}", r.body_text());
+        r.json()["moves"].as_array().cloned().expect("a moves array")
+    };
+    let (user, _) = add_user(&m, "mover@example.com");
+    let editor = Upstream::start("editor");
+    let one = Upstream::start("one");
+    let two = Upstream::start("two");
+    let body = serde_json::json!({"editor": editor.addr.to_string(), "runtime": one.addr.to_string()}).to_string();
+    let r = request(m.admin, "PUT", &format!("/api/admin/workspaces/{user}"), &auth, body.as_bytes()).expect("PUT");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(moves(), Vec::<serde_json::Value>::new(), "no moves yet");
+    let r = http_get(m.admin, "/api/admin/moves", &[]).expect("GET moves without the token");
+    assert_eq!(r.status, 401, "{}", r.body_text());
+
+    let before = unix_now();
+    for target in [&two, &one] {
+        let body = serde_json::json!({"userId": user, "port": target.addr.port(), "host": "127.0.0.1"}).to_string();
+        let r = request(m.admin, "POST", "/api/runtime/update-port", &auth, body.as_bytes()).expect("update-port");
+        assert_eq!(r.status, 200, "{}", r.body_text());
+    }
+    let list = moves();
+    println!("moves: {list:?}");
+    assert_eq!(list.len(), 2, "{list:?}");
+    let (one, two) = (one.addr.to_string(), two.addr.to_string());
+    assert_eq!(
+        (list[0]["from"].as_str(), list[0]["to"].as_str()),
+        (Some(two.as_str()), Some(one.as_str())),
+        "newest first"
+    );
+    assert_eq!((list[1]["from"].as_str(), list[1]["to"].as_str()), (Some(one.as_str()), Some(two.as_str())));
+    for mv in &list {
+        assert_eq!(mv["user_id"].as_str(), Some(user.as_str()));
+        assert_eq!(mv["status"].as_str(), Some("completed"));
+        let at = mv["at"].as_i64().expect("at, unix seconds");
+        assert!((before - 1..=unix_now() + 1).contains(&at), "at {at}");
+    }
+}
+
+fn unix_now() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+}

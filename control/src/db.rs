@@ -108,6 +108,25 @@ pub struct MoveRecord {
     pub completed_at: i64,
 }
 
+/// A recorded runtime move as the operator sees it (`GET /api/admin/moves`): one row of today's
+/// `migrations` table, markco's (`update-port`) and compute-manager's alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MoveRow {
+    /// Unix seconds: when it completed, else when it started.
+    pub at: Option<i64>,
+    /// The user of the moved runtime (none if the runtime row is gone).
+    pub user_id: Option<String>,
+    pub from: String,
+    pub to: String,
+    pub status: Option<String>,
+}
+
+/// A [`MoveRow`] as both backends' queries return it.
+type MoveTuple = (Option<i64>, Option<String>, String, String, Option<String>);
+
+/// How many moves `GET /api/admin/moves` lists, newest first.
+pub const RECENT_MOVES: i64 = 50;
+
 /// Errors a caller may want to tell apart (`err.downcast_ref::<DbError>()`); every other error is
 /// an `anyhow` error with context.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -314,6 +333,15 @@ impl Db {
             Db::Sqlite(pool) => sqlite::count_moves(pool, user_id).await,
             Db::Postgres(pool) => postgres::count_moves(pool, user_id).await,
         }
+    }
+
+    /// The latest [`RECENT_MOVES`] runtime moves, newest first.
+    pub async fn recent_moves(&self) -> Result<Vec<MoveRow>> {
+        let rows = match self {
+            Db::Sqlite(pool) => sqlite::recent_moves(pool, RECENT_MOVES).await?,
+            Db::Postgres(pool) => postgres::recent_moves(pool, RECENT_MOVES).await?,
+        };
+        Ok(rows.into_iter().map(|(at, user_id, from, to, status)| MoveRow { at, user_id, from, to, status }).collect())
     }
 
     /// Stores `holder`'s hold of `route` (unix seconds `since`); an existing hold keeps its time.

@@ -134,6 +134,8 @@ enum Command {
     Get(String, Reply<Option<WorkspaceRow>>),
     Put(WorkspaceRow, Reply<()>),
     Delete(String, Reply<bool>),
+    /// The latest recorded runtime moves (read only).
+    Moves(Reply<Vec<crate::db::MoveRow>>),
     Move {
         user: String,
         host: Option<String>,
@@ -359,6 +361,11 @@ impl ControlPlane {
         self.ask(|r| Command::Delete(user.to_string(), r)).await
     }
 
+    /// The latest runtime moves recorded in the database, newest first.
+    pub async fn recent_moves(&self) -> Result<Vec<crate::db::MoveRow>, PlaneError> {
+        self.ask(Command::Moves).await
+    }
+
     pub async fn move_runtime(&self, user: &str, host: Option<String>, port: u16) -> Result<MoveOutcome, PlaneError> {
         self.ask(|reply| Command::Move { user: user.to_string(), host, port, reply }).await
     }
@@ -512,6 +519,9 @@ impl ControlPlane {
             }
             Command::List(r) => {
                 let _ = r.send(db.list_workspaces().await.map_err(PlaneError::from));
+            }
+            Command::Moves(r) => {
+                let _ = r.send(db.recent_moves().await.map_err(PlaneError::from));
             }
             Command::Get(u, r) => {
                 let _ = r.send(db.get_workspace(&u).await.map_err(PlaneError::from));

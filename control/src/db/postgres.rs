@@ -356,6 +356,19 @@ pub(super) async fn count_moves(pool: &PgPool, user_id: &str) -> Result<i64> {
     .with_context(|| format!("counting the runtime moves of user {user_id}"))
 }
 
+pub(super) async fn recent_moves(pool: &PgPool, limit: i64) -> Result<Vec<super::MoveTuple>> {
+    sqlx::query_as(
+        "SELECT floor(extract(epoch FROM coalesce(m.completed_at, m.started_at)))::int8, r.user_id::text, \
+         m.from_instance, m.to_instance, m.status \
+         FROM migrations m LEFT JOIN runtimes r ON r.id = m.runtime_id \
+         ORDER BY coalesce(m.completed_at, m.started_at) DESC NULLS LAST, m.id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("listing the latest runtime moves")
+}
+
 async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(SESSIONS_CHANNEL).await?;

@@ -329,6 +329,18 @@ pub(super) async fn count_moves(pool: &SqlitePool, user_id: &str) -> Result<i64>
         .with_context(|| format!("counting the runtime moves of user {user_id}"))
 }
 
+pub(super) async fn recent_moves(pool: &SqlitePool, limit: i64) -> Result<Vec<super::MoveTuple>> {
+    sqlx::query_as(
+        "SELECT coalesce(m.completed_at, m.started_at), r.user_id, m.from_instance, m.to_instance, m.status \
+         FROM migrations m LEFT JOIN runtimes r ON r.id = m.runtime_id \
+         ORDER BY coalesce(m.completed_at, m.started_at) DESC, m.rowid DESC LIMIT ?1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("listing the latest runtime moves")
+}
+
 pub(super) async fn hold_route(pool: &SqlitePool, route: &str, holder: &str, since: i64) -> Result<()> {
     // A hold already there keeps its first `since`.
     sqlx::query("INSERT INTO markco_route_holds (route, holder, since) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")
