@@ -128,6 +128,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
 
     let conf = ServerConf {
         threads: cfg.server.threads,
+        work_stealing: cfg.server.work_stealing,
         grace_period_seconds: Some(cfg.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_timeout.as_secs()),
         upgrade_sock: cfg.server.upgrade_sock.display().to_string(),

@@ -33,6 +33,9 @@ Environment:
                      binary is missing (or fails to build) is skipped.
   PORT_BASE=19000    shift every port: upstream +1, caddy +2, nginx +3,
                      markco +4, caddy admin +19, markco admin +29
+  MARKCO_SERVER_EXTRA="work_stealing = false"
+                     extra [server] lines for both markco targets (';'
+                     separates several)
   KEEP_TMP=1         keep the temp dir (rendered configs, server logs, raw
                      wrk output); it is always kept after a failure
 
@@ -307,8 +310,15 @@ if [[ -n ${NEEDS[caddy]:-} ]]; then
 		XDG_DATA_HOME="$TMP/caddy/data" XDG_CONFIG_HOME="$TMP/caddy/config" \
 		caddy run --config "$caddyfile" --adapter caddyfile
 fi
-if [[ -n ${NEEDS[markco]:-} ]]; then
+if [[ -n ${NEEDS[markco]:-}${NEEDS[markco1]:-} ]]; then
 	markco_conf=$(render markco.toml)
+	if [[ -n ${MARKCO_SERVER_EXTRA:-} ]]; then
+		# Extra [server] settings for both markco targets (e.g. "work_stealing = false").
+		awk -v extra="$MARKCO_SERVER_EXTRA" '{ print } /^threads = / { n = split(extra, l, ";"); for (i = 1; i <= n; i++) print l[i] }' \
+			"$markco_conf" >"$markco_conf.tmp" && mv "$markco_conf.tmp" "$markco_conf"
+	fi
+fi
+if [[ -n ${NEEDS[markco]:-} ]]; then
 	mkdir -p "$TMP/markco"
 	start_server markco "$TMP/markco.log" "$TMP/markco" "$MARKCO" run --config "$markco_conf"
 fi
@@ -316,7 +326,7 @@ if [[ -n ${NEEDS[markco1]:-} ]]; then
 	# The same config on its own ports with one worker thread.
 	markco1_conf=$TMP/markco1.toml
 	sed -e "s/^threads = 2$/threads = 1/" -e "s/127\.0\.0\.1:$P_MARKCO\"/127.0.0.1:$P_MARKCO1\"/" \
-		-e "s/127\.0\.0\.1:$P_MARKCO_ADMIN\"/127.0.0.1:$P_MARKCO1_ADMIN\"/" "$(render markco.toml)" >"$markco1_conf"
+		-e "s/127\.0\.0\.1:$P_MARKCO_ADMIN\"/127.0.0.1:$P_MARKCO1_ADMIN\"/" "$markco_conf" >"$markco1_conf"
 	mkdir -p "$TMP/markco1"
 	start_server markco1 "$TMP/markco1.log" "$TMP/markco1" "$MARKCO" run --config "$markco1_conf"
 fi
