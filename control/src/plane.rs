@@ -12,7 +12,7 @@ use markco_proxy::table::{TablePublisher, TableReader, UserRoutes};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::db::{Db, DbError, MoveRecord, WorkspaceRow, WorkspaceState};
+use crate::db::{Db, DbError, DbErrorKind, MoveRecord, WorkspaceRow, WorkspaceState};
 use crate::engine::ContainerEngine;
 use crate::http_client;
 use crate::sessions::{Lookup, SessionCache, SessionSettings};
@@ -74,6 +74,9 @@ pub enum PlaneError {
     Conflict(String),
     #[error("{0}")]
     TooMany(String),
+    /// The database cannot be reached: the same call may work again soon.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -85,6 +88,7 @@ impl PlaneError {
             PlaneError::Invalid(_) => 400,
             PlaneError::Conflict(_) => 409,
             PlaneError::TooMany(_) => 429,
+            PlaneError::Unavailable(_) => 503,
             PlaneError::Internal(_) => 500,
         }
     }
@@ -99,22 +103,26 @@ impl From<StateError> for PlaneError {
     }
 }
 
-impl From<CommitError<anyhow::Error>> for PlaneError {
-    fn from(e: CommitError<anyhow::Error>) -> PlaneError {
+impl From<CommitError<DbError>> for PlaneError {
+    fn from(e: CommitError<DbError>) -> PlaneError {
         match e {
             CommitError::State(e) => e.into(),
-            CommitError::Db(e) => db_error(e),
+            CommitError::Db(e) => e.into(),
         }
     }
 }
 
-/// Database errors a caller can act on get their own status; the rest are internal.
-fn db_error(e: anyhow::Error) -> PlaneError {
-    match e.downcast_ref::<DbError>() {
-        Some(DbError::AddressInUse { .. }) => PlaneError::Conflict(format!("{e:#}")),
-        Some(DbError::InvalidUserId(_)) => PlaneError::Invalid(format!("{e:#}")),
-        Some(DbError::NoWorkspace(_)) | Some(DbError::UnknownUser(_)) => PlaneError::NotFound(format!("{e:#}")),
-        _ => PlaneError::Internal(e),
+/// Database errors by kind: the one mapping from a [`DbError`] to what an admin call answers
+/// (with [`PlaneError::status`]).
+impl From<DbError> for PlaneError {
+    fn from(e: DbError) -> PlaneError {
+        match e.kind() {
+            DbErrorKind::Conflict => PlaneError::Conflict(e.to_string()),
+            DbErrorKind::NotFound => PlaneError::NotFound(e.to_string()),
+            DbErrorKind::Invalid => PlaneError::Invalid(e.to_string()),
+            DbErrorKind::Unavailable => PlaneError::Unavailable(e.to_string()),
+            DbErrorKind::Internal => PlaneError::Internal(anyhow::Error::new(e)),
+        }
     }
 }
 
@@ -443,7 +451,7 @@ impl ControlPlane {
             while let Some(Lookup { token, reply }) = lookups.recv().await {
                 let db = lookup_db.clone();
                 tokio::spawn(async move {
-                    let _ = reply.send(db.session_user(&token).await);
+                    let _ = reply.send(db.session_user(&token).await.map_err(anyhow::Error::new));
                 });
             }
         });
@@ -919,6 +927,21 @@ impl ControlPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_errors_map_to_statuses_by_kind() {
+        let status = |e: DbError| PlaneError::from(e).status();
+        assert_eq!(status(DbError::AddressInUse { kind: "runtime", host: "127.0.0.1".into(), port: 1 }), 409);
+        assert_eq!(status(DbError::EmailExists), 409);
+        assert_eq!(status(DbError::NoWorkspace("u".into())), 404);
+        assert_eq!(status(DbError::UnknownUser("u".into())), 404);
+        assert_eq!(status(DbError::InvalidUserId("U".into())), 400);
+        // The connection, not the query: the same call may work soon.
+        assert_eq!(status(DbError::from(sqlx::Error::PoolTimedOut)), 503);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(status(DbError::from(anyhow::Error::new(sqlx::Error::Io(refused)).context("listing"))), 503);
+        assert_eq!(status(DbError::from(sqlx::Error::RowNotFound)), 500);
+    }
 
     #[tokio::test]
     async fn a_panicking_command_answers_500_and_the_loop_goes_on() {

@@ -285,8 +285,9 @@ impl Workspaces {
                     row = Some(candidate);
                     break;
                 }
-                Err(err) if matches!(err.downcast_ref::<DbError>(), Some(DbError::AddressInUse { .. })) => continue,
-                Err(err) => return Err(err),
+                // Taken meanwhile (another start, another gateway): the next free pair.
+                Err(DbError::AddressInUse { .. }) => continue,
+                Err(err) => return Err(err.into()),
             }
         }
         let Some(mut row) = row else { bail!("could not claim free ports after 16 tries") };
