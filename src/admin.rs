@@ -357,6 +357,20 @@ impl ServeHttp for AdminApp {
                         route.insert("holds".into(), details);
                     }
                 }
+                // Held routes the config no longer defines: their holds stay until lifted.
+                let orphaned: serde_json::Map<String, serde_json::Value> = self
+                    .plane
+                    .state
+                    .orphaned()
+                    .into_iter()
+                    .map(|route| {
+                        let (_, details) = holders_json(holds.get(&route).cloned().unwrap_or_default());
+                        (route, details)
+                    })
+                    .collect();
+                if let Some(v) = view.as_object_mut() {
+                    v.insert("orphaned_holds".into(), serde_json::Value::Object(orphaned));
+                }
                 json(StatusCode::OK, view)
             }
             (Method::GET, "/certs") => {

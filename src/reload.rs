@@ -201,3 +201,45 @@ pub fn needs_restart(started: &Config, new: &Config) -> Vec<String> {
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(extra_server: &str, checks: &str) -> Config {
+        let src = format!(
+            "[server]\nhttp = \"127.0.0.1:8080\"\nadmin = \"127.0.0.1:2019\"\n{extra_server}\n{checks}\n\
+             [[site]]\nhosts = [\"*\"]\n\n  [[site.route]]\n  name = \"sync\"\n  match = [\"/sync/*\"]\n  \
+             proxy = \"127.0.0.1:3005\"\n"
+        );
+        config::parse(Path::new("test.toml"), &src).unwrap_or_else(|e| panic!("test config: {e}"))
+    }
+
+    const CHECK: &str =
+        "[[health_check]]\nname = \"ws\"\nurl = \"http://127.0.0.1:3005/health\"\ndisable_route = \"sync\"\n";
+
+    #[test]
+    fn diff_swaps_the_routing_and_drops_the_holds_of_removed_checks() {
+        let (old, new) = (config("", CHECK), config("", ""));
+        let routing = Arc::new(Routing::new(Default::default(), Vec::new()));
+        let commands = diff(&old, &new, routing);
+        assert!(matches!(commands.first(), Some(StateCommand::ConfigReloaded { .. })), "{commands:?}");
+        assert!(
+            matches!(&commands[1..], [StateCommand::RouteReleased { route, holder }] if route == "sync" && holder == "health:ws"),
+            "{commands:?}"
+        );
+        // A check that stays keeps its hold.
+        let commands = diff(&old, &old, Arc::new(Routing::new(Default::default(), Vec::new())));
+        assert_eq!(commands.len(), 1, "{commands:?}");
+    }
+
+    #[test]
+    fn settings_read_at_start_are_named() {
+        let started = config("threads = 2", "");
+        assert!(needs_restart(&started, &config("threads = 2", "")).is_empty());
+        let moved = config("threads = 4\nhttps = \"127.0.0.1:8443\"", "");
+        assert_eq!(needs_restart(&started, &moved), ["server.https", "server.threads"]);
+    }
+}

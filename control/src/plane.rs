@@ -603,7 +603,9 @@ impl ControlPlane {
         let _guard = lock.lock().await;
         self.stopping.lock().unwrap_or_else(|p| p.into_inner()).insert(user.to_string());
         // Out of the table first: requests get 503 while the containers stop.
-        self.state.apply(StateCommand::WorkspaceDown { user: user.to_string() })?;
+        if let Err(e) = self.state.apply(StateCommand::WorkspaceDown { user: user.to_string() }) {
+            tracing::error!(user, "cannot take the workspace out of the table: {e}");
+        }
         let res = ws.stop(db, user).await;
         self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(user);
         res
