@@ -209,7 +209,11 @@ impl StateOwner {
                     tracing::warn!(route = %route, holder = %holder, "a hold of a route the config does not define: recorded as orphaned");
                 }
                 self.switches.set(&route, &holder, true, since);
-                with_switch(&old, &route, true)
+                match with_switch(&old, &route, true) {
+                    Some(next) => next,
+                    // Held already (another holder, or a health check's every tick): nothing to publish.
+                    None => return Ok(old),
+                }
             }
             StateCommand::RouteReleased { route, holder } => {
                 if dry_run {
@@ -219,7 +223,10 @@ impl StateOwner {
                 if !off {
                     books.orphaned.remove(&route);
                 }
-                with_switch(&old, &route, off)
+                match with_switch(&old, &route, off) {
+                    Some(next) => next,
+                    None => return Ok(old),
+                }
             }
             StateCommand::ConfigReloaded { routing } => {
                 if dry_run {
@@ -310,12 +317,9 @@ fn release(books: &mut Books, prev: &UserRoutes, user: &Arc<str>) {
     }
 }
 
-fn with_switch(old: &RouteTable, route: &str, off: bool) -> RouteTable {
-    if old.is_disabled(route) == off {
-        old.clone()
-    } else {
-        old.with_route_disabled(route, off)
-    }
+/// The table with `route` off or on; `None` when it already is.
+fn with_switch(old: &RouteTable, route: &str, off: bool) -> Option<RouteTable> {
+    (old.is_disabled(route) != off).then(|| old.with_route_disabled(route, off))
 }
 
 /// The per-change checks: O(1) in the number of users, so a workspace update stays flat.
