@@ -250,6 +250,8 @@ impl StateOwner {
             }
         };
         let next = Arc::new(next);
+        // The address invariant was checked above, before the indexes changed; what is left
+        // (holds, switches, generation) is checked on the next table itself.
         check_step(&old, &next, books, &self.switches)?;
         self.publisher.publish(next.clone());
         Ok(next)
