@@ -172,7 +172,7 @@ cpu_us_per_req() {
 	if [[ $3 == NA ]] || (($3 == 0)); then
 		echo NA
 	else
-		awk -v a="$1" -v b="$2" -v n="$3" -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", (b - a) / hz * 1e6 / n }'
+		awk -v a="$1" -v b="$2" -v n="$3" -v hz="$CLK_TCK" 'BEGIN { printf "%.1f", (b - a) / hz * 1e6 / n }'
 	fi
 }
 

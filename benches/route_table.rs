@@ -3,14 +3,22 @@
 //! (within 1.5x from 100 to 100,000 users): per-user changes are O(log n) on a persistent map,
 //! never a copy of the table.
 //!
+//! `owner_workspace_update` is the same update as the control plane applies it: a typed command
+//! through the state owner (invariant checks, address indexes, publishing), also flat.
+//!
 //! Run: `cargo bench --bench route_table` (add `-- --quick` for a short run).
 
 use std::hint::black_box;
 use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use markco_control::sessions::{SessionCache, SessionSettings};
+use markco_control::state::{StateCommand, StateOwner};
+use markco_control::switches::Switches;
 use markco_proxy::metrics::Metrics;
-use markco_proxy::table::{Action, PathPattern, ProxySettings, Route, RouteTable, Routing, Site, UserRoutes};
+use markco_proxy::table::{
+    Action, PathPattern, ProxySettings, Route, RouteTable, Routing, Site, TablePublisher, UserRoutes,
+};
 
 fn user_id(i: usize) -> String {
     format!("{:08x}-0000-4000-8000-{:012x}", i, i)
@@ -40,6 +48,22 @@ fn table_with(users: usize) -> RouteTable {
     t
 }
 
+/// Addresses no two users share (the owner refuses a shared one).
+fn distinct_routes(i: usize) -> UserRoutes {
+    let ip = |first: u8| std::net::IpAddr::from([first, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+    UserRoutes::new(SocketAddr::new(ip(10), 20000), SocketAddr::new(ip(11), 40000), true)
+}
+
+fn owner_with(users: usize) -> StateOwner {
+    let (publisher, _reader) = TablePublisher::new(table_with(0));
+    let (sessions, _lookups) = SessionCache::new(SessionSettings::default());
+    let owner = StateOwner::new(publisher, Switches::new(&prometheus::Registry::new()), sessions);
+    for i in 0..users {
+        owner.apply(StateCommand::WorkspaceUp { user: user_id(i), routes: distinct_routes(i) }).expect("distinct");
+    }
+    owner
+}
+
 fn routes_for(i: usize) -> UserRoutes {
     let editor: SocketAddr = format!("127.0.0.1:{}", 20000 + i % 20000).parse().expect("addr");
     let runtime: SocketAddr = format!("127.0.0.1:{}", 40000 + i % 20000).parse().expect("addr");
@@ -60,6 +84,21 @@ fn bench(c: &mut Criterion) {
         });
     }
     update.finish();
+
+    let mut owned = c.benchmark_group("owner_workspace_update");
+    for n in [100usize, 10_000, 100_000] {
+        let owner = owner_with(n);
+        let who = user_id(n / 2);
+        let mut flip = 0usize;
+        owned.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                flip += 1;
+                let routes = UserRoutes { running: flip % 2 == 0, ..distinct_routes(n / 2) };
+                black_box(owner.apply(StateCommand::WorkspaceUp { user: who.clone(), routes }).expect("applied"))
+            })
+        });
+    }
+    owned.finish();
 
     let mut lookup = c.benchmark_group("request_lookup");
     for n in [100usize, 10_000, 100_000] {

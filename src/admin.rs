@@ -104,8 +104,8 @@ impl AdminApp {
                 }
                 return Some(match verb {
                     "start" => match self.plane.ensure_workspace(user).await {
-                        Ok(true) => json(StatusCode::OK, serde_json::json!({"user": user, "running": true})),
-                        Ok(false) => json(
+                        Ok(Some(_)) => json(StatusCode::OK, serde_json::json!({"user": user, "running": true})),
+                        Ok(None) => json(
                             StatusCode::CONFLICT,
                             serde_json::json!({"error": "no [workspaces] section: markco starts no containers"}),
                         ),
@@ -229,7 +229,7 @@ impl AdminApp {
             if !valid_user_id(user) {
                 return Some(bad_request("bad user id"));
             }
-            self.plane.sessions.invalidate_user(user);
+            self.invalidate_sessions(user);
             let stopped = match self.plane.stop_workspace(user).await {
                 Ok(()) => true,
                 Err(PlaneError::Invalid(_)) => false,
@@ -247,10 +247,16 @@ impl AdminApp {
             if !valid_user_id(user) {
                 return Some(bad_request("bad user id"));
             }
-            self.plane.sessions.invalidate_user(user);
+            self.invalidate_sessions(user);
             return Some(json(StatusCode::OK, serde_json::json!({"invalidated": user})));
         }
         None
+    }
+
+    fn invalidate_sessions(&self, user: &str) {
+        use markco_control::state::{Sessions, StateCommand};
+        // Invalidation changes nothing the invariants watch: it cannot be refused.
+        let _ = self.plane.state.apply(StateCommand::SessionInvalidated(Sessions::User(user.to_string())));
     }
 }
 
@@ -350,7 +356,7 @@ impl ServeHttp for AdminApp {
                 let view = self.reloader.table().describe();
                 let mut view = serde_json::to_value(view).unwrap_or_default();
                 // Who holds each route off, and since when.
-                let holds = self.plane.switches.all();
+                let holds = self.plane.state.holds();
                 if let Some(sites) = view.get_mut("sites").and_then(|s| s.as_array_mut()) {
                     let routes = sites.iter_mut().filter_map(|s| s.get_mut("routes")?.as_array_mut()).flatten();
                     for route in routes.filter_map(|r| r.as_object_mut()) {
@@ -359,6 +365,20 @@ impl ServeHttp for AdminApp {
                         route.insert("holders".into(), names);
                         route.insert("holds".into(), details);
                     }
+                }
+                // Held routes the config no longer defines: their holds stay until lifted.
+                let orphaned: serde_json::Map<String, serde_json::Value> = self
+                    .plane
+                    .state
+                    .orphaned()
+                    .into_iter()
+                    .map(|route| {
+                        let (_, details) = holders_json(holds.get(&route).cloned().unwrap_or_default());
+                        (route, details)
+                    })
+                    .collect();
+                if let Some(v) = view.as_object_mut() {
+                    v.insert("orphaned_holds".into(), serde_json::Value::Object(orphaned));
                 }
                 json(StatusCode::OK, view)
             }
@@ -370,9 +390,11 @@ impl ServeHttp for AdminApp {
                 let r = self.reloader.clone();
                 // Reading and resolving the config may block briefly; keep it off the reactor.
                 match tokio::task::spawn_blocking(move || r.reload()).await {
-                    Ok(Ok(generation)) => {
-                        json(StatusCode::OK, serde_json::json!({"status": "reloaded", "generation": generation}))
-                    }
+                    // What needs a restart is named in the answer, never dropped silently.
+                    Ok(Ok(r)) => json(
+                        StatusCode::OK,
+                        serde_json::json!({"status": "reloaded", "generation": r.generation, "needs_restart": r.needs_restart}),
+                    ),
                     Ok(Err(e)) => json(
                         StatusCode::UNPROCESSABLE_ENTITY,
                         serde_json::json!({"status": "refused", "error": e, "generation": self.reloader.table().generation}),

@@ -14,6 +14,7 @@ use markco_control::api::{LazyStarter, PublicApi};
 use markco_control::plane::{self, ControlPlane};
 use markco_proxy::app::EdgeApp;
 use markco_proxy::conn::ConnLimits;
+use markco_proxy::table::TablePublisher;
 use markco_proxy::{Gateway, Metrics, RouteTable};
 use pingora::listeners::ListenerConfig;
 use pingora::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
@@ -118,16 +119,18 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     let boot = plane::bootstrap(&cfg.plane.database_url, cfg.plane.workspaces.as_ref())
         .with_context(|| format!("opening the database {}", redact_url(&cfg.plane.database_url)))?;
     tracing::info!(workspaces = boot.rows.len(), route_holds = boot.holds.len(), "state loaded from the database");
-    let table = RouteTable::new(1, cfg.build_routing(&metrics));
-    let table = Arc::new(ArcSwap::from_pointee(plane::with_workspaces(table, &boot.rows)));
-    let control = ControlPlane::new(table.clone(), cfg.plane.clone(), &metrics.registry);
-    // An operator's switch outlives a restart: applied before any listener accepts a request.
-    control.restore_holds(&boot.holds);
+    let (publisher, table) = TablePublisher::new(RouteTable::new(1, cfg.build_routing(&metrics)));
+    // The publisher goes to the state owner: from here on, only its commands change the table.
+    let control = ControlPlane::new(publisher, cfg.plane.clone(), &metrics.registry);
+    // Workspaces, and an operator's switch (it outlives a restart), applied before any listener
+    // accepts a request.
+    control.restore(&boot).context("the state stored in the database breaks an invariant")?;
     let admin_token = Arc::new(ArcSwap::from_pointee(cfg.server.admin_token.clone()));
     metrics.table_generation.set(1);
 
     let conf = ServerConf {
         threads: cfg.server.threads,
+        work_stealing: cfg.server.work_stealing,
         grace_period_seconds: Some(cfg.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_timeout.as_secs()),
         upgrade_sock: cfg.server.upgrade_sock.display().to_string(),
@@ -198,8 +201,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     let admin_addr = cfg.server.admin;
     let https_addr = cfg.server.https;
     let reloader = Arc::new(
-        Reloader::new(path, table, metrics, certs.clone(), control.clone(), admin_token, cfg)
-            .with_conn_limits(conn_limits),
+        Reloader::new(path, metrics, certs.clone(), control.clone(), admin_token, cfg).with_conn_limits(conn_limits),
     );
     let mut admin =
         Service::new("markco admin".to_string(), AdminApp { reloader: reloader.clone(), plane: control.clone() });

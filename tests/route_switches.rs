@@ -188,3 +188,51 @@ fn operator_switch_survives_a_restart_on_postgres() {
     drop(m);
     psql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
 }
+
+#[test]
+fn a_reload_that_drops_a_held_route_keeps_the_operators_hold_as_orphaned() {
+    let relay = Upstream::start("relay");
+    let (m, f) = setup(CONFIG, &relay);
+    eventually(Duration::from_secs(5), "check passes", || health_is(&m, 200));
+    switch(&m, "disable");
+    drop(relay);
+    eventually(Duration::from_secs(5), "check holds the route", || holders(&m) == ["admin", "health:relay"]);
+
+    // The route and its check leave the config.
+    let sync_route = format!(
+        "  [[site.route]]\n  name = \"sync\"\n  match = [\"/sync/*\"]\n  user_service = \"{}\"\n",
+        f.relay_addr
+    );
+    let without = f.template.replace(&sync_route, "");
+    let without = &without[..without.find("[[health_check]]").expect("the template has a health check")];
+    assert!(!without.contains("sync"), "{without}");
+    m.write_config(without);
+    let reload = |m: &Markco| {
+        let r = request(m.admin, "POST", "/reload", &[], b"").expect("POST /reload");
+        assert_eq!(r.status, 200, "{}", r.body_text());
+    };
+    reload(&m);
+    // The check's hold went with the check; the operator's stays, named as orphaned.
+    let orphaned = || {
+        let view = http_get(m.admin, "/routes", &[]).expect("routes").json();
+        let names: Vec<String> = view["orphaned_holds"]["sync"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h["holder"].as_str().map(str::to_owned))
+            .collect();
+        (names, view)
+    };
+    eventually(Duration::from_secs(5), "only the operator's hold is left", || orphaned().0 == ["admin"]);
+
+    // The route comes back (its upstream up again): still off until the operator lifts it.
+    let _relay = Upstream::start_on("relay", &f.relay_addr);
+    m.write_config(&f.template);
+    reload(&m);
+    assert_eq!(holders(&m), ["admin"]);
+    assert_eq!(sync_status(&m, &f), 503, "the operator's hold was lost in the reloads");
+    let (names, view) = orphaned();
+    assert!(names.is_empty(), "{view}");
+    switch(&m, "enable");
+    eventually(Duration::from_secs(5), "route back", || sync_status(&m, &f) == 200);
+}

@@ -626,6 +626,46 @@ fn invalid_reload_is_refused_and_old_table_keeps_serving() {
     assert!(m.alive());
 }
 
+#[test]
+fn a_reload_applies_the_routes_and_names_what_needs_a_restart() {
+    let one = Upstream::start("one");
+    let two = Upstream::start("two");
+    let mut m = Markco::start(&proxy_all("main", one.addr));
+
+    // Threads, the listener's grace period and the database URL are read once at start; the route
+    // to "two" is not.
+    let changed = proxy_all("main", two.addr)
+        .replace("threads = 2\n", "threads = 3\n")
+        .replace("grace_period = \"1s\"", "grace_period = \"2s\"")
+        + "\n[database]\nurl = \"sqlite://{dir}/another.db\"\n";
+    m.write_config(&changed);
+    let (status, v) = admin_json(&m, "POST", "/reload");
+    assert_eq!(status, 200, "POST /reload: {v}");
+    assert_eq!(v["generation"].as_u64(), Some(2), "{v}");
+    let named: Vec<&str> =
+        v["needs_restart"].as_array().map(|a| a.iter().filter_map(|k| k.as_str()).collect()).unwrap_or_default();
+    for key in ["server.threads", "server.grace_period", "database.url"] {
+        assert!(named.contains(&key), "{key} is not named in the reload's answer: {v}");
+    }
+    assert_eq!(named.len(), 3, "only what changed is named: {v}");
+    assert_eq!(http_upstream_name(&m, "/after"), "two", "the routes applied");
+    let log = m.log();
+    let line = log.lines().find(|l| l.contains("config reloaded")).unwrap_or_else(|| panic!("no reload line:\n{log}"));
+    for key in ["server.threads", "server.grace_period", "database.url"] {
+        assert!(line.contains(key), "{key} is not in the reload's log line: {line}");
+    }
+
+    // Still different from what runs: named again. Back to the started values: nothing is.
+    let (_, v) = admin_json(&m, "POST", "/reload");
+    assert_eq!(v["needs_restart"].as_array().map(Vec::len), Some(3), "{v}");
+    m.write_config(&proxy_all("main", one.addr));
+    let (status, v) = admin_json(&m, "POST", "/reload");
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["needs_restart"], serde_json::json!([]), "{v}");
+    assert_eq!(http_upstream_name(&m, "/back"), "one");
+    assert!(m.alive());
+}
+
 // 6 --------------------------------------------------------------------------------------------
 
 #[test]

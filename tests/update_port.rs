@@ -278,3 +278,32 @@ fn unix_now() -> i64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
 }
+
+#[test]
+fn another_users_address_is_refused_with_409_and_nobody_moves() {
+    let m = Markco::start(&config(10));
+    let (a, token_a) = add_user(&m, "owner-a@example.com");
+    let (b, token_b) = add_user(&m, "owner-b@example.com");
+    let (c, _) = add_user(&m, "owner-c@example.com");
+    let (editor_a, editor_b) = (Upstream::start("editor-a"), Upstream::start("editor-b"));
+    let (runtime_a, runtime_b) = (Upstream::start("runtime-a"), Upstream::start("runtime-b"));
+    put_workspace(&m, &a, editor_a.addr, runtime_a.addr);
+    put_workspace(&m, &b, editor_b.addr, runtime_b.addr);
+
+    // A third workspace on a's editor address: refused, and not registered.
+    let body = serde_json::json!({"editor": editor_a.addr.to_string(), "runtime": "127.0.0.1:1"}).to_string();
+    let r = request(m.admin, "PUT", &format!("/api/admin/workspaces/{c}"), &[], body.as_bytes()).expect("PUT");
+    assert_eq!(r.status, 409, "{}", r.body_text());
+    assert!(r.json()["error"].as_str().unwrap_or("").contains(&editor_a.addr.to_string()), "{}", r.body_text());
+    let r = http_get(m.admin, &format!("/api/admin/workspaces/{c}"), &[]).expect("GET");
+    assert_eq!(r.status, 404, "{}", r.body_text());
+
+    // b's runtime onto a's (which answers the probe): refused before anything moves.
+    let r = move_to(&m, &b, runtime_a.addr.port());
+    assert_eq!(r.status, 409, "{}", r.body_text());
+    assert!(r.json()["error"].as_str().unwrap_or("").contains("already used"), "{}", r.body_text());
+    assert_eq!(runtime_name(&m, &b, &token_b), "runtime-b");
+    assert_eq!(runtime_name(&m, &a, &token_a), "runtime-a");
+    let r = http_get(editor_b.addr, "/_test/runtime-updates", &[]).expect("updates");
+    assert_eq!(r.json().as_array().map(|u| u.len()), Some(0), "b's editor is not told about a refused move");
+}

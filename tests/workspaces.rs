@@ -689,3 +689,42 @@ fn a_container_that_keeps_dying_is_restarted_with_doubling_backoff() {
     let exits = metric_value(&m.metrics(), "markco_workspace_container_exits_total", &[]);
     assert!(exits.is_some_and(|v| v >= 4.0), "container exits counted: {exits:?}");
 }
+
+#[test]
+fn a_reload_changes_the_next_start_and_names_what_needs_a_restart() {
+    let cfg = config(11);
+    let mut m = Markco::start(&cfg);
+    let (a, token_a) = add_user(&m, "before-reload@example.com");
+    let (b, token_b) = add_user(&m, "after-reload@example.com");
+    let _c = Cleanup(vec![a.clone(), b.clone()]);
+    let get = |user: &str, token: &str| {
+        let r =
+            request(m.http, "GET", &format!("/u/{user}/who"), &[("Authorization", &format!("Bearer {token}"))], b"")
+                .expect("get");
+        assert_eq!(r.status, 200, "{}\n{}", r.body_text(), m.log());
+        r.json()["name"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(get(&a, &token_a), format!("editor-{a}"));
+
+    // The editors' environment and the free plan's memory apply to the next start; the engine's
+    // socket needs a restart (its client is made once) and is named, not dropped.
+    let changed = cfg
+        .replace("MARKCO_TU_NAME = \"editor-{user_id}\"", "MARKCO_TU_NAME = \"reloaded-editor-{user_id}\"")
+        .replace("editor_memory_mb = 80", "editor_memory_mb = 88")
+        .replace(&format!("engine = \"unix://{}\"", socket()), "engine = \"unix:///nonexistent/podman.sock\"");
+    assert_ne!(changed, cfg);
+    m.write_config(&changed);
+    let r = request(m.admin, "POST", "/reload", &[], b"").expect("POST /reload");
+    let v = r.json();
+    assert_eq!(r.status, 200, "{v}");
+    assert_eq!(v["needs_restart"], serde_json::json!(["workspaces.engine_socket"]), "{v}");
+
+    // A running workspace keeps what it was started with; the next start gets the new settings
+    // (on the engine markco started with).
+    assert_eq!(get(&a, &token_a), format!("editor-{a}"));
+    assert_eq!(get(&b, &token_b), format!("reloaded-editor-{b}"), "{}", m.log());
+    let mem = |name: &str| podman(&["inspect", "--format", "{{.HostConfig.Memory}}", name]).trim().to_string();
+    assert_eq!(mem(&format!("markco-editor-{a}")), (80u64 * 1024 * 1024).to_string());
+    assert_eq!(mem(&format!("markco-editor-{b}")), (88u64 * 1024 * 1024).to_string());
+    assert!(m.alive());
+}

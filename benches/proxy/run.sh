@@ -33,6 +33,9 @@ Environment:
                      binary is missing (or fails to build) is skipped.
   PORT_BASE=19000    shift every port: upstream +1, caddy +2, nginx +3,
                      markco +4, caddy admin +19, markco admin +29
+  MARKCO_SERVER_EXTRA="work_stealing = false"
+                     extra [server] lines for both markco targets (';'
+                     separates several)
   KEEP_TMP=1         keep the temp dir (rendered configs, server logs, raw
                      wrk output); it is always kept after a failure
 
@@ -80,7 +83,8 @@ WARMUP=2
 READY_TIMEOUT=20 # seconds to wait for a server to answer
 STOP_TIMEOUT=5   # seconds between SIGINT and SIGKILL
 
-ALL_TARGETS=(direct markco caddy nginx)
+ALL_TARGETS=(direct markco markco1 caddy nginx)
+CLK_TCK=$(getconf CLK_TCK)
 
 int_at_least "$DURATION" 1 || die "DURATION must be a positive number of seconds (got '$DURATION')"
 int_at_least "$ROUNDS" 1 || die "ROUNDS must be a positive integer (got '$ROUNDS')"
@@ -99,7 +103,7 @@ read -r -a only_list <<<"$ONLY"
 ((${#only_list[@]} > 0)) || die "ONLY is empty"
 for t in "${only_list[@]}"; do
 	case $t in
-	direct | markco | caddy | nginx) WANT[$t]=1 ;;
+	direct | markco | markco1 | caddy | nginx) WANT[$t]=1 ;;
 	*) die "unknown target in ONLY: '$t' (choose from: ${ALL_TARGETS[*]})" ;;
 	esac
 done
@@ -110,9 +114,11 @@ P_NGINX=$((PORT_BASE + 3))
 P_MARKCO=$((PORT_BASE + 4))
 P_CADDY_ADMIN=$((PORT_BASE + 19))
 P_MARKCO_ADMIN=$((PORT_BASE + 29))
+P_MARKCO1=$((PORT_BASE + 5))
+P_MARKCO1_ADMIN=$((PORT_BASE + 39))
 
-declare -A PORT=([direct]=$P_UP [markco]=$P_MARKCO [caddy]=$P_CADDY [nginx]=$P_NGINX)
-declare -A LABEL=([direct]="direct" [markco]="markco" [caddy]="caddy" [nginx]="nginx-proxy")
+declare -A PORT=([direct]=$P_UP [markco]=$P_MARKCO [markco1]=$P_MARKCO1 [caddy]=$P_CADDY [nginx]=$P_NGINX)
+declare -A LABEL=([direct]="direct" [markco]="markco (2 threads)" [markco1]="markco (1 thread)" [caddy]="caddy" [nginx]="nginx-proxy")
 declare -A SKIP=()  # target -> reason it is not measured
 declare -A PIDS=()  # server name -> pid
 declare -A IDLE=()  # target -> idle RSS (kB)
@@ -189,7 +195,7 @@ wait_ready() {
 	return 1
 }
 
-# parse_wrk FILE -> "req/s p50_ms p99_ms non2xx socket_errors"
+# parse_wrk FILE -> "req/s p50_ms p99_ms non2xx socket_errors requests"
 parse_wrk() {
 	awk '
 	function ms(v,   n, u) {
@@ -202,13 +208,14 @@ parse_wrk() {
 		return "NA"
 	}
 	/^Requests\/sec:/              { rps = $2 }
+	/requests in/                  { n = $1 }
 	/^[ \t]+50%[ \t]/              { p50 = ms($2) }
 	/^[ \t]+99%[ \t]/              { p99 = ms($2) }
 	/Non-2xx or 3xx responses:/    { non2xx = $NF }
 	/Socket errors:/               { sockerr = ($4 + 0) + ($6 + 0) + ($8 + 0) + ($10 + 0) }
 	END {
-		if (rps == "" || p50 == "" || p99 == "") { print "NA NA NA NA NA"; exit }
-		printf "%s %s %s %d %d\n", rps, p50, p99, non2xx + 0, sockerr + 0
+		if (rps == "" || p50 == "" || p99 == "") { print "NA NA NA NA NA NA"; exit }
+		printf "%s %s %s %d %d %s\n", rps, p50, p99, non2xx + 0, sockerr + 0, (n == "" ? "NA" : n)
 	}' "$1"
 }
 
@@ -233,7 +240,7 @@ resolve_markco() {
 		else
 			SKIP[markco]="MARKCO_BIN=$MARKCO_BIN is not an executable file"
 		fi
-	elif [[ -n ${WANT[markco]:-} ]]; then
+	elif [[ -n ${WANT[markco]:-}${WANT[markco1]:-} ]]; then
 		target_dir=${CARGO_TARGET_DIR:-/var/cache/markco/target}
 		bin=$target_dir/release/markco
 		if ! command -v cargo >/dev/null 2>&1; then
@@ -257,6 +264,7 @@ resolve_markco() {
 	elif [[ -n ${SKIP[markco]:-} ]]; then
 		MARKCO_VERSION="missing: ${SKIP[markco]}"
 	fi
+	if [[ -n ${SKIP[markco]:-} ]]; then SKIP[markco1]=${SKIP[markco]}; fi
 }
 resolve_markco
 if [[ -n ${WANT[caddy]:-} ]] && ! command -v caddy >/dev/null 2>&1; then
@@ -285,6 +293,7 @@ ports=("$P_UP")
 if [[ -n ${NEEDS[caddy]:-} ]]; then ports+=("$P_CADDY" "$P_CADDY_ADMIN"); fi
 if [[ -n ${NEEDS[nginx]:-} ]]; then ports+=("$P_NGINX"); fi
 if [[ -n ${NEEDS[markco]:-} ]]; then ports+=("$P_MARKCO" "$P_MARKCO_ADMIN"); fi
+if [[ -n ${NEEDS[markco1]:-} ]]; then ports+=("$P_MARKCO1" "$P_MARKCO1_ADMIN"); fi
 require_free_ports "${ports[@]}"
 
 start_nginx upstream upstream-nginx.conf
@@ -301,18 +310,34 @@ if [[ -n ${NEEDS[caddy]:-} ]]; then
 		XDG_DATA_HOME="$TMP/caddy/data" XDG_CONFIG_HOME="$TMP/caddy/config" \
 		caddy run --config "$caddyfile" --adapter caddyfile
 fi
-if [[ -n ${NEEDS[markco]:-} ]]; then
+if [[ -n ${NEEDS[markco]:-}${NEEDS[markco1]:-} ]]; then
 	markco_conf=$(render markco.toml)
+	if [[ -n ${MARKCO_SERVER_EXTRA:-} ]]; then
+		# Extra [server] settings for both markco targets (e.g. "work_stealing = false").
+		awk -v extra="$MARKCO_SERVER_EXTRA" '{ print } /^threads = / { n = split(extra, l, ";"); for (i = 1; i <= n; i++) print l[i] }' \
+			"$markco_conf" >"$markco_conf.tmp" && mv "$markco_conf.tmp" "$markco_conf"
+	fi
+fi
+if [[ -n ${NEEDS[markco]:-} ]]; then
 	mkdir -p "$TMP/markco"
 	start_server markco "$TMP/markco.log" "$TMP/markco" "$MARKCO" run --config "$markco_conf"
 fi
+if [[ -n ${NEEDS[markco1]:-} ]]; then
+	# The same config on its own ports with one worker thread.
+	markco1_conf=$TMP/markco1.toml
+	sed -e "s/^threads = 2$/threads = 1/" -e "s/127\.0\.0\.1:$P_MARKCO\"/127.0.0.1:$P_MARKCO1\"/" \
+		-e "s/127\.0\.0\.1:$P_MARKCO_ADMIN\"/127.0.0.1:$P_MARKCO1_ADMIN\"/" "$markco_conf" >"$markco1_conf"
+	mkdir -p "$TMP/markco1"
+	start_server markco1 "$TMP/markco1.log" "$TMP/markco1" "$MARKCO" run --config "$markco1_conf"
+fi
 
-for server in nginx caddy markco; do
+for server in nginx caddy markco markco1; do
 	[[ -n ${NEEDS[$server]:-} ]] || continue
 	case $server in
 	nginx) wait_ready nginx "$P_NGINX" "$TMP/nginx/error.log" || die "nginx proxy failed to start" ;;
 	caddy) wait_ready caddy "$P_CADDY" "$TMP/caddy.log" || die "caddy failed to start" ;;
 	markco) wait_ready markco "$P_MARKCO" "$TMP/markco.log" || die "markco failed to start" ;;
+	markco1) wait_ready markco1 "$P_MARKCO1" "$TMP/markco1.log" || die "markco (1 thread) failed to start" ;;
 	esac
 done
 
@@ -346,22 +371,25 @@ for ((r = 1; r <= ROUNDS; r++)); do
 		out=$RAW/round$r-$t.txt
 		if ! is_alive "$pid"; then
 			log "  $t: server $server (pid $pid) is not running; recording the run as failed"
-			printf '%s\t%s\tNA\tNA\tNA\tNA\tNA\tdown\n' "$r" "$t" >>"$RESULTS"
+			printf '%s\t%s\tNA\tNA\tNA\tNA\tNA\tdown\tNA\n' "$r" "$t" >>"$RESULTS"
 			continue
 		fi
 		run_client "$RAW/round$r-$t.warmup.txt" $((WARMUP + 30)) \
 			wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" "$url" ||
 			log "  $t: warm-up wrk exited non-zero (see $RAW/round$r-$t.warmup.txt)"
 		status=ok
+		ticks=$(cpu_ticks "$pid")
 		run_client "$out" $((DURATION + 30)) \
 			wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$url" || status=wrk-failed
+		ticks_after=$(cpu_ticks "$pid")
 		is_alive "$pid" || status=died
 		hwm=$(mem_kb VmHWM "$pid")
 		if ((hwm > PEAK[$t])); then PEAK[$t]=$hwm; fi
-		read -r rps p50 p99 non2xx sockerr < <(parse_wrk "$out")
+		read -r rps p50 p99 non2xx sockerr requests < <(parse_wrk "$out")
 		if [[ $rps == NA && $status == ok ]]; then status=unparsed; fi
-		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$t" "$rps" "$p50" "$p99" "$non2xx" "$sockerr" "$status" >>"$RESULTS"
-		log "  $t: $(fmt '%.0f' "$rps") req/s, p50 $(fmt '%.2f' "$p50") ms, p99 $(fmt '%.2f' "$p99") ms, non-2xx $non2xx, socket errors $sockerr [$status]"
+		cpu=$(cpu_us_per_req "$ticks" "$ticks_after" "$requests")
+		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$t" "$rps" "$p50" "$p99" "$non2xx" "$sockerr" "$status" "$cpu" >>"$RESULTS"
+		log "  $t: $(fmt '%.0f' "$rps") req/s, p50 $(fmt '%.2f' "$p50") ms, p99 $(fmt '%.2f' "$p99") ms, $cpu us CPU/req, non-2xx $non2xx, socket errors $sockerr [$status]"
 	done
 done
 
@@ -399,8 +427,8 @@ REPORT=$TMP/report.md
 	echo
 	echo "## Summary (medians over $ROUNDS round(s))"
 	echo
-	echo "| target | req/s | p50 ms | p99 ms | req/s vs direct | RSS idle MB | RSS peak MB | errors |"
-	echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+	echo "| target | req/s | p50 ms | p99 ms | req/s vs direct | CPU µs/req | RSS idle MB | RSS peak MB | errors |"
+	echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 	for t in "${TARGETS[@]}"; do
 		rps=${MED_RPS[$t]}
 		p50=$(col "$t" 4 | median)
@@ -412,20 +440,23 @@ REPORT=$TMP/report.md
 		fi
 		errors=$(awk -F'\t' -v t="$t" '$2 == t { e += ($6 == "NA" ? 0 : $6) + ($7 == "NA" ? 0 : $7); if ($8 != "ok") f++ }
 			END { s = e + 0; if (f) s = s " (" f " failed run" (f > 1 ? "s" : "") ")"; print s }' "$RESULTS")
-		printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$t]}" \
-			"$(fmt '%.0f' "$rps")" "$(fmt '%.2f' "$p50")" "$(fmt '%.2f' "$p99")" "$ratio" \
+		cpu=$(col "$t" 9 | median)
+		printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$t]}" \
+			"$(fmt '%.0f' "$rps")" "$(fmt '%.2f' "$p50")" "$(fmt '%.2f' "$p99")" "$ratio" "$(fmt '%.1f' "$cpu")" \
 			"$(mb "${IDLE[$t]}")" "$(mb "${PEAK[$t]}")" "$errors"
 	done
 	echo
 	echo "errors = non-2xx/3xx responses + socket errors (connect/read/write/timeout) summed over rounds; runs that failed are left out of the medians."
 	echo
+	echo "CPU µs/req = the server's own user + system CPU time during the measured run (all its processes and threads, from /proc/<pid>/stat) divided by the requests wrk completed. For direct it is the upstream nginx alone; for a proxy it excludes the upstream. It holds steadier than req/s on shared cores."
+	echo
 	echo "## Raw per-round results"
 	echo
-	echo "| round | target | req/s | p50 ms | p99 ms | non-2xx | socket errors | status |"
-	echo "|---:|---|---:|---:|---:|---:|---:|---|"
-	while IFS=$'\t' read -r r t rps p50 p99 non2xx sockerr status; do
-		printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$r" "${LABEL[$t]}" \
-			"$(fmt '%.0f' "$rps")" "$(fmt '%.2f' "$p50")" "$(fmt '%.2f' "$p99")" "$non2xx" "$sockerr" "$status"
+	echo "| round | target | req/s | p50 ms | p99 ms | CPU µs/req | non-2xx | socket errors | status |"
+	echo "|---:|---|---:|---:|---:|---:|---:|---:|---|"
+	while IFS=$'\t' read -r r t rps p50 p99 non2xx sockerr status cpu; do
+		printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$r" "${LABEL[$t]}" \
+			"$(fmt '%.0f' "$rps")" "$(fmt '%.2f' "$p50")" "$(fmt '%.2f' "$p99")" "$(fmt '%.1f' "$cpu")" "$non2xx" "$sockerr" "$status"
 	done <"$RESULTS"
 } >"$REPORT"
 

@@ -109,12 +109,15 @@ pub struct LazyStarter {
 
 #[async_trait]
 impl markco_proxy::identity::WorkspaceStarter for LazyStarter {
-    async fn ensure_running(&self, user: &str) -> Result<bool, markco_proxy::identity::StartError> {
+    async fn ensure_running(
+        &self,
+        user: &str,
+    ) -> Result<Option<Arc<markco_proxy::table::UserRoutes>>, markco_proxy::identity::StartError> {
         match tokio::time::timeout(self.wait, self.plane.ensure_workspace(user)).await {
             Ok(Ok(running)) => Ok(running),
             Ok(Err(e)) => Err(markco_proxy::identity::StartError(e.to_string())),
             // Still starting: the client gets 503 + Retry-After and the start goes on.
-            Err(_) => Ok(false),
+            Err(_) => Ok(None),
         }
     }
 }
@@ -142,7 +145,7 @@ mod tests {
             moves: MoveLimits::default(),
             health_checks: Vec::new(),
         };
-        let table = Arc::new(ArcSwap::from_pointee(markco_proxy::table::RouteTable::empty()));
+        let (table, _reader) = markco_proxy::table::TablePublisher::new(markco_proxy::table::RouteTable::empty());
         let plane = ControlPlane::new(table, config, &prometheus::Registry::new());
         let api = PublicApi { plane: plane.clone(), admin_token: Arc::new(ArcSwap::from_pointee(None)) };
         let health = || api.respond(&http::Method::GET, "/api/health", None);

@@ -16,7 +16,7 @@ mod sqlite;
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::anyhow;
 use base64::Engine as _;
 use futures_util::stream::BoxStream;
 use markco_proxy::user_id::UserId;
@@ -71,13 +71,13 @@ impl WorkspaceState {
 impl std::str::FromStr for WorkspaceState {
     type Err = anyhow::Error;
 
-    fn from_str(s: &str) -> Result<WorkspaceState> {
+    fn from_str(s: &str) -> Result<WorkspaceState, anyhow::Error> {
         Ok(match s {
             "starting" => WorkspaceState::Starting,
             "running" => WorkspaceState::Running,
             "stopped" => WorkspaceState::Stopped,
             "failed" => WorkspaceState::Failed,
-            other => bail!("unknown workspace state {other:?} (starting, running, stopped, failed)"),
+            other => anyhow::bail!("unknown workspace state {other:?} (starting, running, stopped, failed)"),
         })
     }
 }
@@ -127,37 +127,107 @@ type MoveTuple = (Option<i64>, Option<String>, String, String, Option<String>);
 /// How many moves `GET /api/admin/moves` lists, newest first.
 pub const RECENT_MOVES: i64 = 50;
 
-/// Errors a caller may want to tell apart (`err.downcast_ref::<DbError>()`); every other error is
-/// an `anyhow` error with context.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// What every [`Db`] call fails with. Callers match on it (never on an `anyhow` chain); the
+/// control plane maps its kinds to HTTP statuses in one place (`PlaneError`).
+#[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// Conflict: a user with this email exists (`users.email` is unique).
     #[error("a user with this email exists")]
     EmailExists,
-    #[error("no user {0}")]
-    UnknownUser(String),
-    #[error("no workspace for user {0}")]
-    NoWorkspace(String),
-    /// Another workspace holds this address (the DB's unique constraints); allocate another port.
+    /// Conflict: another workspace holds this address (the unique address constraints); allocate
+    /// another port.
     #[error("{kind} address {host}:{port} is already used by another workspace")]
     AddressInUse { kind: &'static str, host: String, port: u16 },
+    /// Not found: no such user.
+    #[error("no user {0}")]
+    UnknownUser(String),
+    /// Not found: the user has no workspace.
+    #[error("no workspace for user {0}")]
+    NoWorkspace(String),
+    /// Invalid input: refused before any query.
     #[error("user id {0:?} is not a UUID in canonical form (lowercase, hyphenated)")]
     InvalidUserId(String),
+    /// The database cannot be reached (stopped, restarting, network cut, pool out of connections):
+    /// the same call may work again soon.
+    #[error("the database is unavailable: {0:#}")]
+    Unavailable(anyhow::Error),
+    /// Anything else (a failed query, a corrupt row, a bad URL), with context.
+    #[error(transparent)]
+    Other(anyhow::Error),
 }
 
-/// Is this error the database being unreachable (stopped, restarting, network cut, pool out of
-/// connections), rather than a refused or failed query? Callers answer it with 503.
-pub fn is_unavailable(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| match cause.downcast_ref::<sqlx::Error>() {
-        Some(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed) => {
-            true
+/// The typed variants compare by value; an error that carries a cause (`Unavailable`, `Other`)
+/// equals nothing, itself included.
+impl PartialEq for DbError {
+    fn eq(&self, other: &DbError) -> bool {
+        use DbError::*;
+        match (self, other) {
+            (EmailExists, EmailExists) => true,
+            (AddressInUse { kind: k1, host: h1, port: p1 }, AddressInUse { kind: k2, host: h2, port: p2 }) => {
+                (k1, h1, p1) == (k2, h2, p2)
+            }
+            (UnknownUser(a), UnknownUser(b))
+            | (NoWorkspace(a), NoWorkspace(b))
+            | (InvalidUserId(a), InvalidUserId(b)) => a == b,
+            _ => false,
         }
+    }
+}
+
+/// What a caller does about a [`DbError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbErrorKind {
+    Conflict,
+    NotFound,
+    Invalid,
+    Unavailable,
+    Internal,
+}
+
+impl DbError {
+    pub fn kind(&self) -> DbErrorKind {
+        match self {
+            DbError::EmailExists | DbError::AddressInUse { .. } => DbErrorKind::Conflict,
+            DbError::UnknownUser(_) | DbError::NoWorkspace(_) => DbErrorKind::NotFound,
+            DbError::InvalidUserId(_) => DbErrorKind::Invalid,
+            DbError::Unavailable(_) => DbErrorKind::Unavailable,
+            DbError::Other(_) => DbErrorKind::Internal,
+        }
+    }
+}
+
+/// A failed query with its context: `Unavailable` when the cause is the connection, not the query.
+/// The one place that looks into an error chain, for sqlx's own error type.
+impl From<anyhow::Error> for DbError {
+    fn from(e: anyhow::Error) -> DbError {
+        if e.chain().any(|cause| cause.downcast_ref::<sqlx::Error>().is_some_and(is_connection_error)) {
+            DbError::Unavailable(e)
+        } else {
+            DbError::Other(e)
+        }
+    }
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> DbError {
+        DbError::from(anyhow::Error::new(e))
+    }
+}
+
+/// The database unreachable rather than a query refused or failed.
+fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => true,
         // Class 08: connection exception; 57P01..03: the server is shutting down or starting.
-        Some(sqlx::Error::Database(db)) => {
+        sqlx::Error::Database(db) => {
             db.code().is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03"))
         }
         _ => false,
-    })
+    }
 }
+
+/// What [`Db`] calls return.
+pub type Result<T, E = DbError> = std::result::Result<T, E>;
 
 impl Db {
     /// Opens a pool on `url`:
@@ -176,10 +246,10 @@ impl Db {
             Ok(Db::Sqlite(sqlite::connect(url).await?))
         } else {
             let scheme = url.split_once(':').map_or("(none)", |(scheme, _)| scheme);
-            bail!(
+            Err(DbError::Other(anyhow!(
                 "unsupported database URL scheme {scheme:?}: use sqlite://PATH, sqlite::memory: or \
                  postgres://USER:PASSWORD@HOST:PORT/DATABASE"
-            )
+            )))
         }
     }
 
@@ -390,7 +460,7 @@ fn new_id() -> String {
 
 fn new_token() -> Result<String> {
     let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("cannot get random bytes from the OS: {e}"))?;
+    getrandom::fill(&mut bytes).map_err(|e| DbError::Other(anyhow!("cannot get random bytes from the OS: {e}")))?;
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
@@ -430,9 +500,11 @@ fn workspace_from_tuple(t: WorkspaceTuple) -> Result<WorkspaceRow> {
         updated_at,
     ) = t;
     let port = |p: i64, what: &str| {
-        u16::try_from(p).map_err(|_| anyhow::anyhow!("workspace of user {user_id} has an invalid {what} port {p}"))
+        u16::try_from(p)
+            .map_err(|_| DbError::Other(anyhow!("workspace of user {user_id} has an invalid {what} port {p}")))
     };
-    let state = state.parse().map_err(|e: anyhow::Error| e.context(format!("workspace of user {user_id}")))?;
+    let state =
+        state.parse().map_err(|e: anyhow::Error| DbError::Other(e.context(format!("workspace of user {user_id}"))))?;
     Ok(WorkspaceRow {
         editor_port: port(editor_port, "editor")?,
         runtime_port: port(runtime_port, "runtime")?,
@@ -448,12 +520,7 @@ fn workspace_from_tuple(t: WorkspaceTuple) -> Result<WorkspaceRow> {
 
 /// Maps a unique violation of `markco_workspaces`' address constraints to
 /// [`DbError::AddressInUse`]; any other error gets `context`.
-fn address_conflict(
-    err: sqlx::Error,
-    editor: Option<(&str, u16)>,
-    runtime: (&str, u16),
-    context: String,
-) -> anyhow::Error {
+fn address_conflict(err: sqlx::Error, editor: Option<(&str, u16)>, runtime: (&str, u16), context: String) -> DbError {
     if let Some(db_err) = err.as_database_error() {
         if db_err.is_unique_violation() {
             // PostgreSQL names the constraint; SQLite says "UNIQUE constraint failed: t.editor_host, ...".
@@ -462,25 +529,25 @@ fn address_conflict(
                 Some(editor) if what.contains("editor") => ("editor", editor),
                 _ => ("runtime", runtime),
             };
-            return DbError::AddressInUse { kind, host: host.to_owned(), port }.into();
+            return DbError::AddressInUse { kind, host: host.to_owned(), port };
         }
     }
-    anyhow::Error::new(err).context(context)
+    DbError::from(anyhow::Error::new(err).context(context))
 }
 
 /// Maps the unique violation of `users.email` to [`DbError::EmailExists`].
-fn user_insert_error(err: sqlx::Error, email: &str) -> anyhow::Error {
+fn user_insert_error(err: sqlx::Error, email: &str) -> DbError {
     match err.as_database_error() {
-        Some(db_err) if db_err.is_unique_violation() => DbError::EmailExists.into(),
-        _ => anyhow::Error::new(err).context(format!("creating user {email}")),
+        Some(db_err) if db_err.is_unique_violation() => DbError::EmailExists,
+        _ => DbError::from(anyhow::Error::new(err).context(format!("creating user {email}"))),
     }
 }
 
 /// Maps a foreign-key violation on `sessions.user_id` to [`DbError::UnknownUser`].
-fn session_insert_error(err: sqlx::Error, user_id: &str) -> anyhow::Error {
+fn session_insert_error(err: sqlx::Error, user_id: &str) -> DbError {
     match err.as_database_error() {
-        Some(db_err) if db_err.is_foreign_key_violation() => DbError::UnknownUser(user_id.to_owned()).into(),
-        _ => anyhow::Error::new(err).context(format!("creating a session for user {user_id}")),
+        Some(db_err) if db_err.is_foreign_key_violation() => DbError::UnknownUser(user_id.to_owned()),
+        _ => DbError::from(anyhow::Error::new(err).context(format!("creating a session for user {user_id}"))),
     }
 }
 

@@ -8,6 +8,7 @@ pub mod http_client;
 pub mod plane;
 pub mod runtime_health;
 pub mod sessions;
+pub mod state;
 pub mod supervise;
 pub mod switches;
 pub mod workspaces;

@@ -8,14 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use markco_proxy::table::{RouteTable, UserRoutes};
+use markco_proxy::table::{TablePublisher, TableReader, UserRoutes};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::db::{Db, DbError, MoveRecord, WorkspaceRow, WorkspaceState};
+use crate::db::{Db, DbError, DbErrorKind, MoveRecord, WorkspaceRow, WorkspaceState};
 use crate::engine::ContainerEngine;
 use crate::http_client;
 use crate::sessions::{Lookup, SessionCache, SessionSettings};
+use crate::state::{CommitError, Sessions, StateCommand, StateError, StateOwner};
 use crate::supervise::{panic_message, Supervisor};
 use crate::switches::{health_holder, Hold, Switches, ADMIN};
 use crate::workspaces::{WorkspaceConfig, Workspaces};
@@ -73,6 +74,9 @@ pub enum PlaneError {
     Conflict(String),
     #[error("{0}")]
     TooMany(String),
+    /// The database cannot be reached: the same call may work again soon.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -84,20 +88,41 @@ impl PlaneError {
             PlaneError::Invalid(_) => 400,
             PlaneError::Conflict(_) => 409,
             PlaneError::TooMany(_) => 429,
-            // The database is down: the call may work again soon, unlike a bug.
-            PlaneError::Internal(e) if crate::db::is_unavailable(e) => 503,
+            PlaneError::Unavailable(_) => 503,
             PlaneError::Internal(_) => 500,
         }
     }
 }
 
-/// Database errors a caller can act on get their own status; the rest are internal.
-fn db_error(e: anyhow::Error) -> PlaneError {
-    match e.downcast_ref::<DbError>() {
-        Some(DbError::AddressInUse { .. }) => PlaneError::Conflict(format!("{e:#}")),
-        Some(DbError::InvalidUserId(_)) => PlaneError::Invalid(format!("{e:#}")),
-        Some(DbError::NoWorkspace(_)) | Some(DbError::UnknownUser(_)) => PlaneError::NotFound(format!("{e:#}")),
-        _ => PlaneError::Internal(e),
+impl From<StateError> for PlaneError {
+    fn from(e: StateError) -> PlaneError {
+        match e {
+            StateError::AddressTaken { .. } => PlaneError::Conflict(e.to_string()),
+            StateError::Broken(_) => PlaneError::Internal(anyhow::Error::new(e)),
+        }
+    }
+}
+
+impl From<CommitError<DbError>> for PlaneError {
+    fn from(e: CommitError<DbError>) -> PlaneError {
+        match e {
+            CommitError::State(e) => e.into(),
+            CommitError::Db(e) => e.into(),
+        }
+    }
+}
+
+/// Database errors by kind: the one mapping from a [`DbError`] to what an admin call answers
+/// (with [`PlaneError::status`]).
+impl From<DbError> for PlaneError {
+    fn from(e: DbError) -> PlaneError {
+        match e.kind() {
+            DbErrorKind::Conflict => PlaneError::Conflict(e.to_string()),
+            DbErrorKind::NotFound => PlaneError::NotFound(e.to_string()),
+            DbErrorKind::Invalid => PlaneError::Invalid(e.to_string()),
+            DbErrorKind::Unavailable => PlaneError::Unavailable(e.to_string()),
+            DbErrorKind::Internal => PlaneError::Internal(anyhow::Error::new(e)),
+        }
     }
 }
 
@@ -142,7 +167,7 @@ enum Command {
         port: u16,
         reply: Reply<MoveOutcome>,
     },
-    Ensure(String, Reply<bool>),
+    Ensure(String, Reply<Option<Arc<UserRoutes>>>),
     Stop(String, Reply<()>),
     /// The operator holds a route off (`off`) or lifts its own hold.
     Switch {
@@ -157,7 +182,10 @@ enum Command {
 
 /// The control plane's shared state; `run` is its loop on the control runtime.
 pub struct ControlPlane {
-    pub table: Arc<ArcSwap<RouteTable>>,
+    /// The live table, read-only: every change goes through `state`.
+    pub table: TableReader,
+    /// The one owner of the live state (route table, holds, session invalidation).
+    pub state: Arc<StateOwner>,
     pub sessions: Arc<SessionCache>,
     config: ArcSwap<PlaneConfig>,
     health: ArcSwap<BTreeMap<String, bool>>,
@@ -171,8 +199,6 @@ pub struct ControlPlane {
     pub(crate) stopping: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Restarts the background loops after a panic, and knows which are down.
     pub supervisor: Supervisor,
-    /// Who holds which route off.
-    pub switches: Switches,
 }
 
 pub fn routes_of(row: &WorkspaceRow) -> Option<UserRoutes> {
@@ -260,35 +286,21 @@ async fn reconcile(
     Ok(())
 }
 
-/// Puts the rows into a table, skipping (and logging) rows whose addresses do not resolve.
-pub fn with_workspaces(mut table: RouteTable, rows: &[WorkspaceRow]) -> RouteTable {
-    for row in rows {
-        match routes_of(row) {
-            Some(r) => table = table.with_user(&row.user_id, r),
-            None => tracing::error!(user = %row.user_id, "workspace row has an unresolvable address; skipped"),
-        }
-    }
-    table
-}
-
 impl ControlPlane {
-    pub fn new(
-        table: Arc<ArcSwap<RouteTable>>,
-        config: PlaneConfig,
-        registry: &prometheus::Registry,
-    ) -> Arc<ControlPlane> {
+    pub fn new(table: TablePublisher, config: PlaneConfig, registry: &prometheus::Registry) -> Arc<ControlPlane> {
         let (sessions, lookups) = SessionCache::new(config.sessions);
         let (commands, command_rx) = mpsc::channel(256);
         let workspaces = config.workspaces.clone().map(|cfg| {
             let engine = Arc::new(crate::engine::podman::Podman::new(&cfg.engine_socket));
             Arc::new(Workspaces::new(cfg, engine, crate::workspaces::WorkspaceMetrics::new(registry)))
         });
+        let state = Arc::new(StateOwner::new(table, Switches::new(registry), sessions.clone()));
         Arc::new(ControlPlane {
             supervisor: Supervisor::new(registry),
-            switches: Switches::new(registry),
             workspaces,
             stopping: Arc::default(),
-            table,
+            table: state.reader(),
+            state,
             sessions,
             config: ArcSwap::from_pointee(config),
             health: ArcSwap::default(),
@@ -300,24 +312,58 @@ impl ControlPlane {
         })
     }
 
-    /// Applies a reloaded config (health checks, move limits). The database URL and session
-    /// cache settings need a restart.
-    pub fn reconfigure(&self, config: PlaneConfig) {
+    /// Applies a reloaded config: health checks, move limits, and `[workspaces]` for the next
+    /// start. Returns what changed but needs a restart (kept as it was), by config key.
+    pub fn reconfigure(&self, config: PlaneConfig) -> Vec<String> {
         let old = self.config.load();
+        let mut needs_restart = Vec::new();
         if old.database_url != config.database_url {
-            tracing::warn!("the database URL changed in the file but applies only after a restart");
+            needs_restart.push("database.url".to_string());
         }
-        let keep = PlaneConfig { database_url: old.database_url.clone(), sessions: old.sessions, ..config };
+        let (a, b) = (&old.sessions, &config.sessions);
+        if (a.ttl, a.negative_ttl, a.capacity, a.lookup_timeout)
+            != (b.ttl, b.negative_ttl, b.capacity, b.lookup_timeout)
+        {
+            needs_restart.push("sessions".to_string());
+        }
+        match (&self.workspaces, &config.workspaces) {
+            (Some(ws), Some(new)) => needs_restart.extend(ws.reconfigure(new.clone())),
+            (None, None) => {}
+            // The container loops and the engine client are made at start.
+            (Some(_), None) | (None, Some(_)) => needs_restart.push("workspaces (added or removed)".to_string()),
+        }
+        let keep = PlaneConfig {
+            database_url: old.database_url.clone(),
+            sessions: old.sessions,
+            workspaces: old.workspaces.clone(),
+            ..config
+        };
         self.config.store(Arc::new(keep));
         self.health_wake.notify_one();
+        needs_restart
     }
 
-    /// Applies the route holds stored in the database (at start, before traffic).
-    pub fn restore_holds(&self, holds: &[(String, String, i64)]) {
-        for (route, holder, since) in holds {
-            self.switches.set(&self.table, route, holder, true, *since);
+    /// Applies what the database holds (at start, before traffic): the workspaces, skipping (and
+    /// logging) rows whose addresses do not resolve or clash, and the route holds.
+    pub fn restore(&self, boot: &Boot) -> Result<(), StateError> {
+        for row in &boot.rows {
+            let Some(routes) = routes_of(row) else {
+                tracing::error!(user = %row.user_id, "workspace row has an unresolvable address; skipped");
+                continue;
+            };
+            if let Err(e) = self.state.apply(StateCommand::WorkspaceUp { user: row.user_id.clone(), routes }) {
+                tracing::error!(user = %row.user_id, "workspace row skipped: {e}");
+            }
+        }
+        for (route, holder, since) in &boot.holds {
+            self.state.apply(StateCommand::RouteHeld {
+                route: route.clone(),
+                holder: holder.clone(),
+                since: *since,
+            })?;
             tracing::warn!(route = %route, holder = %holder, "route held off since before the restart");
         }
+        self.state.verify()
     }
 
     /// The operator holds `route` off (`off`) or lifts its own hold; other holders stay. Returns
@@ -370,10 +416,10 @@ impl ControlPlane {
         self.ask(|reply| Command::Move { user: user.to_string(), host, port, reply }).await
     }
 
-    /// Starts the user's workspace unless it runs; `Ok(true)` once it does.
-    pub async fn ensure_workspace(&self, user: &str) -> Result<bool, PlaneError> {
+    /// Starts the user's workspace unless it runs; once it does, its entry in the published table.
+    pub async fn ensure_workspace(&self, user: &str) -> Result<Option<Arc<UserRoutes>>, PlaneError> {
         if self.workspaces.is_none() {
-            return Ok(false);
+            return Ok(None);
         }
         self.ask(|r| Command::Ensure(user.to_string(), r)).await
     }
@@ -412,7 +458,7 @@ impl ControlPlane {
             while let Some(Lookup { token, reply }) = lookups.recv().await {
                 let db = lookup_db.clone();
                 tokio::spawn(async move {
-                    let _ = reply.send(db.session_user(&token).await);
+                    let _ = reply.send(db.session_user(&token).await.map_err(anyhow::Error::new));
                 });
             }
         });
@@ -428,9 +474,9 @@ impl ControlPlane {
             tasks.push(sup.spawn("events", move || Self::watch_containers(p.clone(), w.clone())));
             let (p, d, w) = (self.clone(), db.clone(), ws.clone());
             tasks.push(sup.spawn("runtime_health", move || {
-                Self::runtime_health_loop(p.clone(), d.clone(), w.clone(), w.cfg.health_interval)
+                Self::runtime_health_loop(p.clone(), d.clone(), w.clone(), w.cfg().health_interval)
             }));
-            if let Some(idle) = ws.cfg.idle_timeout {
+            if let Some(idle) = ws.cfg().idle_timeout {
                 let (p, d, w) = (self.clone(), db.clone(), ws.clone());
                 tasks.push(sup.spawn("reaping", move || Self::reap_idle(p.clone(), d.clone(), w.clone(), idle)));
             }
@@ -469,7 +515,7 @@ impl ControlPlane {
                 Ok(Some(mut stream)) => {
                     tracing::info!("following session changes through LISTEN/NOTIFY");
                     while let Some(token) = stream.next().await {
-                        self.sessions.invalidate_token(&token);
+                        let _ = self.state.apply(StateCommand::SessionInvalidated(Sessions::Token(token)));
                     }
                 }
                 Err(e) => tracing::warn!("cannot LISTEN for session changes ({e:#}); retrying"),
@@ -481,8 +527,8 @@ impl ControlPlane {
     async fn handle(&self, db: &Arc<Db>, cmd: Command) {
         match cmd {
             Command::Ensure(user, reply) => {
-                let (Some(ws), db, table) = (self.workspaces.clone(), db.clone(), self.table.clone()) else {
-                    let _ = reply.send(Ok(false));
+                let (Some(ws), db, state) = (self.workspaces.clone(), db.clone(), self.state.clone()) else {
+                    let _ = reply.send(Ok(None));
                     return;
                 };
                 // Starts run beside other commands; the per-user lock makes concurrent first
@@ -490,16 +536,18 @@ impl ControlPlane {
                 tokio::spawn(async move {
                     let lock = ws.user_lock(&user);
                     let _guard = lock.lock().await;
-                    if table.load().user(&user).is_some_and(|r| r.running) {
-                        let _ = reply.send(Ok(true));
+                    if let Some(running) = state.table().user(&user).filter(|r| r.running) {
+                        let _ = reply.send(Ok(Some(running.clone())));
                         return;
                     }
                     let res = match ws.start(&db, &user).await {
+                        // The row is stored by the start; the owner publishes it and hands back
+                        // the entry, so the waiting request needs no second snapshot.
                         Ok(row) => match routes_of(&row) {
-                            Some(routes) => {
-                                table.rcu(|t| t.with_user(&user, routes.clone()));
-                                Ok(true)
-                            }
+                            Some(routes) => state
+                                .apply(StateCommand::WorkspaceUp { user: user.clone(), routes })
+                                .map(|t| t.user(&user).cloned())
+                                .map_err(PlaneError::from),
                             None => Err(PlaneError::Internal(anyhow::anyhow!("started workspace has no address"))),
                         },
                         Err(e) => {
@@ -530,11 +578,9 @@ impl ControlPlane {
                 let _ = r.send(self.put(db, row).await);
             }
             Command::Delete(u, r) => {
-                let res = db.delete_workspace(&u).await.map_err(PlaneError::from);
-                if matches!(res, Ok(true)) {
-                    self.table.rcu(|t| t.without_user(&u));
-                }
-                let _ = r.send(res);
+                let down = StateCommand::WorkspaceDown { user: u.clone() };
+                let res = self.state.commit(down, db.delete_workspace(&u)).await.map(|(deleted, _)| deleted);
+                let _ = r.send(res.map_err(PlaneError::from));
             }
             Command::Move { user, host, port, reply } => {
                 let _ = reply.send(self.move_runtime_now(db, &user, host, port).await);
@@ -542,13 +588,15 @@ impl ControlPlane {
             Command::Switch { route, off, reply } => {
                 // Stored first: a hold the database did not take would vanish at the next restart.
                 let now = chrono::Utc::now().timestamp();
-                let stored = if off {
-                    db.hold_route(&route, ADMIN, now).await
+                let res = if off {
+                    let held = StateCommand::RouteHeld { route: route.clone(), holder: ADMIN.into(), since: now };
+                    self.state.commit(held, db.hold_route(&route, ADMIN, now)).await.map(|_| ())
                 } else {
-                    db.release_route(&route, ADMIN).await.map(|_| ())
+                    let lifted = StateCommand::RouteReleased { route: route.clone(), holder: ADMIN.into() };
+                    self.state.commit(lifted, db.release_route(&route, ADMIN)).await.map(|_| ())
                 };
-                let res = stored.map_err(PlaneError::Internal).map(|()| {
-                    let holders = self.switches.set(&self.table, &route, ADMIN, off, now);
+                let res = res.map_err(PlaneError::from).map(|()| {
+                    let holders = self.state.holders(&route);
                     tracing::warn!(route = %route, held = off, holders = holders.len(), "route switched by the operator");
                     holders
                 });
@@ -564,7 +612,10 @@ impl ControlPlane {
         let lock = ws.user_lock(user);
         let _guard = lock.lock().await;
         self.stopping.lock().unwrap_or_else(|p| p.into_inner()).insert(user.to_string());
-        self.table.rcu(|t| t.without_user(user));
+        // Out of the table first: requests get 503 while the containers stop.
+        if let Err(e) = self.state.apply(StateCommand::WorkspaceDown { user: user.to_string() }) {
+            tracing::error!(user, "cannot take the workspace out of the table: {e}");
+        }
         let res = ws.stop(db, user).await;
         self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(user);
         res
@@ -613,7 +664,7 @@ impl ControlPlane {
                 if ev.status != "died" {
                     continue;
                 }
-                if !ws.cfg.owns(ev.labels.get(crate::engine::LABEL_INSTANCE)) {
+                if !ws.cfg().owns(ev.labels.get(crate::engine::LABEL_INSTANCE)) {
                     continue;
                 }
                 let Some(user) = ev.labels.get(crate::engine::LABEL_USER).cloned() else { continue };
@@ -623,7 +674,10 @@ impl ControlPlane {
                 let Some(routes) = self.table.load().user(&user).cloned() else { continue };
                 tracing::warn!(user = %user, container = %ev.name, "workspace container died; marked down, restarting");
                 ws.metrics.exits.inc();
-                self.table.rcu(|t| t.with_user(&user, UserRoutes { running: false, ..(*routes).clone() }));
+                if let Err(e) = self.state.apply(StateCommand::WorkspaceRunning { user: user.clone(), running: false })
+                {
+                    tracing::error!(user = %user, "cannot mark the workspace down: {e}");
+                }
                 // Backoff: 0.5 s doubling per restart within 10 minutes, at most 30 s.
                 let entry = restarts.entry(user.clone()).or_insert((Instant::now(), 0));
                 if entry.0.elapsed() > Duration::from_secs(600) {
@@ -646,10 +700,10 @@ impl ControlPlane {
                     };
                     match back.await {
                         Ok(()) => {
-                            plane.table.rcu(|t| match t.user(&user) {
-                                Some(r) => t.with_user(&user, UserRoutes { running: true, ..(**r).clone() }),
-                                None => (**t).clone(),
-                            });
+                            let back = StateCommand::WorkspaceRunning { user: user.clone(), running: true };
+                            if let Err(e) = plane.state.apply(back) {
+                                tracing::error!(user = %user, "cannot mark the workspace back: {e}");
+                            }
                             tracing::info!(user = %user, container = %name, "workspace back after a container exit");
                         }
                         Err(e) => tracing::error!(user = %user, container = %name, "restart failed: {e:#}"),
@@ -663,8 +717,8 @@ impl ControlPlane {
     async fn put(&self, db: &Db, row: WorkspaceRow) -> Result<(), PlaneError> {
         let routes =
             routes_of(&row).ok_or_else(|| PlaneError::Invalid("editor or runtime address does not resolve".into()))?;
-        db.upsert_workspace(&row).await.map_err(db_error)?;
-        self.table.rcu(|t| t.with_user(&row.user_id, routes.clone()));
+        let up = StateCommand::WorkspaceUp { user: row.user_id.clone(), routes };
+        self.state.commit(up, db.upsert_workspace(&row)).await?;
         Ok(())
     }
 
@@ -751,24 +805,24 @@ impl ControlPlane {
         let (row, user) = (m.row, m.row.user_id.as_str());
         let from = format!("{}:{}", row.runtime_host, row.runtime_port);
         let to = format!("{}:{}", m.host, m.port);
-        match &m.runtime_container {
-            // A new container: the row (and its `runtimes` row) now describe it.
-            Some(name) => {
-                let new_row = WorkspaceRow {
-                    runtime_host: m.host.to_string(),
-                    runtime_port: m.port,
-                    runtime_container: Some(name.clone()),
-                    updated_at: chrono::Utc::now().timestamp(),
-                    ..row.clone()
-                };
-                db.upsert_workspace(&new_row).await.map_err(db_error)?;
+        let moved = StateCommand::RuntimeMoved { user: user.to_string(), runtime: m.target };
+        let persist = async {
+            match &m.runtime_container {
+                // A new container: the row (and its `runtimes` row) now describe it.
+                Some(name) => {
+                    let new_row = WorkspaceRow {
+                        runtime_host: m.host.to_string(),
+                        runtime_port: m.port,
+                        runtime_container: Some(name.clone()),
+                        updated_at: chrono::Utc::now().timestamp(),
+                        ..row.clone()
+                    };
+                    db.upsert_workspace(&new_row).await
+                }
+                None => db.set_runtime(user, m.host, m.port).await,
             }
-            None => db.set_runtime(user, m.host, m.port).await.map_err(db_error)?,
-        }
-        self.table.rcu(|t| match t.user(user) {
-            Some(r) => t.with_user(user, UserRoutes { runtime: m.target, ..(**r).clone() }),
-            None => (**t).clone(),
-        });
+        };
+        self.state.commit(moved, persist).await?;
         let notify_start = Instant::now();
         let body = serde_json::json!({"port": m.port, "host": m.host}).to_string();
         let notified =
@@ -849,18 +903,27 @@ impl ControlPlane {
                         wanted.insert((route.clone(), holder.clone()));
                     }
                     // Only this check's hold: the operator's and other checks' holds stay.
-                    let holders = self.switches.set(&self.table, route, &holder, !ok, now);
+                    let cmd = if ok {
+                        StateCommand::RouteReleased { route: route.clone(), holder: holder.clone() }
+                    } else {
+                        StateCommand::RouteHeld { route: route.clone(), holder: holder.clone(), since: now }
+                    };
+                    if let Err(e) = self.state.apply(cmd) {
+                        tracing::error!(route = %route, "cannot switch the route for {holder}: {e}");
+                    }
                     if changed {
-                        tracing::warn!(route = %route, held = !ok, holders = holders.len(), "route switched by {holder}");
+                        let holders = self.state.holders(route).len();
+                        tracing::warn!(route = %route, held = !ok, holders, "route switched by {holder}");
                     }
                 }
                 states.insert(check.name.clone(), ok);
             }
             // Holds of checks a reload removed (or pointed at another route) go with them.
-            for (route, holds) in self.switches.all() {
+            for (route, holds) in self.state.holds() {
                 for h in holds {
                     if h.holder.starts_with("health:") && !wanted.contains(&(route.clone(), h.holder.clone())) {
-                        self.switches.set(&self.table, &route, &h.holder, false, now);
+                        let _ =
+                            self.state.apply(StateCommand::RouteReleased { route: route.clone(), holder: h.holder });
                     }
                 }
             }
@@ -877,6 +940,21 @@ impl ControlPlane {
 mod tests {
     use super::*;
 
+    #[test]
+    fn database_errors_map_to_statuses_by_kind() {
+        let status = |e: DbError| PlaneError::from(e).status();
+        assert_eq!(status(DbError::AddressInUse { kind: "runtime", host: "127.0.0.1".into(), port: 1 }), 409);
+        assert_eq!(status(DbError::EmailExists), 409);
+        assert_eq!(status(DbError::NoWorkspace("u".into())), 404);
+        assert_eq!(status(DbError::UnknownUser("u".into())), 404);
+        assert_eq!(status(DbError::InvalidUserId("U".into())), 400);
+        // The connection, not the query: the same call may work soon.
+        assert_eq!(status(DbError::from(sqlx::Error::PoolTimedOut)), 503);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(status(DbError::from(anyhow::Error::new(sqlx::Error::Io(refused)).context("listing"))), 503);
+        assert_eq!(status(DbError::from(sqlx::Error::RowNotFound)), 500);
+    }
+
     #[tokio::test]
     async fn a_panicking_command_answers_500_and_the_loop_goes_on() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -891,7 +969,7 @@ mod tests {
             moves: MoveLimits::default(),
             health_checks: Vec::new(),
         };
-        let table = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
+        let (table, _reader) = TablePublisher::new(markco_proxy::table::RouteTable::empty());
         let plane = ControlPlane::new(table, config, &prometheus::Registry::new());
         let (_stop, shutdown) = watch::channel(false);
         let run = tokio::spawn(plane.clone().run(shutdown));

@@ -86,7 +86,7 @@ impl ControlPlane {
         ws.engine.create_container(&spec).await?;
         ws.engine.start_container(&new_name).await?;
         let addr = SocketAddr::from(([127, 0, 0, 1], new_port));
-        let deadline = Instant::now() + ws.cfg.ready_timeout;
+        let deadline = Instant::now() + ws.cfg().ready_timeout;
         // The probe of the update-port flow: the new runtime must answer before anything moves.
         loop {
             let probe = http_client::call(addr, "GET", "/mrp/v1/capabilities", None, Duration::from_secs(2)).await;
@@ -95,7 +95,7 @@ impl ControlPlane {
             }
             if Instant::now() > deadline {
                 let _ = ws.engine.remove_container(&new_name).await;
-                anyhow::bail!("the replacement runtime did not answer within {:?}", ws.cfg.ready_timeout);
+                anyhow::bail!("the replacement runtime did not answer within {:?}", ws.cfg().ready_timeout);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

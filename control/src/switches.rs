@@ -4,13 +4,12 @@
 //! other's hold, so automation cannot undo an operator's switch and an operator's `enable` cannot
 //! reopen a route whose check still fails.
 //!
-//! The data plane sees only the outcome: the route table's set of disabled routes.
+//! This is bookkeeping only: the state owner (`crate::state`) keeps it, and publishes the outcome
+//! the data plane sees: the route table's set of disabled routes.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use arc_swap::ArcSwap;
-use markco_proxy::table::RouteTable;
 use prometheus::{IntGaugeVec, Opts, Registry};
 use serde::Serialize;
 
@@ -53,9 +52,9 @@ impl Switches {
         Switches { holds: Mutex::default(), gauge }
     }
 
-    /// Adds (`on`) or removes `holder`'s hold of `route` and publishes whether the route is off.
-    /// Returns the route's holders after the change.
-    pub fn set(&self, table: &ArcSwap<RouteTable>, route: &str, holder: &str, on: bool, since: i64) -> Vec<Hold> {
+    /// Adds (`on`) or removes `holder`'s hold of `route`. Returns the route's holders after the
+    /// change: the route is off while there are any.
+    pub(crate) fn set(&self, route: &str, holder: &str, on: bool, since: i64) -> Vec<Hold> {
         let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
         let of_route = holds.entry(route.to_string()).or_default();
         if on {
@@ -64,14 +63,9 @@ impl Switches {
         } else if of_route.remove(holder).is_some() {
             let _ = self.gauge.remove_label_values(&[route, holder]);
         }
-        let off = !of_route.is_empty();
         let now = views(of_route);
-        if !off {
+        if of_route.is_empty() {
             holds.remove(route);
-        }
-        // Published under the lock, so two switches of one route cannot publish out of order.
-        if table.load().is_disabled(route) != off {
-            table.rcu(|t| t.with_route_disabled(route, off));
         }
         now
     }
@@ -105,19 +99,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_route_is_off_while_anyone_holds_it() {
-        let table = ArcSwap::from_pointee(RouteTable::empty());
+    fn a_route_is_held_while_anyone_holds_it() {
         let s = Switches::new(&Registry::new());
-        s.set(&table, "sync", ADMIN, true, 10);
-        s.set(&table, "sync", &health_holder("ws"), true, 20);
+        s.set("sync", ADMIN, true, 10);
+        s.set("sync", &health_holder("ws"), true, 20);
         // The check passes again: the operator's hold stays.
-        let left = s.set(&table, "sync", &health_holder("ws"), false, 30);
+        let left = s.set("sync", &health_holder("ws"), false, 30);
         assert_eq!(left.iter().map(|h| h.holder.as_str()).collect::<Vec<_>>(), [ADMIN]);
-        assert!(table.load().is_disabled("sync"));
         // A second hold by the same holder keeps the first time.
-        assert_eq!(s.set(&table, "sync", ADMIN, true, 40)[0].since_unix, 10);
-        assert!(s.set(&table, "sync", ADMIN, false, 50).is_empty());
-        assert!(!table.load().is_disabled("sync"));
+        assert_eq!(s.set("sync", ADMIN, true, 40)[0].since_unix, 10);
+        assert!(s.set("sync", ADMIN, false, 50).is_empty());
         assert!(s.all().is_empty());
     }
 }

@@ -189,7 +189,9 @@ fn pick_runtime_port(range: (u16, u16), taken: &[u16]) -> Option<u16> {
 }
 
 pub struct Workspaces {
-    pub cfg: WorkspaceConfig,
+    /// Swapped by a reload: each start reads it afresh, so `[workspaces]` changes apply to the
+    /// next start (containers already running keep what they were made with).
+    cfg: arc_swap::ArcSwap<WorkspaceConfig>,
     pub engine: Arc<dyn ContainerEngine>,
     pub metrics: WorkspaceMetrics,
     /// One start at a time per user.
@@ -198,7 +200,42 @@ pub struct Workspaces {
 
 impl Workspaces {
     pub fn new(cfg: WorkspaceConfig, engine: Arc<dyn ContainerEngine>, metrics: WorkspaceMetrics) -> Workspaces {
-        Workspaces { cfg, engine, metrics, locks: std::sync::Mutex::new(HashMap::new()) }
+        Workspaces {
+            cfg: arc_swap::ArcSwap::from_pointee(cfg),
+            engine,
+            metrics,
+            locks: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The settings the next start uses.
+    pub fn cfg(&self) -> Arc<WorkspaceConfig> {
+        self.cfg.load_full()
+    }
+
+    /// Applies a reloaded `[workspaces]` to the next start. Returns the settings that changed but
+    /// need a restart (kept as they were): the container engine's socket (its client is made
+    /// once), the instance label (it follows the database URL) and the intervals of the loops
+    /// started with the control plane.
+    pub fn reconfigure(&self, mut new: WorkspaceConfig) -> Vec<String> {
+        let old = self.cfg();
+        let mut needs_restart = Vec::new();
+        if new.engine_socket != old.engine_socket {
+            needs_restart.push("workspaces.engine_socket".to_string());
+        }
+        if new.health_interval != old.health_interval {
+            needs_restart.push("workspaces.health_interval".to_string());
+        }
+        if new.idle_timeout != old.idle_timeout {
+            needs_restart.push("workspaces.idle_timeout".to_string());
+        }
+        new.engine_socket = old.engine_socket.clone();
+        new.instance = old.instance.clone();
+        new.legacy_instance = old.legacy_instance.clone();
+        new.health_interval = old.health_interval;
+        new.idle_timeout = old.idle_timeout;
+        self.cfg.store(Arc::new(new));
+        needs_restart
     }
 
     pub fn user_lock(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -207,11 +244,12 @@ impl Workspaces {
 
     /// Creates the user's data directory with its owner the first time; never re-chowns it.
     fn data_dir(&self, user: &str) -> anyhow::Result<PathBuf> {
-        let dir = self.cfg.data_dir.join(user);
+        let cfg = self.cfg();
+        let dir = cfg.data_dir.join(user);
         if !dir.exists() {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            if let Err(e) = std::os::unix::fs::chown(&dir, Some(self.cfg.data_uid), Some(self.cfg.data_uid)) {
-                tracing::warn!(dir = %dir.display(), "cannot give the data directory to uid {}: {e}", self.cfg.data_uid);
+            if let Err(e) = std::os::unix::fs::chown(&dir, Some(cfg.data_uid), Some(cfg.data_uid)) {
+                tracing::warn!(dir = %dir.display(), "cannot give the data directory to uid {}: {e}", cfg.data_uid);
             }
         }
         Ok(dir)
@@ -228,8 +266,8 @@ impl Workspaces {
         let mut row = None;
         for _ in 0..16 {
             let e =
-                pick_port(self.cfg.editor_ports, &taken_e).ok_or_else(|| anyhow!("no free editor port in range"))?;
-            let r = pick_runtime_port(self.cfg.runtime_ports, &taken_r)
+                pick_port(self.cfg().editor_ports, &taken_e).ok_or_else(|| anyhow!("no free editor port in range"))?;
+            let r = pick_runtime_port(self.cfg().runtime_ports, &taken_r)
                 .ok_or_else(|| anyhow!("no free runtime port pair in range"))?;
             let candidate = WorkspaceRow {
                 user_id: user.to_string(),
@@ -247,8 +285,9 @@ impl Workspaces {
                     row = Some(candidate);
                     break;
                 }
-                Err(err) if matches!(err.downcast_ref::<DbError>(), Some(DbError::AddressInUse { .. })) => continue,
-                Err(err) => return Err(err),
+                // Taken meanwhile (another start, another gateway): the next free pair.
+                Err(DbError::AddressInUse { .. }) => continue,
+                Err(err) => return Err(err.into()),
             }
         }
         let Some(mut row) = row else { bail!("could not claim free ports after 16 tries") };
@@ -270,14 +309,15 @@ impl Workspaces {
             })
             .await?;
         let (ep, rp) = (row.editor_port, row.runtime_port);
+        let cfg = self.cfg();
         let mount = vec![(data.display().to_string(), "/home/ubuntu".to_string())];
         let runtime = self.runtime_spec(&container_name("runtime", user), user, rp, &limits);
         let editor = ContainerSpec {
             name: container_name("editor", user),
             pod: pod.clone(),
-            image: self.cfg.editor_image.clone(),
-            command: self.cfg.editor_command.iter().map(|c| fill(c, ep, rp, user)).collect(),
-            env: self.cfg.editor_env.iter().map(|(k, v)| (k.clone(), fill(v, ep, rp, user))).collect(),
+            image: cfg.editor_image.clone(),
+            command: cfg.editor_command.iter().map(|c| fill(c, ep, rp, user)).collect(),
+            env: cfg.editor_env.iter().map(|(k, v)| (k.clone(), fill(v, ep, rp, user))).collect(),
             labels: labels("editor"),
             mounts: mount,
             memory_bytes: limits.editor_memory,
@@ -315,10 +355,11 @@ impl Workspaces {
     /// "free" the `[workspaces]` limits).
     pub async fn limits_of(&self, db: &Db, user: &str) -> PlanLimits {
         let plan = db.user_plan(user).await.ok().flatten().unwrap_or_else(|| "free".to_string());
-        self.cfg.plans.get(&plan).or_else(|| self.cfg.plans.get("free")).copied().unwrap_or(PlanLimits {
-            editor_memory: self.cfg.editor_memory,
-            runtime_memory: self.cfg.runtime_memory,
-            runtime_cpus: self.cfg.runtime_cpus,
+        let cfg = self.cfg();
+        cfg.plans.get(&plan).or_else(|| cfg.plans.get("free")).copied().unwrap_or(PlanLimits {
+            editor_memory: cfg.editor_memory,
+            runtime_memory: cfg.runtime_memory,
+            runtime_cpus: cfg.runtime_cpus,
         })
     }
 
@@ -327,7 +368,7 @@ impl Workspaces {
         let mut l = BTreeMap::new();
         l.insert(LABEL_MANAGED.to_string(), "true".to_string());
         l.insert(LABEL_USER.to_string(), user.to_string());
-        l.insert(LABEL_INSTANCE.to_string(), self.cfg.instance.clone());
+        l.insert(LABEL_INSTANCE.to_string(), self.cfg().instance.clone());
         if !role.is_empty() {
             l.insert(LABEL_ROLE.to_string(), role.to_string());
         }
@@ -337,14 +378,15 @@ impl Workspaces {
     /// A runtime container listening on `port` in the user's pod, with the plan's limits: the
     /// first runtime of a start and a replacement runtime are made alike.
     pub fn runtime_spec(&self, name: &str, user: &str, port: u16, limits: &PlanLimits) -> ContainerSpec {
+        let cfg = self.cfg();
         ContainerSpec {
             name: name.to_string(),
             pod: pod_name(user),
-            image: self.cfg.runtime_image.clone(),
-            command: self.cfg.runtime_command.iter().map(|c| fill(c, port, port, user)).collect(),
-            env: self.cfg.runtime_env.iter().map(|(k, v)| (k.clone(), fill(v, port, port, user))).collect(),
+            image: cfg.runtime_image.clone(),
+            command: cfg.runtime_command.iter().map(|c| fill(c, port, port, user)).collect(),
+            env: cfg.runtime_env.iter().map(|(k, v)| (k.clone(), fill(v, port, port, user))).collect(),
             labels: self.labels(user, "runtime"),
-            mounts: vec![(self.cfg.data_dir.join(user).display().to_string(), "/home/ubuntu".to_string())],
+            mounts: vec![(cfg.data_dir.join(user).display().to_string(), "/home/ubuntu".to_string())],
             memory_bytes: limits.runtime_memory,
             cpus: limits.runtime_cpus,
         }
@@ -352,7 +394,7 @@ impl Workspaces {
 
     /// Both the editor's `/health` and the runtime's `/mrp/v1/capabilities` answer 2xx.
     pub async fn wait_ready(&self, editor_port: u16, runtime_port: u16) -> anyhow::Result<()> {
-        let deadline = Instant::now() + self.cfg.ready_timeout;
+        let deadline = Instant::now() + self.cfg().ready_timeout;
         let probe = |port: u16, path: &'static str| async move {
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             matches!(http_client::call(addr, "GET", path, None, Duration::from_secs(2)).await, Ok(r) if (200..300).contains(&r.status))
@@ -372,7 +414,7 @@ impl Workspaces {
         }
         bail!(
             "not ready within {:?} (editor {}, runtime {})",
-            self.cfg.ready_timeout,
+            self.cfg().ready_timeout,
             if editor_ok { "ready" } else { "not answering /health" },
             if runtime_ok { "ready" } else { "not answering /mrp/v1/capabilities" }
         )

@@ -146,8 +146,9 @@ macro_rules! on_both_backends {
 
 on_both_backends!(sessions, workspaces, moves);
 
-fn db_error(err: &anyhow::Error) -> Option<&DbError> {
-    err.downcast_ref::<DbError>()
+/// The typed error as the call sites compare it (errors are typed: nothing to downcast).
+fn db_error(err: &DbError) -> Option<&DbError> {
+    Some(err)
 }
 
 fn workspace(user_id: &str, editor_port: u16, runtime_port: u16) -> WorkspaceRow {
@@ -845,7 +846,7 @@ async fn postgres_adopts_todays_database() {
     assert_eq!(db.session_user("tok-bob-old").await.expect("session_user"), None, "expired before markco");
     assert_eq!(db.user_by_email("bob@example.com").await.expect("user_by_email"), Some(USER_2.to_owned()));
     let err = db.create_user("ada@example.com").await.expect_err("existing email");
-    assert_eq!(err.downcast_ref::<DbError>(), Some(&DbError::EmailExists));
+    assert_eq!(db_error(&err), Some(&DbError::EmailExists));
     let token = db.create_session(USER_2, Duration::from_secs(60)).await.expect("create_session");
     assert_eq!(db.session_user(&token).await.expect("session_user"), Some(USER_2.to_owned()));
 

@@ -22,7 +22,7 @@ use crate::identity::{self, ControlApi, Identity, IdentityError, NoIdentity, Wor
 use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
 use crate::path;
 use crate::static_files;
-use crate::table::{canonical_host, Action, Activity, PathPattern, ProxySettings, Route, RouteTable};
+use crate::table::{canonical_host, Action, Activity, PathPattern, ProxySettings, Route, RouteTable, TableReader};
 use crate::target::{self, TargetForm};
 use crate::tunnel;
 
@@ -33,7 +33,7 @@ const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
 /// The data plane.
 pub struct Gateway {
-    table: Arc<ArcSwap<RouteTable>>,
+    table: TableReader,
     metrics: Arc<Metrics>,
     acme_tokens: AcmeTokens,
     identity: Arc<dyn Identity>,
@@ -49,7 +49,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(table: Arc<ArcSwap<RouteTable>>, metrics: Arc<Metrics>, acme_tokens: AcmeTokens) -> Gateway {
+    pub fn new(table: TableReader, metrics: Arc<Metrics>, acme_tokens: AcmeTokens) -> Gateway {
         let unrouted = metrics.route("none");
         Gateway {
             table,
@@ -569,9 +569,11 @@ impl Gateway {
                 if routes.as_ref().is_none_or(|r| !r.running) && !upgrade {
                     // A plain request may start the workspace; a websocket never does.
                     if let Some(starter) = &self.starter {
+                        // The starter hands back the entry the state owner published, so the
+                        // request never loads a second snapshot (one snapshot per request).
                         match starter.ensure_running(&owner).await {
-                            Ok(true) => routes = self.table.load().user(&owner).cloned(),
-                            Ok(false) => {}
+                            Ok(Some(started)) => routes = Some(started),
+                            Ok(None) => {}
                             Err(e) => tracing::warn!(user = %owner, "workspace start failed: {e}"),
                         }
                     }

@@ -55,10 +55,11 @@ pub trait ControlApi: Send + Sync {
 #[error("{0}")]
 pub struct StartError(pub String);
 
-/// Starts a user's workspace on demand (lazy start). `Ok(true)` once it is running.
+/// Starts a user's workspace on demand (lazy start). `Ok(Some(routes))` once it is running: the
+/// user's entry in the table that was published for it, so the caller needs no second snapshot.
 #[async_trait]
 pub trait WorkspaceStarter: Send + Sync {
-    async fn ensure_running(&self, user: &str) -> Result<bool, StartError>;
+    async fn ensure_running(&self, user: &str) -> Result<Option<Arc<crate::table::UserRoutes>>, StartError>;
 }
 
 /// The session token: cookie `session_token`, then `Authorization: Bearer`, then `?token=`.

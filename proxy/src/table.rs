@@ -497,6 +497,46 @@ impl RouteTable {
     }
 }
 
+/// The one handle that can publish a new table. Only the control plane's state owner holds it
+/// (`markco_control::state`), so every change to the live table goes through one place.
+pub struct TablePublisher(Arc<arc_swap::ArcSwap<RouteTable>>);
+
+/// A read-only handle on the live table: what the data plane, the admin API and the loops hold.
+#[derive(Clone)]
+pub struct TableReader(Arc<arc_swap::ArcSwap<RouteTable>>);
+
+impl TablePublisher {
+    /// The publisher of `first` and a reader of everything it publishes.
+    pub fn new(first: RouteTable) -> (TablePublisher, TableReader) {
+        let live = Arc::new(arc_swap::ArcSwap::from_pointee(first));
+        (TablePublisher(live.clone()), TableReader(live))
+    }
+
+    /// Makes `next` the snapshot every following request loads.
+    pub fn publish(&self, next: Arc<RouteTable>) {
+        self.0.store(next);
+    }
+
+    pub fn current(&self) -> Arc<RouteTable> {
+        self.0.load_full()
+    }
+
+    pub fn reader(&self) -> TableReader {
+        TableReader(self.0.clone())
+    }
+}
+
+impl TableReader {
+    /// The current snapshot, cheaply; a request takes it once and keeps it.
+    pub fn load(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.0.load()
+    }
+
+    pub fn load_full(&self) -> Arc<RouteTable> {
+        self.0.load_full()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,8 @@ pub struct ServerSettings {
     pub admin: SocketAddr,
     pub admin_token: Option<String>,
     pub threads: usize,
+    /// Let idle worker threads take tasks from busy ones (Pingora's `work_stealing`).
+    pub work_stealing: bool,
     pub header_timeout: Duration,
     /// Open client connections allowed from one address, and in all.
     pub max_connections_per_ip: usize,
@@ -99,6 +101,10 @@ pub struct Config {
     /// Things that are allowed but probably not meant (a static root that does not exist yet).
     pub warnings: Vec<String>,
 }
+
+/// On: with it off, 2 threads took more CPU per request and had a far worse p99 here
+/// (benches/README.md, "CPU per request").
+const WORK_STEALING_DEFAULT: bool = true;
 
 const DURATION_HELP: &str = "write a duration such as \"10s\", \"2m\", \"1h\" or \"500ms\"";
 
@@ -246,6 +252,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         admin: cx.addr(&s.admin, "admin", "127.0.0.1:2019")?,
         admin_token,
         threads,
+        work_stealing: s.work_stealing.unwrap_or(WORK_STEALING_DEFAULT),
         header_timeout: cx.duration(&s.header_timeout, "header_timeout", Duration::from_secs(10))?,
         max_connections_per_ip,
         max_connections,

@@ -46,6 +46,7 @@ pub struct RawServer {
     pub admin: Option<Spanned<String>>,
     pub admin_token_file: Option<Spanned<String>>,
     pub threads: Option<Spanned<i64>>,
+    pub work_stealing: Option<bool>,
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
     pub header_timeout: Option<Spanned<String>>,

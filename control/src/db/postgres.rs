@@ -4,14 +4,14 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Context};
 use futures_util::stream::{BoxStream, StreamExt};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection};
 
 use super::{
     address_conflict, ms_i32, same_runtime, session_insert_error, user_insert_error, workspace_from_tuple, DbError,
-    MoveRecord, WorkspaceRow, WorkspaceTuple,
+    MoveRecord, Result, WorkspaceRow, WorkspaceTuple,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -51,6 +51,7 @@ pub(super) async fn connect(url: &str) -> Result<PgPool> {
         .connect_with(options.clone())
         .await
         .map_err(|e| explain_connect_error(e, &options))
+        .map_err(DbError::from)
 }
 
 /// "user@host:port/database", never the password.
@@ -95,7 +96,7 @@ fn explain_connect_error(err: sqlx::Error, options: &PgConnectOptions) -> anyhow
 }
 
 pub(super) async fn migrate(pool: &PgPool) -> Result<()> {
-    MIGRATOR.run(pool).await.context("running the PostgreSQL migrations (migrations/postgres)")
+    MIGRATOR.run(pool).await.context("running the PostgreSQL migrations (migrations/postgres)").map_err(DbError::from)
 }
 
 pub(super) async fn session_user(pool: &PgPool, token: &str) -> Result<Option<String>> {
@@ -107,6 +108,7 @@ pub(super) async fn session_user(pool: &PgPool, token: &str) -> Result<Option<St
     .fetch_optional(pool)
     .await
     .context("looking up a session")
+    .map_err(DbError::from)
 }
 
 pub(super) async fn create_user(pool: &PgPool, id: &str, email: &str) -> Result<()> {
@@ -125,6 +127,7 @@ pub(super) async fn user_by_email(pool: &PgPool, email: &str) -> Result<Option<S
         .fetch_optional(pool)
         .await
         .with_context(|| format!("looking up user {email}"))
+        .map_err(DbError::from)
 }
 
 pub(super) async fn user_plan(pool: &PgPool, user_id: &str) -> Result<Option<String>> {
@@ -271,7 +274,7 @@ pub(super) async fn upsert_workspace(pool: &PgPool, row: &WorkspaceRow) -> Resul
                 .context("linking the workspace to its runtime")?;
         }
     }
-    tx.commit().await.context("committing the workspace")
+    tx.commit().await.context("committing the workspace").map_err(DbError::from)
 }
 
 pub(super) async fn delete_workspace(pool: &PgPool, user_id: &str) -> Result<bool> {
@@ -306,7 +309,7 @@ pub(super) async fn set_runtime(pool: &PgPool, user_id: &str, host: &str, port: 
     .await
     .map_err(|e| address_conflict(e, None, (host, port), format!("moving the runtime of user {user_id}")))?;
     let Some(runtime_id) = runtime_id else {
-        return Err(DbError::NoWorkspace(user_id.to_owned()).into());
+        return Err(DbError::NoWorkspace(user_id.to_owned()));
     };
     if let Some(runtime_id) = runtime_id {
         sqlx::query("UPDATE runtimes SET host = $2, port = $3, updated_at = now() WHERE id = $1::uuid")
@@ -317,7 +320,7 @@ pub(super) async fn set_runtime(pool: &PgPool, user_id: &str, host: &str, port: 
             .await
             .context("moving the runtime row")?;
     }
-    tx.commit().await.context("committing the runtime move")
+    tx.commit().await.context("committing the runtime move").map_err(DbError::from)
 }
 
 pub(super) async fn record_move(pool: &PgPool, id: &str, m: &MoveRecord) -> Result<()> {
@@ -341,7 +344,7 @@ pub(super) async fn record_move(pool: &PgPool, id: &str, m: &MoveRecord) -> Resu
     .await
     .with_context(|| format!("recording a runtime move of user {}", m.user_id))?;
     if done.rows_affected() == 0 {
-        return Err(DbError::NoWorkspace(m.user_id.clone()).into());
+        return Err(DbError::NoWorkspace(m.user_id.clone()));
     }
     Ok(())
 }
@@ -354,6 +357,7 @@ pub(super) async fn count_moves(pool: &PgPool, user_id: &str) -> Result<i64> {
     .fetch_one(pool)
     .await
     .with_context(|| format!("counting the runtime moves of user {user_id}"))
+    .map_err(DbError::from)
 }
 
 pub(super) async fn recent_moves(pool: &PgPool, limit: i64) -> Result<Vec<super::MoveTuple>> {
@@ -367,6 +371,7 @@ pub(super) async fn recent_moves(pool: &PgPool, limit: i64) -> Result<Vec<super:
     .fetch_all(pool)
     .await
     .context("listing the latest runtime moves")
+    .map_err(DbError::from)
 }
 
 async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
@@ -442,4 +447,5 @@ pub(super) async fn route_holds(pool: &PgPool) -> Result<Vec<(String, String, i6
     .fetch_all(pool)
     .await
     .context("reading the route holds")
+    .map_err(DbError::from)
 }

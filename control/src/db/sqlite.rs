@@ -5,12 +5,12 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Context;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::{
     address_conflict, ms_i32, now_unix, same_runtime, session_insert_error, user_insert_error, workspace_from_tuple,
-    DbError, MoveRecord, WorkspaceRow, WorkspaceTuple,
+    DbError, MoveRecord, Result, WorkspaceRow, WorkspaceTuple,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -22,7 +22,9 @@ pub(super) async fn connect(url: &str) -> Result<SqlitePool> {
     let (path, params) = rest.split_once('?').unwrap_or((rest, ""));
     let in_memory = path == ":memory:" || params.split('&').any(|p| p == "mode=memory");
     if path.is_empty() && !in_memory {
-        anyhow::bail!("the SQLite URL {url:?} names no file: use sqlite://PATH (e.g. sqlite://data/markco.db)");
+        return Err(DbError::Other(anyhow::anyhow!(
+            "the SQLite URL {url:?} names no file: use sqlite://PATH (e.g. sqlite://data/markco.db)"
+        )));
     }
     let options = SqliteConnectOptions::from_str(url)
         .with_context(|| format!("invalid SQLite URL {url:?}: use sqlite://PATH or sqlite::memory:"))?
@@ -38,7 +40,8 @@ pub(super) async fn connect(url: &str) -> Result<SqlitePool> {
             .max_lifetime(None)
             .connect_with(options)
             .await
-            .context("cannot open an in-memory SQLite database");
+            .context("cannot open an in-memory SQLite database")
+            .map_err(DbError::from);
     }
 
     let options =
@@ -53,13 +56,18 @@ pub(super) async fn connect(url: &str) -> Result<SqlitePool> {
             )
         })?;
     }
-    SqlitePoolOptions::new().max_connections(4).connect_with(options).await.with_context(|| {
-        format!("cannot open the SQLite database {}: check that it is a writable SQLite file", file.display())
-    })
+    SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .with_context(|| {
+            format!("cannot open the SQLite database {}: check that it is a writable SQLite file", file.display())
+        })
+        .map_err(DbError::from)
 }
 
 pub(super) async fn migrate(pool: &SqlitePool) -> Result<()> {
-    MIGRATOR.run(pool).await.context("running the SQLite migrations (migrations/sqlite)")
+    MIGRATOR.run(pool).await.context("running the SQLite migrations (migrations/sqlite)").map_err(DbError::from)
 }
 
 pub(super) async fn session_user(pool: &SqlitePool, token: &str) -> Result<Option<String>> {
@@ -71,6 +79,7 @@ pub(super) async fn session_user(pool: &SqlitePool, token: &str) -> Result<Optio
     .fetch_optional(pool)
     .await
     .context("looking up a session")
+    .map_err(DbError::from)
 }
 
 pub(super) async fn create_user(pool: &SqlitePool, id: &str, email: &str) -> Result<()> {
@@ -90,6 +99,7 @@ pub(super) async fn user_by_email(pool: &SqlitePool, email: &str) -> Result<Opti
         .fetch_optional(pool)
         .await
         .with_context(|| format!("looking up user {email}"))
+        .map_err(DbError::from)
 }
 
 pub(super) async fn user_plan(pool: &SqlitePool, user_id: &str) -> Result<Option<String>> {
@@ -243,7 +253,7 @@ pub(super) async fn upsert_workspace(pool: &SqlitePool, row: &WorkspaceRow) -> R
                 .context("linking the workspace to its runtime")?;
         }
     }
-    tx.commit().await.context("committing the workspace")
+    tx.commit().await.context("committing the workspace").map_err(DbError::from)
 }
 
 pub(super) async fn delete_workspace(pool: &SqlitePool, user_id: &str) -> Result<bool> {
@@ -281,7 +291,7 @@ pub(super) async fn set_runtime(pool: &SqlitePool, user_id: &str, host: &str, po
     .await
     .map_err(|e| address_conflict(e, None, (host, port), format!("moving the runtime of user {user_id}")))?;
     let Some(runtime_id) = runtime_id else {
-        return Err(DbError::NoWorkspace(user_id.to_owned()).into());
+        return Err(DbError::NoWorkspace(user_id.to_owned()));
     };
     if let Some(runtime_id) = runtime_id {
         sqlx::query("UPDATE runtimes SET host = ?2, port = ?3, updated_at = ?4 WHERE id = ?1")
@@ -293,7 +303,7 @@ pub(super) async fn set_runtime(pool: &SqlitePool, user_id: &str, host: &str, po
             .await
             .context("moving the runtime row")?;
     }
-    tx.commit().await.context("committing the runtime move")
+    tx.commit().await.context("committing the runtime move").map_err(DbError::from)
 }
 
 pub(super) async fn record_move(pool: &SqlitePool, id: &str, m: &MoveRecord) -> Result<()> {
@@ -316,7 +326,7 @@ pub(super) async fn record_move(pool: &SqlitePool, id: &str, m: &MoveRecord) -> 
     .await
     .with_context(|| format!("recording a runtime move of user {}", m.user_id))?;
     if done.rows_affected() == 0 {
-        return Err(DbError::NoWorkspace(m.user_id.clone()).into());
+        return Err(DbError::NoWorkspace(m.user_id.clone()));
     }
     Ok(())
 }
@@ -327,6 +337,7 @@ pub(super) async fn count_moves(pool: &SqlitePool, user_id: &str) -> Result<i64>
         .fetch_one(pool)
         .await
         .with_context(|| format!("counting the runtime moves of user {user_id}"))
+        .map_err(DbError::from)
 }
 
 pub(super) async fn recent_moves(pool: &SqlitePool, limit: i64) -> Result<Vec<super::MoveTuple>> {
@@ -339,6 +350,7 @@ pub(super) async fn recent_moves(pool: &SqlitePool, limit: i64) -> Result<Vec<su
     .fetch_all(pool)
     .await
     .context("listing the latest runtime moves")
+    .map_err(DbError::from)
 }
 
 pub(super) async fn hold_route(pool: &SqlitePool, route: &str, holder: &str, since: i64) -> Result<()> {
@@ -368,4 +380,5 @@ pub(super) async fn route_holds(pool: &SqlitePool) -> Result<Vec<(String, String
         .fetch_all(pool)
         .await
         .context("reading the route holds")
+        .map_err(DbError::from)
 }
