@@ -333,8 +333,7 @@ fn restrict_upgrade(req: &mut RequestHeader, route: &Route) {
 }
 
 /// The address a rate limit counts: the peer, or the client a trusted proxy names last.
-fn client_ip(session: &Session, trusted_peer: bool) -> Option<IpAddr> {
-    let peer = peer_ip(session);
+fn client_ip(session: &Session, peer: Option<IpAddr>, trusted_peer: bool) -> Option<IpAddr> {
     if !trusted_peer {
         return peer;
     }
@@ -712,7 +711,7 @@ impl ProxyHttp for Gateway {
             ctx.status = 200;
             return Ok(true);
         }
-        ctx.trusted_peer = forwarded::is_trusted(peer_ip(session), &settings.trusted_proxies);
+        ctx.trusted_peer = forwarded::is_trusted(ctx.client, &settings.trusted_proxies);
         let req = session.req_header();
         let host = req
             .headers
@@ -784,7 +783,7 @@ impl ProxyHttp for Gateway {
             restrict_upgrade(session.req_header_mut(), &route);
         }
         if !route.action.is_identity() {
-            let client = client_ip(session, ctx.trusted_peer);
+            let client = client_ip(session, ctx.client, ctx.trusted_peer);
             if self.rate_limited(session, ctx, &route, &client).await? {
                 return Ok(true);
             }
