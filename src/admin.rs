@@ -152,6 +152,7 @@ impl AdminApp {
                         editor_container: None,
                         runtime_container: None,
                         updated_at: 0,
+                        node: None,
                     };
                     match self.plane.put_workspace(row.clone()).await {
                         Ok(()) => json(StatusCode::OK, serde_json::to_value(row).unwrap_or_default()),

@@ -144,6 +144,7 @@ mod tests {
             sessions: Default::default(),
             moves: MoveLimits::default(),
             health_checks: Vec::new(),
+            cluster: None,
         };
         let (table, _reader) = markco_proxy::table::TablePublisher::new(markco_proxy::table::RouteTable::empty());
         let plane = ControlPlane::new(table, config, &prometheus::Registry::new());

@@ -44,6 +44,10 @@ pub struct WorkspaceRow {
     pub runtime_container: Option<String>,
     /// Unix seconds.
     pub updated_at: i64,
+    /// The `[cluster]` node whose podman runs the containers; `None`: a single gateway, or a
+    /// workspace registered through the admin API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Where a workspace is in its life. Stored as text in `markco_workspaces.state` and
@@ -485,7 +489,7 @@ fn same_runtime(old: &str, new: &str) -> bool {
 }
 
 /// The columns of `markco_workspaces` as both backends select them.
-type WorkspaceTuple = (String, String, i64, String, i64, String, Option<String>, Option<String>, i64);
+type WorkspaceTuple = (String, String, i64, String, i64, String, Option<String>, Option<String>, i64, Option<String>);
 
 fn workspace_from_tuple(t: WorkspaceTuple) -> Result<WorkspaceRow> {
     let (
@@ -498,6 +502,7 @@ fn workspace_from_tuple(t: WorkspaceTuple) -> Result<WorkspaceRow> {
         editor_container,
         runtime_container,
         updated_at,
+        node,
     ) = t;
     let port = |p: i64, what: &str| {
         u16::try_from(p)
@@ -515,6 +520,7 @@ fn workspace_from_tuple(t: WorkspaceTuple) -> Result<WorkspaceRow> {
         editor_container,
         runtime_container,
         updated_at,
+        node,
     })
 }
 

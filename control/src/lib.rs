@@ -2,6 +2,7 @@
 //! state in SQLite or PostgreSQL, health checks, and the control API.
 
 pub mod api;
+pub mod cluster;
 pub mod db;
 pub mod engine;
 pub mod http_client;

@@ -61,6 +61,8 @@ pub struct PlaneConfig {
     pub sessions: SessionSettings,
     pub moves: MoveLimits,
     pub health_checks: Vec<HealthCheck>,
+    /// `[cluster]`: several gateways sharing this PostgreSQL; `None`: a single gateway.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// What an admin call can fail with, mapped to an HTTP status by the API.
@@ -332,10 +334,14 @@ impl ControlPlane {
             // The container loops and the engine client are made at start.
             (Some(_), None) | (None, Some(_)) => needs_restart.push("workspaces (added or removed)".to_string()),
         }
+        if old.cluster != config.cluster {
+            needs_restart.push("cluster".to_string());
+        }
         let keep = PlaneConfig {
             database_url: old.database_url.clone(),
             sessions: old.sessions,
             workspaces: old.workspaces.clone(),
+            cluster: old.cluster.clone(),
             ..config
         };
         self.config.store(Arc::new(keep));
@@ -968,6 +974,7 @@ mod tests {
             sessions: SessionSettings::default(),
             moves: MoveLimits::default(),
             health_checks: Vec::new(),
+            cluster: None,
         };
         let (table, _reader) = TablePublisher::new(markco_proxy::table::RouteTable::empty());
         let plane = ControlPlane::new(table, config, &prometheus::Registry::new());

@@ -20,6 +20,11 @@ pub struct WorkspaceConfig {
     pub instance: String,
     /// The label earlier releases gave this gateway's containers ([`legacy_instance_of`]).
     pub legacy_instance: Option<String>,
+    /// The `[cluster]` node this gateway is (stored with each workspace it starts); `None`: alone.
+    pub node: Option<String>,
+    /// Where the containers publish their ports: 127.0.0.1 alone, the node's `advertise` address
+    /// in a cluster (other gateways proxy to it).
+    pub advertise: std::net::IpAddr,
     pub engine_socket: PathBuf,
     pub data_dir: PathBuf,
     /// Owner (uid) of a user's data directory, set once when it is created.
@@ -60,6 +65,8 @@ impl Default for WorkspaceConfig {
         WorkspaceConfig {
             instance: "default".into(),
             legacy_instance: None,
+            node: None,
+            advertise: std::net::IpAddr::from([127, 0, 0, 1]),
             engine_socket: PathBuf::from("/run/podman/podman.sock"),
             data_dir: PathBuf::from("/data/users"),
             data_uid: 1000,
@@ -232,6 +239,8 @@ impl Workspaces {
         new.engine_socket = old.engine_socket.clone();
         new.instance = old.instance.clone();
         new.legacy_instance = old.legacy_instance.clone();
+        new.node = old.node.clone();
+        new.advertise = old.advertise;
         new.health_interval = old.health_interval;
         new.idle_timeout = old.idle_timeout;
         self.cfg.store(Arc::new(new));
@@ -271,14 +280,15 @@ impl Workspaces {
                 .ok_or_else(|| anyhow!("no free runtime port pair in range"))?;
             let candidate = WorkspaceRow {
                 user_id: user.to_string(),
-                editor_host: "127.0.0.1".into(),
+                editor_host: self.cfg().advertise.to_string(),
                 editor_port: e,
-                runtime_host: "127.0.0.1".into(),
+                runtime_host: self.cfg().advertise.to_string(),
                 runtime_port: r,
                 state: WorkspaceState::Starting,
                 editor_container: Some(container_name("editor", user)),
                 runtime_container: Some(container_name("runtime", user)),
                 updated_at: chrono::Utc::now().timestamp(),
+                node: self.cfg().node.clone(),
             };
             match db.upsert_workspace(&candidate).await {
                 Ok(()) => {
@@ -296,10 +306,12 @@ impl Workspaces {
         // A leftover pod of this user (a crash mid-start) is ours to replace.
         let _ = self.engine.remove_pod(&pod).await;
         let labels = |role: &str| self.labels(user, role);
-        // Both ports on 127.0.0.1 only: the gateway is the way in.
+        // Both ports on 127.0.0.1 only (alone) or on the node's advertise address (a cluster's
+        // private network): the gateways are the way in.
         self.engine
             .create_pod(&PodSpec {
                 name: pod.clone(),
+                host_ip: self.cfg().advertise,
                 labels: labels(""),
                 publish: vec![
                     (row.editor_port, row.editor_port),
@@ -395,8 +407,9 @@ impl Workspaces {
     /// Both the editor's `/health` and the runtime's `/mrp/v1/capabilities` answer 2xx.
     pub async fn wait_ready(&self, editor_port: u16, runtime_port: u16) -> anyhow::Result<()> {
         let deadline = Instant::now() + self.cfg().ready_timeout;
+        let host = self.cfg().advertise;
         let probe = |port: u16, path: &'static str| async move {
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let addr = SocketAddr::new(host, port);
             matches!(http_client::call(addr, "GET", path, None, Duration::from_secs(2)).await, Ok(r) if (200..300).contains(&r.status))
         };
         let (mut editor_ok, mut runtime_ok) = (false, false);

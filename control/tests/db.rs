@@ -162,6 +162,7 @@ fn workspace(user_id: &str, editor_port: u16, runtime_port: u16) -> WorkspaceRow
         editor_container: Some(format!("editor-{user_id}")),
         runtime_container: Some(format!("rt-{user_id}")),
         updated_at: 1_700_000_000,
+        node: None,
     }
 }
 

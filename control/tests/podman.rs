@@ -230,6 +230,7 @@ fn pod_spec(f: &Fixture) -> PodSpec {
     PodSpec {
         name: f.pod.clone(),
         labels: labels(&[(LABEL_MANAGED, "true"), (LABEL_USER, &f.user)]),
+        host_ip: std::net::IpAddr::from([127, 0, 0, 1]),
         publish: vec![(f.host_port, CONTAINER_PORT)],
     }
 }

@@ -9,7 +9,9 @@ use markco_control::sessions::SessionSettings;
 use markco_control::workspaces::{PlanLimits, WorkspaceConfig};
 use toml::Spanned;
 
-use super::raw::{RawConfig, RawHealthCheck, RawWorkspaces};
+use markco_control::cluster::ClusterConfig;
+
+use super::raw::{RawCluster, RawConfig, RawHealthCheck, RawWorkspaces};
 use super::{ConfigError, Ctx};
 
 /// The default database: a SQLite file under `data/`, next to the config (or the working
@@ -83,7 +85,82 @@ pub(super) fn plane_config(cx: &Ctx<'_>, raw: &RawConfig, base_dir: &Path) -> Re
             Some(c)
         }
     };
-    Ok(PlaneConfig { database_url: url, workspaces, sessions, moves, health_checks })
+    let cluster = match &raw.cluster {
+        None => None,
+        Some(c) => {
+            if !url.starts_with("postgres") {
+                return cx.err(
+                    c.span(),
+                    "`[cluster]` needs PostgreSQL: the gateways share their state through it",
+                    Some("set [database] url = \"postgres://USER@HOST/DATABASE\", or remove [cluster]".into()),
+                );
+            }
+            Some(cluster_config(cx, c.get_ref(), c.span(), base_dir)?)
+        }
+    };
+    let workspaces = match (workspaces, &cluster) {
+        // Several gateways share one podman in tests and may share one database in production:
+        // each node labels its containers with its own instance, derived from the database and
+        // the node name.
+        (Some(mut w), Some(c)) => {
+            w.instance = markco_control::workspaces::instance_of(&format!("{url}#node={}", c.node));
+            w.legacy_instance = None;
+            w.node = Some(c.node.clone());
+            w.advertise = c.advertise;
+            Some(w)
+        }
+        (w, _) => w,
+    };
+    Ok(PlaneConfig { database_url: url, workspaces, sessions, moves, health_checks, cluster })
+}
+
+fn cluster_config(
+    cx: &Ctx<'_>,
+    c: &RawCluster,
+    span: std::ops::Range<usize>,
+    base_dir: &Path,
+) -> Result<ClusterConfig, ConfigError> {
+    let d = ClusterConfig::default();
+    let node = match &c.node {
+        None => return cx.err(span, "`[cluster]` needs `node`, this gateway's name, unique in the cluster", Some("node = \"gw-a\"".into())),
+        Some(n) => {
+            let v = n.get_ref().trim();
+            let ok = !v.is_empty()
+                && v.len() <= 63
+                && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+            if !ok {
+                return cx.err(n.span(), format!("`node` {v:?} is not a node name"), Some("1 to 63 of a-z, 0-9, - and _".into()));
+            }
+            v.to_string()
+        }
+    };
+    let advertise = match &c.advertise {
+        None => d.advertise,
+        Some(a) => match a.get_ref().trim().parse::<std::net::IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => ip,
+            _ => {
+                return cx.err(
+                    a.span(),
+                    format!("`advertise` {:?} is not an IP address other gateways can reach", a.get_ref()),
+                    Some("the address of this host on the network the gateways share, e.g. \"10.0.0.5\"".into()),
+                )
+            }
+        },
+    };
+    let heartbeat = cx.duration(&c.heartbeat, "heartbeat", d.heartbeat)?;
+    let node_timeout = cx.duration(&c.node_timeout, "node_timeout", d.node_timeout)?;
+    if node_timeout < heartbeat * 2 {
+        let s = c.node_timeout.as_ref().map_or(span.clone(), |v| v.span());
+        return cx.err(s, "`node_timeout` must be at least twice `heartbeat`", Some("a node is declared down after missing several heartbeats, e.g. heartbeat = \"2s\", node_timeout = \"10s\"".into()));
+    }
+    let poll = cx.duration(&c.poll, "poll", d.poll)?;
+    if poll.is_zero() {
+        let s = c.poll.as_ref().map_or(span.clone(), |v| v.span());
+        return cx.err(s, "`poll` must be above zero", None);
+    }
+    let change_retention = cx.duration(&c.change_retention, "change_retention", d.change_retention)?;
+    let secret_file = c.secret_file.as_ref().map(|f| base_dir.join(f.get_ref().trim()));
+    Ok(ClusterConfig { node, advertise, heartbeat, node_timeout, poll, change_retention, secret_file })
 }
 
 fn port_range(
@@ -116,6 +193,8 @@ fn workspace_config(cx: &Ctx<'_>, w: &RawWorkspaces, base_dir: &Path) -> Result<
     let cfg = WorkspaceConfig {
         instance: d.instance.clone(),
         legacy_instance: None,
+        node: None,
+        advertise: d.advertise,
         engine_socket: match &w.engine {
             None => d.engine_socket.clone(),
             Some(e) => match e.get_ref().strip_prefix("unix://") {

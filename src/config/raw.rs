@@ -15,6 +15,7 @@ pub struct RawConfig {
     pub sessions: Option<RawSessions>,
     pub runtime_moves: Option<RawMoves>,
     pub workspaces: Option<Spanned<RawWorkspaces>>,
+    pub cluster: Option<Spanned<RawCluster>>,
     #[serde(default, rename = "health_check")]
     pub health_checks: Vec<Spanned<RawHealthCheck>>,
     #[serde(default, rename = "site")]
@@ -109,6 +110,18 @@ pub struct RawRoute {
 #[serde(deny_unknown_fields)]
 pub struct RawDatabase {
     pub url: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub node: Option<Spanned<String>>,
+    pub advertise: Option<Spanned<String>>,
+    pub heartbeat: Option<Spanned<String>>,
+    pub node_timeout: Option<Spanned<String>>,
+    pub poll: Option<Spanned<String>>,
+    pub change_retention: Option<Spanned<String>>,
+    pub secret_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

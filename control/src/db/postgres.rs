@@ -164,7 +164,7 @@ pub(super) async fn delete_session(pool: &PgPool, token: &str) -> Result<bool> {
 }
 
 const WORKSPACE_COLUMNS: &str = "user_id, editor_host, editor_port::int8, runtime_host, runtime_port::int8, state, \
-                                 editor_container, runtime_container, floor(extract(epoch FROM updated_at))::int8";
+                                 editor_container, runtime_container, floor(extract(epoch FROM updated_at))::int8, node";
 
 pub(super) async fn list_workspaces(pool: &PgPool) -> Result<Vec<WorkspaceRow>> {
     let rows: Vec<WorkspaceTuple> =
@@ -192,13 +192,13 @@ pub(super) async fn upsert_workspace(pool: &PgPool, row: &WorkspaceRow) -> Resul
     // second one sees the runtime row the first one linked.
     let runtime_id: Option<String> = sqlx::query_scalar(
         "INSERT INTO markco_workspaces (user_id, editor_host, editor_port, runtime_host, runtime_port, state, \
-         editor_container, runtime_container, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, to_timestamp($9::float8)) \
+         editor_container, runtime_container, updated_at, node) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, to_timestamp($9::float8), $10) \
          ON CONFLICT (user_id) DO UPDATE SET editor_host = excluded.editor_host, \
          editor_port = excluded.editor_port, runtime_host = excluded.runtime_host, \
          runtime_port = excluded.runtime_port, state = excluded.state, \
          editor_container = excluded.editor_container, runtime_container = excluded.runtime_container, \
-         updated_at = excluded.updated_at RETURNING runtime_id::text",
+         updated_at = excluded.updated_at, node = excluded.node RETURNING runtime_id::text",
     )
     .bind(user)
     .bind(&row.editor_host)
@@ -209,6 +209,7 @@ pub(super) async fn upsert_workspace(pool: &PgPool, row: &WorkspaceRow) -> Resul
     .bind(&row.editor_container)
     .bind(&row.runtime_container)
     .bind(row.updated_at)
+    .bind(&row.node)
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| {

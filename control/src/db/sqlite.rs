@@ -142,7 +142,7 @@ pub(super) async fn delete_session(pool: &SqlitePool, token: &str) -> Result<boo
 }
 
 const WORKSPACE_COLUMNS: &str = "user_id, editor_host, editor_port, runtime_host, runtime_port, state, \
-                                 editor_container, runtime_container, updated_at";
+                                 editor_container, runtime_container, updated_at, node";
 
 pub(super) async fn list_workspaces(pool: &SqlitePool) -> Result<Vec<WorkspaceRow>> {
     let rows: Vec<WorkspaceTuple> =
@@ -168,12 +168,12 @@ pub(super) async fn upsert_workspace(pool: &SqlitePool, row: &WorkspaceRow) -> R
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.context("starting a transaction")?;
     let runtime_id: Option<String> = sqlx::query_scalar(
         "INSERT INTO markco_workspaces (user_id, editor_host, editor_port, runtime_host, runtime_port, state, \
-         editor_container, runtime_container, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+         editor_container, runtime_container, updated_at, node) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
          ON CONFLICT (user_id) DO UPDATE SET editor_host = excluded.editor_host, \
          editor_port = excluded.editor_port, runtime_host = excluded.runtime_host, \
          runtime_port = excluded.runtime_port, state = excluded.state, \
          editor_container = excluded.editor_container, runtime_container = excluded.runtime_container, \
-         updated_at = excluded.updated_at RETURNING runtime_id",
+         updated_at = excluded.updated_at, node = excluded.node RETURNING runtime_id",
     )
     .bind(user)
     .bind(&row.editor_host)
@@ -184,6 +184,7 @@ pub(super) async fn upsert_workspace(pool: &SqlitePool, row: &WorkspaceRow) -> R
     .bind(&row.editor_container)
     .bind(&row.runtime_container)
     .bind(row.updated_at)
+    .bind(&row.node)
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| {

@@ -24,7 +24,9 @@ pub const LABEL_INSTANCE: &str = "markco.instance";
 pub struct PodSpec {
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    /// (host port on 127.0.0.1, container port)
+    /// The host address the ports are published on.
+    pub host_ip: std::net::IpAddr,
+    /// (host port, container port)
     pub publish: Vec<(u16, u16)>,
 }
 

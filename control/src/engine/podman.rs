@@ -221,7 +221,7 @@ impl ContainerEngine for Podman {
             .publish
             .iter()
             .map(|&(host, container)| {
-                json!({"host_ip": "127.0.0.1", "host_port": host, "container_port": container, "protocol": "tcp"})
+                json!({"host_ip": spec.host_ip.to_string(), "host_port": host, "container_port": container, "protocol": "tcp"})
             })
             .collect();
         let body = json!({
