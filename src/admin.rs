@@ -85,6 +85,16 @@ impl AdminApp {
                 _ => json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method not allowed"})),
             });
         }
+        if path == "/api/admin/cluster" {
+            return Some(match (method == Method::GET, &self.plane.cluster) {
+                (true, Some(c)) => json(StatusCode::OK, serde_json::to_value(c.status()).unwrap_or_default()),
+                (true, None) => json(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({"error": "this gateway has no [cluster] section: it runs alone"}),
+                ),
+                _ => json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method not allowed"})),
+            });
+        }
         if path == "/api/admin/moves" {
             return Some(match *method {
                 Method::GET => match self.plane.recent_moves().await {
@@ -230,7 +240,9 @@ impl AdminApp {
             if !valid_user_id(user) {
                 return Some(bad_request("bad user id"));
             }
-            self.invalidate_sessions(user);
+            if let Err(e) = self.plane.invalidate_sessions(user).await {
+                return Some(plane_error(e));
+            }
             let stopped = match self.plane.stop_workspace(user).await {
                 Ok(()) => true,
                 Err(PlaneError::Invalid(_)) => false,
@@ -248,16 +260,12 @@ impl AdminApp {
             if !valid_user_id(user) {
                 return Some(bad_request("bad user id"));
             }
-            self.invalidate_sessions(user);
-            return Some(json(StatusCode::OK, serde_json::json!({"invalidated": user})));
+            return Some(match self.plane.invalidate_sessions(user).await {
+                Ok(()) => json(StatusCode::OK, serde_json::json!({"invalidated": user})),
+                Err(e) => plane_error(e),
+            });
         }
         None
-    }
-
-    fn invalidate_sessions(&self, user: &str) {
-        use markco_control::state::{Sessions, StateCommand};
-        // Invalidation changes nothing the invariants watch: it cannot be refused.
-        let _ = self.plane.state.apply(StateCommand::SessionInvalidated(Sessions::User(user.to_string())));
     }
 }
 
@@ -380,6 +388,9 @@ impl ServeHttp for AdminApp {
                     .collect();
                 if let Some(v) = view.as_object_mut() {
                     v.insert("orphaned_holds".into(), serde_json::Value::Object(orphaned));
+                    if let Some(c) = &self.plane.cluster {
+                        v.insert("cluster".into(), serde_json::to_value(c.status()).unwrap_or_default());
+                    }
                 }
                 json(StatusCode::OK, view)
             }
@@ -411,7 +422,7 @@ impl ServeHttp for AdminApp {
             }
             _ => json(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /ui", "GET /status", "GET /metrics", "GET /routes", "GET /certs", "POST /reload", "GET /api/admin/workspaces", "GET /api/admin/moves", "GET|PUT|DELETE /api/admin/workspaces/<userId>", "POST /api/runtime/update-port", "POST /api/admin/routes/<name>/disable|enable", "POST /api/admin/users/<userId>/invalidate"]}),
+                serde_json::json!({"error": "not found", "endpoints": ["GET /health", "GET /ui", "GET /status", "GET /metrics", "GET /routes", "GET /certs", "POST /reload", "GET /api/admin/workspaces", "GET /api/admin/moves", "GET /api/admin/cluster", "GET|PUT|DELETE /api/admin/workspaces/<userId>", "POST /api/runtime/update-port", "POST /api/admin/routes/<name>/disable|enable", "POST /api/admin/users/<userId>/invalidate"]}),
             ),
         }
     }

@@ -116,7 +116,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     }
     let metrics = Metrics::new();
     // The workspace map comes from the database before any listener accepts a request.
-    let boot = plane::bootstrap(&cfg.plane.database_url, cfg.plane.workspaces.as_ref())
+    let boot = plane::bootstrap(&cfg.plane.database_url, cfg.plane.workspaces.as_ref(), cfg.plane.cluster.as_ref())
         .with_context(|| format!("opening the database {}", redact_url(&cfg.plane.database_url)))?;
     tracing::info!(workspaces = boot.rows.len(), route_holds = boot.holds.len(), "state loaded from the database");
     let (publisher, table) = TablePublisher::new(RouteTable::new(1, cfg.build_routing(&metrics)));

@@ -1,9 +1,24 @@
 //! Several gateways on one PostgreSQL (`[cluster]`): the shared change log they follow, and the
 //! node table they heartbeat into.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use markco_proxy::table::RouteTable;
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, Registry};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use crate::db::{Db, WorkspaceRow, WorkspaceState};
+use crate::plane::routes_of;
+use crate::state::{Sessions, StateCommand, StateOwner};
+use crate::switches::ADMIN;
 
 /// `[cluster]`: this gateway's place among several sharing one PostgreSQL.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +51,590 @@ impl Default for ClusterConfig {
             poll: Duration::from_secs(1),
             change_retention: Duration::from_secs(86_400),
             secret_file: None,
+        }
+    }
+}
+
+/// Channel of the change log's NOTIFY (migrations/postgres/0005_cluster.sql); the payload is the
+/// new sequence number, a hint only: a gateway always reads the log from its last applied change.
+pub const CHANGES_CHANNEL: &str = "markco_changes";
+/// Changes read from the log per query.
+const BATCH: i64 = 500;
+
+/// A change as the log holds it: what the triggers write (migrations/postgres/0005_cluster.sql),
+/// turned into the owner's [`StateCommand`]s by [`commands`]. The log is written by PostgreSQL,
+/// but a row that does not parse is skipped and counted, never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Change {
+    /// A workspace row was inserted or its live columns changed.
+    Workspace {
+        user_id: String,
+        editor_host: String,
+        editor_port: u16,
+        runtime_host: String,
+        runtime_port: u16,
+        state: String,
+        #[serde(default)]
+        node: Option<String>,
+    },
+    WorkspaceDeleted {
+        user_id: String,
+    },
+    RouteHeld {
+        route: String,
+        holder: String,
+        since: i64,
+    },
+    RouteReleased {
+        route: String,
+        holder: String,
+    },
+    /// Every session of a user dropped (account deletion through the admin API).
+    SessionsOfUser {
+        user_id: String,
+    },
+}
+
+/// What the owner does about `change`, given the table it applies to. A workspace that only
+/// changed its runtime address is a runtime move; one that is starting is not served yet (its
+/// node publishes it once it runs); stopped or failed is out of the table.
+pub fn commands(change: Change, table: &RouteTable) -> Vec<StateCommand> {
+    match change {
+        Change::Workspace { user_id, editor_host, editor_port, runtime_host, runtime_port, state, node } => {
+            let state: WorkspaceState = match state.parse() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(user = %user_id, "change log: {e:#}; skipped");
+                    return Vec::new();
+                }
+            };
+            match state {
+                WorkspaceState::Starting => Vec::new(),
+                WorkspaceState::Stopped | WorkspaceState::Failed => vec![StateCommand::WorkspaceDown { user: user_id }],
+                WorkspaceState::Running => {
+                    let row = WorkspaceRow {
+                        user_id,
+                        editor_host,
+                        editor_port,
+                        runtime_host,
+                        runtime_port,
+                        state,
+                        editor_container: None,
+                        runtime_container: None,
+                        updated_at: 0,
+                        node,
+                    };
+                    let Some(routes) = routes_of(&row) else {
+                        tracing::warn!(user = %row.user_id, "change log: a workspace address does not resolve; skipped");
+                        return Vec::new();
+                    };
+                    match table.user(&row.user_id) {
+                        Some(cur) if cur.running && cur.editor == routes.editor && cur.runtime != routes.runtime => {
+                            vec![StateCommand::RuntimeMoved { user: row.user_id, runtime: routes.runtime }]
+                        }
+                        Some(cur) if cur.running && cur.editor == routes.editor && cur.runtime == routes.runtime => {
+                            Vec::new()
+                        }
+                        _ => vec![StateCommand::WorkspaceUp { user: row.user_id, routes }],
+                    }
+                }
+            }
+        }
+        Change::WorkspaceDeleted { user_id } => vec![StateCommand::WorkspaceDown { user: user_id }],
+        Change::RouteHeld { route, holder, since } => vec![StateCommand::RouteHeld { route, holder, since }],
+        Change::RouteReleased { route, holder } => vec![StateCommand::RouteReleased { route, holder }],
+        Change::SessionsOfUser { user_id } => vec![StateCommand::SessionInvalidated(Sessions::User(user_id))],
+    }
+}
+
+/// One node as the others see it (`GET /api/admin/cluster`, `/routes`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NodeStatus {
+    pub id: String,
+    pub advertise: String,
+    /// The last change it applied.
+    pub applied_seq: i64,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age_s: f64,
+    /// Its heartbeat is within `node_timeout`.
+    pub up: bool,
+    /// Running workspaces whose containers it runs.
+    pub workspaces: i64,
+}
+
+/// This gateway's view of the cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub applied_seq: i64,
+    /// The newest change in the log (as of the last heartbeat).
+    pub head_seq: i64,
+    /// How long the oldest change not applied here has waited (0: caught up).
+    pub lag_seconds: f64,
+    pub nodes: Vec<NodeStatus>,
+}
+
+pub struct ClusterMetrics {
+    pub lag: Gauge,
+    pub applied: IntCounter,
+    pub propagation: Histogram,
+    pub skipped: IntCounter,
+    pub resyncs: IntCounter,
+}
+
+impl ClusterMetrics {
+    fn new(registry: &Registry) -> ClusterMetrics {
+        let m = ClusterMetrics {
+            lag: Gauge::new(
+                "markco_cluster_lag_seconds",
+                "How long the oldest change in the shared log not yet applied by this gateway has waited (0: caught up)",
+            )
+            .expect("static metric definition"),
+            applied: IntCounter::new(
+                "markco_cluster_changes_applied_total",
+                "Changes from the shared change log applied by this gateway (its own included)",
+            )
+            .expect("static metric definition"),
+            propagation: Histogram::with_opts(
+                HistogramOpts::new(
+                    "markco_cluster_propagation_seconds",
+                    "From a change's write in the database to its application by this gateway",
+                )
+                .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]),
+            )
+            .expect("static metric definition"),
+            skipped: IntCounter::new(
+                "markco_cluster_changes_skipped_total",
+                "Change log rows that did not parse or that the live state refused",
+            )
+            .expect("static metric definition"),
+            resyncs: IntCounter::new(
+                "markco_cluster_resyncs_total",
+                "Full rebuilds from the tables because the changes this gateway missed were trimmed",
+            )
+            .expect("static metric definition"),
+        };
+        // A second plane on one registry (tests) keeps the first's; registering twice is harmless.
+        let _ = registry.register(Box::new(m.lag.clone()));
+        let _ = registry.register(Box::new(m.applied.clone()));
+        let _ = registry.register(Box::new(m.propagation.clone()));
+        let _ = registry.register(Box::new(m.skipped.clone()));
+        let _ = registry.register(Box::new(m.resyncs.clone()));
+        m
+    }
+}
+
+/// This gateway's membership: where it is in the log, the nodes it last saw, and which users'
+/// containers it runs.
+pub struct Cluster {
+    pub cfg: ClusterConfig,
+    pub metrics: ClusterMetrics,
+    /// The last change applied here.
+    applied: AtomicI64,
+    head: AtomicI64,
+    /// Serialises log readers (the follower and a resync), so changes apply once and in order.
+    reading: tokio::sync::Mutex<()>,
+    nodes: ArcSwap<Vec<NodeStatus>>,
+    /// Users whose workspace runs on this node: only these are probed, replaced and reconciled here.
+    own: Mutex<HashSet<String>>,
+    /// Wakes waiters when `applied` moves (a placement waits for its workspace to come up).
+    pub progress: tokio::sync::Notify,
+}
+
+impl Cluster {
+    pub fn new(cfg: ClusterConfig, registry: &Registry) -> Cluster {
+        Cluster {
+            cfg,
+            metrics: ClusterMetrics::new(registry),
+            applied: AtomicI64::new(0),
+            head: AtomicI64::new(0),
+            reading: tokio::sync::Mutex::new(()),
+            nodes: ArcSwap::default(),
+            own: Mutex::new(HashSet::new()),
+            progress: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn applied(&self) -> i64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Whether this node runs `user`'s containers.
+    pub fn owns(&self, user: &str) -> bool {
+        self.own.lock().unwrap_or_else(|p| p.into_inner()).contains(user)
+    }
+
+    fn note_owner(&self, user: &str, node: Option<&str>, running: bool) {
+        let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        if running && node == Some(self.cfg.node.as_str()) {
+            own.insert(user.to_string());
+        } else {
+            own.remove(user);
+        }
+    }
+
+    /// The start position and the owned users, from what the boot read.
+    pub fn restore(&self, seq: i64, rows: &[WorkspaceRow]) {
+        self.applied.store(seq, Ordering::Release);
+        self.head.store(seq, Ordering::Release);
+        for row in rows {
+            self.note_owner(&row.user_id, row.node.as_deref(), row.state == WorkspaceState::Running);
+        }
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            node: self.cfg.node.clone(),
+            applied_seq: self.applied(),
+            head_seq: self.head.load(Ordering::Acquire),
+            lag_seconds: self.metrics.lag.get(),
+            nodes: self.nodes.load().as_ref().clone(),
+        }
+    }
+
+    /// Reads the log from the last applied change and applies what is new, in order; rebuilds from
+    /// the tables instead when what it missed was trimmed. Returns how many changes it applied.
+    pub async fn catch_up(&self, pool: &PgPool, state: &StateOwner) -> anyhow::Result<usize> {
+        let _reading = self.reading.lock().await;
+        let mut total = 0;
+        loop {
+            let from = self.applied();
+            let trimmed: i64 = sqlx::query_scalar("SELECT upto FROM markco_changes_trimmed")
+                .fetch_optional(pool)
+                .await
+                .context("reading how far the change log was trimmed")?
+                .unwrap_or(0);
+            if trimmed > from {
+                tracing::warn!(
+                    applied = from,
+                    trimmed,
+                    "changes this gateway missed were trimmed; rebuilding from the tables"
+                );
+                self.resync(pool, state).await?;
+                continue;
+            }
+            let rows: Vec<(i64, f64, Option<String>, serde_json::Value)> = sqlx::query_as(
+                "SELECT seq, extract(epoch FROM clock_timestamp() - at)::float8, node, change FROM markco_changes \
+                 WHERE seq > $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(from)
+            .bind(BATCH)
+            .fetch_all(pool)
+            .await
+            .with_context(|| format!("reading the change log after {from}"))?;
+            let n = rows.len();
+            for (seq, age, node, body) in rows {
+                if seq > from + 1 && total == 0 {
+                    tracing::debug!(from, seq, "a hole in the change log (a rolled-back write); nothing missed");
+                }
+                self.apply_raw(state, seq, node.as_deref(), body);
+                self.metrics.propagation.observe(age.max(0.0));
+                self.applied.store(seq, Ordering::Release);
+                self.head.fetch_max(seq, Ordering::AcqRel);
+                total += 1;
+            }
+            if n > 0 {
+                self.progress.notify_waiters();
+            }
+            if (n as i64) < BATCH {
+                break;
+            }
+        }
+        self.metrics.lag.set(0.0);
+        Ok(total)
+    }
+
+    fn apply_raw(&self, state: &StateOwner, seq: i64, from_node: Option<&str>, body: serde_json::Value) {
+        match serde_json::from_value(body) {
+            Ok(change) => self.apply_one(state, seq, from_node, change),
+            Err(e) => {
+                self.metrics.skipped.inc();
+                tracing::warn!(seq, node = ?from_node, "change log entry not understood ({e}); skipped");
+            }
+        }
+    }
+
+    fn apply_one(&self, state: &StateOwner, seq: i64, from_node: Option<&str>, change: Change) {
+        if let Change::Workspace { user_id, node, state: s, .. } = &change {
+            self.note_owner(user_id, node.as_deref(), s == "running");
+        }
+        if let Change::WorkspaceDeleted { user_id } = &change {
+            self.note_owner(user_id, None, false);
+        }
+        for cmd in commands(change, &state.table()) {
+            if let Err(e) = state.apply(cmd) {
+                // A later change in the log settles it (the database held a valid state at every
+                // commit); until then the table keeps what it had.
+                self.metrics.skipped.inc();
+                tracing::warn!(seq, node = ?from_node, "change log entry refused by the live state: {e}");
+            }
+        }
+        self.metrics.applied.inc();
+    }
+
+    /// Makes the live state what the tables say, for when the changes in between were trimmed.
+    async fn resync(&self, pool: &PgPool, state: &StateOwner) -> anyhow::Result<()> {
+        self.metrics.resyncs.inc();
+        // The position first: changes written while the tables are read are applied again after.
+        let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM markco_changes")
+            .fetch_one(pool)
+            .await
+            .context("reading the change log's head")?;
+        let seq = seq.max(
+            sqlx::query_scalar::<_, i64>("SELECT upto FROM markco_changes_trimmed")
+                .fetch_one(pool)
+                .await
+                .context("reading how far the change log was trimmed")?,
+        );
+        let db = Db::Postgres(pool.clone());
+        let rows = db.list_workspaces().await?;
+        let holds = db.route_holds().await?;
+        let table = state.table();
+        let listed: HashSet<&str> = rows.iter().map(|r| r.user_id.as_str()).collect();
+        for (user, _) in table.workspaces.iter() {
+            if !listed.contains(&**user) {
+                let _ = state.apply(StateCommand::WorkspaceDown { user: user.to_string() });
+                self.note_owner(user, None, false);
+            }
+        }
+        for row in &rows {
+            let change = Change::Workspace {
+                user_id: row.user_id.clone(),
+                editor_host: row.editor_host.clone(),
+                editor_port: row.editor_port,
+                runtime_host: row.runtime_host.clone(),
+                runtime_port: row.runtime_port,
+                state: row.state.as_str().to_string(),
+                node: row.node.clone(),
+            };
+            self.apply_one(state, seq, None, change);
+        }
+        let stored: HashSet<(String, String)> = holds.iter().map(|(r, h, _)| (r.clone(), h.clone())).collect();
+        for (route, hs) in state.holds() {
+            for h in hs {
+                if h.holder == ADMIN && !stored.contains(&(route.clone(), h.holder.clone())) {
+                    let _ = state.apply(StateCommand::RouteReleased { route: route.clone(), holder: h.holder });
+                }
+            }
+        }
+        for (route, holder, since) in holds {
+            let _ = state.apply(StateCommand::RouteHeld { route, holder, since });
+        }
+        self.applied.store(seq, Ordering::Release);
+        self.progress.notify_waiters();
+        Ok(())
+    }
+
+    /// Writes this node's heartbeat and position, reads every node's, and measures the lag.
+    pub async fn heartbeat(&self, pool: &PgPool, capacity: &serde_json::Value) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO markco_nodes (id, advertise, capacity, applied_seq, heartbeat) VALUES ($1, $2, $3, $4, now()) \
+             ON CONFLICT (id) DO UPDATE SET advertise = excluded.advertise, capacity = excluded.capacity, \
+             applied_seq = excluded.applied_seq, heartbeat = now()",
+        )
+        .bind(&self.cfg.node)
+        .bind(self.cfg.advertise.to_string())
+        .bind(capacity)
+        .bind(self.applied())
+        .execute(pool)
+        .await
+        .context("writing this node's heartbeat")?;
+        let timeout = self.cfg.node_timeout.as_secs_f64();
+        let nodes: Vec<(String, String, i64, f64, i64)> = sqlx::query_as(
+            "SELECT n.id, n.advertise, n.applied_seq, extract(epoch FROM now() - n.heartbeat)::float8, \
+             (SELECT count(*) FROM markco_workspaces w WHERE w.node = n.id AND w.state = 'running') \
+             FROM markco_nodes n ORDER BY n.id",
+        )
+        .fetch_all(pool)
+        .await
+        .context("reading the cluster's nodes")?;
+        self.nodes.store(Arc::new(
+            nodes
+                .into_iter()
+                .map(|(id, advertise, applied_seq, age, workspaces)| NodeStatus {
+                    id,
+                    advertise,
+                    applied_seq,
+                    heartbeat_age_s: age,
+                    up: age <= timeout,
+                    workspaces,
+                })
+                .collect(),
+        ));
+        let (head, lag): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT (SELECT coalesce(max(seq), 0) FROM markco_changes), \
+             (SELECT extract(epoch FROM clock_timestamp() - min(at))::float8 FROM markco_changes WHERE seq > $1)",
+        )
+        .bind(self.applied())
+        .fetch_one(pool)
+        .await
+        .context("reading the change log's head")?;
+        self.head.fetch_max(head, Ordering::AcqRel);
+        self.metrics.lag.set(lag.unwrap_or(0.0).max(0.0));
+        Ok(())
+    }
+}
+
+/// Trims the change log: what every live node applied, and what is older than `retention`.
+/// Safe from any gateway at any time (a node that missed trimmed changes rebuilds from the tables).
+pub async fn trim(pool: &PgPool, node_timeout: Duration, retention: Duration) -> anyhow::Result<u64> {
+    let mut tx = pool.begin().await.context("starting a transaction")?;
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT greatest( \
+           coalesce((SELECT min(applied_seq) FROM markco_nodes WHERE heartbeat > now() - make_interval(secs => $1)), 0), \
+           coalesce((SELECT max(seq) FROM markco_changes WHERE at < now() - make_interval(secs => $2)), 0))",
+    )
+    .bind(node_timeout.as_secs_f64())
+    .bind(retention.as_secs_f64())
+    .fetch_one(&mut *tx)
+    .await
+    .context("finding how far to trim the change log")?;
+    let deleted = sqlx::query("DELETE FROM markco_changes WHERE seq <= $1")
+        .bind(cut)
+        .execute(&mut *tx)
+        .await
+        .context("trimming the change log")?
+        .rows_affected();
+    if deleted > 0 {
+        sqlx::query("UPDATE markco_changes_trimmed SET upto = greatest(upto, $1)")
+            .bind(cut)
+            .execute(&mut *tx)
+            .await
+            .context("recording the trim")?;
+    }
+    tx.commit().await.context("committing the trim")?;
+    Ok(deleted)
+}
+
+/// Logs "every session of `user` dropped" for the other gateways.
+pub async fn log_sessions_of_user(pool: &PgPool, user: &str) -> Result<(), crate::db::DbError> {
+    sqlx::query("SELECT markco_log_change(jsonb_build_object('kind', 'sessions_of_user', 'user_id', $1::text))")
+        .bind(user)
+        .execute(pool)
+        .await
+        .with_context(|| format!("logging the invalidation of user {user}'s sessions"))?;
+    Ok(())
+}
+
+/// The change log's head, read before the tables at boot: changes after it are applied by the
+/// follower (some again, which is harmless: each is the state as of its write).
+pub async fn head(pool: &PgPool) -> anyhow::Result<i64> {
+    sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM markco_changes")
+        .fetch_one(pool)
+        .await
+        .context("reading the change log's head")
+}
+
+impl crate::plane::ControlPlane {
+    /// Applies the shared change log as it grows: woken by the NOTIFY, and every `poll` without
+    /// one (a NOTIFY lost while the listening connection was down costs at most that).
+    pub(crate) async fn follow_changes(self: Arc<Self>, db: Arc<Db>) {
+        let (Some(cluster), Some(pool)) = (self.cluster.clone(), db.postgres().cloned()) else { return };
+        let wake = Arc::new(tokio::sync::Notify::new());
+        // The listener lives in its own task so that a poll tick never cancels a read mid-message.
+        let listening = AbortOnDrop(tokio::spawn(listen(pool.clone(), wake.clone())));
+        loop {
+            if let Err(e) = cluster.catch_up(&pool, &self.state).await {
+                tracing::warn!("cannot read the change log ({e:#}); retrying");
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(cluster.cfg.poll) => {}
+            }
+            if listening.0.is_finished() {
+                // It never returns on its own; a panic there must not leave us polling only.
+                panic!("the change log listener stopped");
+            }
+        }
+    }
+
+    /// Heartbeats this node and refreshes the view of the others.
+    pub(crate) async fn heartbeat_loop(self: Arc<Self>, db: Arc<Db>) {
+        let (Some(cluster), Some(pool)) = (self.cluster.clone(), db.postgres().cloned()) else { return };
+        let capacity = serde_json::json!({});
+        let mut failing = false;
+        loop {
+            match cluster.heartbeat(&pool, &capacity).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!(node = %cluster.cfg.node, "heartbeat written again");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(node = %cluster.cfg.node, "cannot write the heartbeat ({e:#}); other gateways will see this node as down after node_timeout");
+                    }
+                    failing = true;
+                }
+            }
+            tokio::time::sleep(cluster.cfg.heartbeat).await;
+        }
+    }
+
+    /// Trims the change log now and then (on PostgreSQL, with or without `[cluster]`: the triggers
+    /// log every change either way).
+    pub(crate) async fn trim_loop(self: Arc<Self>, db: Arc<Db>) {
+        let Some(pool) = db.postgres().cloned() else { return };
+        let d = ClusterConfig::default();
+        let (timeout, retention, every) = match &self.cluster {
+            Some(c) => (c.cfg.node_timeout, c.cfg.change_retention, (c.cfg.heartbeat * 15).max(Duration::from_secs(5))),
+            None => (d.node_timeout, d.change_retention, Duration::from_secs(600)),
+        };
+        loop {
+            match trim(&pool, timeout, retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(changes = n, "change log trimmed"),
+                Err(e) => tracing::warn!("cannot trim the change log ({e:#}); retrying later"),
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
+/// Ends the task with its owner (a restarted follower starts a new listener).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// LISTENs on the change log's channel and wakes the follower on every NOTIFY and after every
+/// reconnection (whatever was written meanwhile is read then).
+async fn listen(pool: PgPool, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(channel = CHANGES_CHANNEL, "cannot connect to listen for changes ({e}); retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(CHANGES_CHANNEL).await {
+            tracing::warn!(channel = CHANGES_CHANNEL, "cannot LISTEN ({e}); retrying in 1s");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        tracing::info!(channel = CHANGES_CHANNEL, "following the shared change log");
+        wake.notify_one();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => wake.notify_one(),
+                // Lost and reconnected: notifications in between are gone, the log is not.
+                Ok(None) => {
+                    tracing::info!(channel = CHANGES_CHANNEL, "change listener reconnected");
+                    wake.notify_one();
+                }
+                Err(e) => {
+                    tracing::warn!(channel = CHANGES_CHANNEL, "change listener failed ({e}); reconnecting in 1s");
+                    wake.notify_one();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+            }
         }
     }
 }

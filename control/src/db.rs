@@ -244,8 +244,14 @@ impl Db {
     ///
     /// Does not migrate; call [`Db::migrate`].
     pub async fn connect(url: &str) -> Result<Db> {
+        Db::connect_as(url, None).await
+    }
+
+    /// [`Db::connect`] for the `[cluster]` node `node`: on PostgreSQL its connections set
+    /// `markco.node`, which the change log records with each change they write.
+    pub async fn connect_as(url: &str, node: Option<&str>) -> Result<Db> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Db::Postgres(postgres::connect(url).await?))
+            Ok(Db::Postgres(postgres::connect(url, node).await?))
         } else if url.starts_with("sqlite:") {
             Ok(Db::Sqlite(sqlite::connect(url).await?))
         } else {
@@ -264,6 +270,14 @@ impl Db {
         match self {
             Db::Sqlite(pool) => sqlite::migrate(pool).await,
             Db::Postgres(pool) => postgres::migrate(pool).await,
+        }
+    }
+
+    /// The PostgreSQL pool, for what only PostgreSQL does (`[cluster]`).
+    pub fn postgres(&self) -> Option<&sqlx::PgPool> {
+        match self {
+            Db::Postgres(pool) => Some(pool),
+            Db::Sqlite(_) => None,
         }
     }
 
@@ -399,6 +413,19 @@ impl Db {
 
     /// How many moves (`migrations` rows) the user's runtimes have had, including the ones
     /// compute-manager recorded before markco.
+    /// PostgreSQL: completed moves of the user's runtime that started within the last `window`,
+    /// through any gateway (the `[cluster]` move loop guard). `None` on SQLite (one gateway: the
+    /// in-memory guard is the whole truth).
+    pub async fn count_recent_moves(&self, user_id: &str, window: Duration) -> Result<Option<i64>> {
+        if !UserId::is_valid(user_id) {
+            return Ok(Some(0));
+        }
+        match self {
+            Db::Sqlite(_) => Ok(None),
+            Db::Postgres(pool) => postgres::count_recent_moves(pool, user_id, window).await.map(Some),
+        }
+    }
+
     pub async fn count_moves(&self, user_id: &str) -> Result<i64> {
         if !UserId::is_valid(user_id) {
             return Ok(0);

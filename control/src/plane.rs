@@ -177,6 +177,8 @@ enum Command {
         off: bool,
         reply: Reply<Vec<Hold>>,
     },
+    /// Drops every session of a user, here and (in a cluster) on every gateway.
+    InvalidateSessions(String, Reply<()>),
     /// A handler that panics, to prove the loop survives one.
     #[cfg(test)]
     Panic(Reply<()>),
@@ -201,6 +203,8 @@ pub struct ControlPlane {
     pub(crate) stopping: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Restarts the background loops after a panic, and knows which are down.
     pub supervisor: Supervisor,
+    /// `[cluster]`: this gateway's place in the cluster; `None`: alone.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 pub fn routes_of(row: &WorkspaceRow) -> Option<UserRoutes> {
@@ -217,6 +221,8 @@ fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
 
 /// What a start loads from the database before any listener accepts traffic.
 pub struct Boot {
+    /// `[cluster]`: the change log's head, read before the tables; the follower starts after it.
+    pub change_seq: i64,
     pub rows: Vec<WorkspaceRow>,
     /// Stored route holds: (route, holder, since in unix seconds).
     pub holds: Vec<(String, String, i64)>,
@@ -228,11 +234,20 @@ pub struct Boot {
 /// update-port), rows whose containers are gone are marked stopped (the next request starts them
 /// again), and markco-labelled pods of users with no running workspace are removed. Runs on a
 /// short-lived runtime of its own: the pool it opens is closed before the control runtime starts.
-pub fn bootstrap(url: &str, workspaces: Option<&WorkspaceConfig>) -> anyhow::Result<Boot> {
+pub fn bootstrap(
+    url: &str,
+    workspaces: Option<&WorkspaceConfig>,
+    cluster: Option<&crate::cluster::ClusterConfig>,
+) -> anyhow::Result<Boot> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let db = Db::connect(url).await?;
+        let db = Db::connect_as(url, cluster.map(|c| c.node.as_str())).await?;
         db.migrate().await?;
+        // The log's position before the tables: what changes meanwhile is applied after.
+        let change_seq = match (cluster, db.postgres()) {
+            (Some(_), Some(pool)) => crate::cluster::head(pool).await?,
+            _ => 0,
+        };
         let mut rows = db.list_workspaces().await?;
         if let Some(cfg) = workspaces {
             let engine = crate::engine::podman::Podman::new(&cfg.engine_socket);
@@ -240,7 +255,7 @@ pub fn bootstrap(url: &str, workspaces: Option<&WorkspaceConfig>) -> anyhow::Res
         }
         let holds = db.route_holds().await?;
         db.close().await;
-        Ok(Boot { rows, holds })
+        Ok(Boot { change_seq, rows, holds })
     })
 }
 
@@ -260,7 +275,10 @@ async fn reconcile(
     let running = |name: &Option<String>| {
         name.as_ref().is_some_and(|n| managed.iter().any(|c| &c.name == n && c.state == "running"))
     };
-    for row in rows.iter_mut() {
+    // In a cluster, each node judges only the workspaces it runs: the others' containers are on
+    // their podman (or under their instance label).
+    let mine = |row: &WorkspaceRow| cfg.node.is_none() || row.node == cfg.node;
+    for row in rows.iter_mut().filter(|r| mine(r)) {
         if row.state == WorkspaceState::Running && !(running(&row.editor_container) && running(&row.runtime_container))
         {
             tracing::warn!(user = %row.user_id, "workspace containers are gone; marked stopped");
@@ -272,7 +290,7 @@ async fn reconcile(
         }
     }
     let live: std::collections::HashSet<&str> =
-        rows.iter().filter(|r| r.state == WorkspaceState::Running).map(|r| r.user_id.as_str()).collect();
+        rows.iter().filter(|r| r.state == WorkspaceState::Running && mine(r)).map(|r| r.user_id.as_str()).collect();
     let mut strays: Vec<String> = managed
         .iter()
         .filter_map(|c| c.labels.get(crate::engine::LABEL_USER))
@@ -297,7 +315,9 @@ impl ControlPlane {
             Arc::new(Workspaces::new(cfg, engine, crate::workspaces::WorkspaceMetrics::new(registry)))
         });
         let state = Arc::new(StateOwner::new(table, Switches::new(registry), sessions.clone()));
+        let cluster = config.cluster.clone().map(|c| Arc::new(crate::cluster::Cluster::new(c, registry)));
         Arc::new(ControlPlane {
+            cluster,
             supervisor: Supervisor::new(registry),
             workspaces,
             stopping: Arc::default(),
@@ -352,6 +372,9 @@ impl ControlPlane {
     /// Applies what the database holds (at start, before traffic): the workspaces, skipping (and
     /// logging) rows whose addresses do not resolve or clash, and the route holds.
     pub fn restore(&self, boot: &Boot) -> Result<(), StateError> {
+        if let Some(c) = &self.cluster {
+            c.restore(boot.change_seq, &boot.rows);
+        }
         for row in &boot.rows {
             let Some(routes) = routes_of(row) else {
                 tracing::error!(user = %row.user_id, "workspace row has an unresolvable address; skipped");
@@ -430,6 +453,17 @@ impl ControlPlane {
         self.ask(|r| Command::Ensure(user.to_string(), r)).await
     }
 
+    /// Drops every cached session of `user` here at once, and in a `[cluster]` on every gateway
+    /// (through the change log).
+    pub async fn invalidate_sessions(&self, user: &str) -> Result<(), PlaneError> {
+        // Here first: it cannot be refused, and needs no database.
+        let _ = self.state.apply(StateCommand::SessionInvalidated(Sessions::User(user.to_string())));
+        if self.cluster.is_none() {
+            return Ok(());
+        }
+        self.ask(|r| Command::InvalidateSessions(user.to_string(), r)).await
+    }
+
     pub async fn stop_workspace(&self, user: &str) -> Result<(), PlaneError> {
         if self.workspaces.is_none() {
             return Err(PlaneError::Invalid("no [workspaces] section: markco manages no containers".into()));
@@ -440,8 +474,9 @@ impl ControlPlane {
     /// The control plane's loop; returns when `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let url = self.config.load().database_url.clone();
+        let node = self.cluster.as_ref().map(|c| c.cfg.node.clone());
         let db = loop {
-            match Db::connect(&url).await {
+            match Db::connect_as(&url, node.as_deref()).await {
                 Ok(db) => break Arc::new(db),
                 Err(e) => {
                     tracing::error!("control plane cannot open its database ({e:#}); retrying in 2s");
@@ -475,6 +510,16 @@ impl ControlPlane {
         tasks.push(sup.spawn("listen", move || Self::follow_session_changes(p.clone(), d.clone())));
         let p = self.clone();
         tasks.push(sup.spawn("health", move || Self::health_loop(p.clone())));
+        if db.postgres().is_some() {
+            let (p, d) = (self.clone(), db.clone());
+            tasks.push(sup.spawn("change_log_trim", move || Self::trim_loop(p.clone(), d.clone())));
+        }
+        if self.cluster.is_some() {
+            let (p, d) = (self.clone(), db.clone());
+            tasks.push(sup.spawn("cluster_changes", move || Self::follow_changes(p.clone(), d.clone())));
+            let (p, d) = (self.clone(), db.clone());
+            tasks.push(sup.spawn("cluster_heartbeat", move || Self::heartbeat_loop(p.clone(), d.clone())));
+        }
         if let Some(ws) = &self.workspaces {
             let (p, w) = (self.clone(), ws.clone());
             tasks.push(sup.spawn("events", move || Self::watch_containers(p.clone(), w.clone())));
@@ -482,7 +527,12 @@ impl ControlPlane {
             tasks.push(sup.spawn("runtime_health", move || {
                 Self::runtime_health_loop(p.clone(), d.clone(), w.clone(), w.cfg().health_interval)
             }));
-            if let Some(idle) = ws.cfg().idle_timeout {
+            if let (Some(_), Some(_)) = (&self.cluster, ws.cfg().idle_timeout) {
+                // Each gateway knows only its own traffic: one would stop a workspace another serves.
+                tracing::warn!(
+                    "[workspaces] idle_timeout is not applied in a [cluster]: activity is recorded per gateway"
+                );
+            } else if let Some(idle) = ws.cfg().idle_timeout {
                 let (p, d, w) = (self.clone(), db.clone(), ws.clone());
                 tasks.push(sup.spawn("reaping", move || Self::reap_idle(p.clone(), d.clone(), w.clone(), idle)));
             }
@@ -606,6 +656,13 @@ impl ControlPlane {
                     tracing::warn!(route = %route, held = off, holders = holders.len(), "route switched by the operator");
                     holders
                 });
+                let _ = reply.send(res);
+            }
+            Command::InvalidateSessions(user, reply) => {
+                let res = match db.postgres() {
+                    Some(pool) => crate::cluster::log_sessions_of_user(pool, &user).await.map_err(PlaneError::from),
+                    None => Ok(()),
+                };
                 let _ = reply.send(res);
             }
             #[cfg(test)]
@@ -751,6 +808,17 @@ impl ControlPlane {
                     q.len(),
                     limits.window
                 )));
+            }
+        }
+        // In a cluster the moves made through the other gateways count too.
+        if self.cluster.is_some() {
+            if let Some(n) = db.count_recent_moves(user, limits.window).await? {
+                if n as usize >= limits.max_moves {
+                    return Err(PlaneError::TooMany(format!(
+                        "{n} moves of this runtime within {:?} already, through all gateways; wait before moving it again",
+                        limits.window
+                    )));
+                }
             }
         }
         let Some(row) = db.get_workspace(user).await? else {

@@ -26,8 +26,14 @@ impl ControlPlane {
             let running = table.workspaces.iter().filter(|(_, r)| r.running).count() as i64;
             ws.metrics.by_state.with_label_values(&["running"]).set(running);
             ws.metrics.by_state.with_label_values(&["down"]).set(table.workspaces.size() as i64 - running);
-            let targets: Vec<(String, SocketAddr)> =
-                table.workspaces.iter().filter(|(_, r)| r.running).map(|(u, r)| (u.to_string(), r.runtime)).collect();
+            // In a cluster, each node probes and replaces only the runtimes it runs.
+            let mine = |u: &str| self.cluster.as_ref().is_none_or(|c| c.owns(u));
+            let targets: Vec<(String, SocketAddr)> = table
+                .workspaces
+                .iter()
+                .filter(|(u, r)| r.running && mine(u))
+                .map(|(u, r)| (u.to_string(), r.runtime))
+                .collect();
             for chunk in targets.chunks(CONCURRENCY) {
                 let results = futures_util::future::join_all(chunk.iter().map(|(user, addr)| async move {
                     let ok = matches!(

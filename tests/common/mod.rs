@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pebble;
+pub mod pg;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

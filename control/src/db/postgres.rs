@@ -25,9 +25,13 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest session TTL we pass to `make_interval` (100 years), far below its range limit.
 const MAX_TTL_SECS: f64 = 100.0 * 365.0 * 86_400.0;
 
-pub(super) async fn connect(url: &str) -> Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)
+pub(super) async fn connect(url: &str, node: Option<&str>) -> Result<PgPool> {
+    let mut options = PgConnectOptions::from_str(url)
         .map_err(|e| anyhow!("invalid PostgreSQL URL ({e}): use postgres://USER:PASSWORD@HOST:PORT/DATABASE"))?;
+    if let Some(node) = node {
+        // Read by markco_log_change() (migrations/postgres/0005_cluster.sql).
+        options = options.options([("markco.node", node)]);
+    }
     let target = describe(&options);
 
     // One connection first: the pool would retry a refused connection until its timeout and then
@@ -348,6 +352,20 @@ pub(super) async fn record_move(pool: &PgPool, id: &str, m: &MoveRecord) -> Resu
         return Err(DbError::NoWorkspace(m.user_id.clone()));
     }
     Ok(())
+}
+
+pub(super) async fn count_recent_moves(pool: &PgPool, user_id: &str, window: Duration) -> Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM migrations m JOIN runtimes r ON r.id = m.runtime_id WHERE r.user_id = $1::uuid \
+         AND m.strategy = 'update-port' AND m.status LIKE 'completed%' \
+         AND m.started_at > now() - make_interval(secs => $2)",
+    )
+    .bind(user_id)
+    .bind(window.as_secs_f64())
+    .fetch_one(pool)
+    .await
+    .with_context(|| format!("counting the recent runtime moves of user {user_id}"))
+    .map_err(DbError::from)
 }
 
 pub(super) async fn count_moves(pool: &PgPool, user_id: &str) -> Result<i64> {
