@@ -115,7 +115,13 @@ impl markco_proxy::identity::WorkspaceStarter for LazyStarter {
     ) -> Result<Option<Arc<markco_proxy::table::UserRoutes>>, markco_proxy::identity::StartError> {
         match tokio::time::timeout(self.wait, self.plane.ensure_workspace(user)).await {
             Ok(Ok(running)) => Ok(running),
-            Ok(Err(e)) => Err(markco_proxy::identity::StartError(e.to_string())),
+            // What the user may read: why it is unavailable (a down host, no room); anything else
+            // stays in the log.
+            Ok(Err(crate::plane::PlaneError::Unavailable(why))) => Err(markco_proxy::identity::StartError(why)),
+            Ok(Err(e)) => {
+                tracing::warn!(user, "workspace start failed: {e}");
+                Err(markco_proxy::identity::StartError("the workspace could not start; retry shortly".into()))
+            }
             // Still starting: the client gets 503 + Retry-After and the start goes on.
             Err(_) => Ok(None),
         }

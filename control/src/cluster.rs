@@ -1,7 +1,7 @@
 //! Several gateways on one PostgreSQL (`[cluster]`): the shared change log they follow, and the
 //! node table they heartbeat into.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -16,9 +16,11 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 use crate::db::{Db, WorkspaceRow, WorkspaceState};
-use crate::plane::routes_of;
+use crate::plane::{routes_of, PlaneError};
 use crate::state::{Sessions, StateCommand, StateOwner};
 use crate::switches::ADMIN;
+use crate::workspaces::Workspaces;
+use markco_proxy::table::UserRoutes;
 
 /// `[cluster]`: this gateway's place among several sharing one PostgreSQL.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +41,12 @@ pub struct ClusterConfig {
     /// The key file every gateway has, that encrypts the private keys of the fleet's certificates
     /// in the database.
     pub secret_file: Option<PathBuf>,
+    /// Workspaces this node may run: `"*"` in all, or per plan (`users.plan`); a key not given
+    /// is not limited. Empty: no limit. A gateway without `[workspaces]` runs none.
+    pub capacity: BTreeMap<String, u32>,
+    /// The users' data directories are on storage every node sees: a workspace whose node is down
+    /// may start on another. Off: it stays down (503) until its node is back.
+    pub shared_data: bool,
 }
 
 impl Default for ClusterConfig {
@@ -51,6 +59,8 @@ impl Default for ClusterConfig {
             poll: Duration::from_secs(1),
             change_retention: Duration::from_secs(86_400),
             secret_file: None,
+            capacity: BTreeMap::new(),
+            shared_data: false,
         }
     }
 }
@@ -94,6 +104,11 @@ pub enum Change {
     SessionsOfUser {
         user_id: String,
     },
+    /// A workspace placed on `node`, which starts it.
+    Placed {
+        user_id: String,
+        node: String,
+    },
 }
 
 /// What the owner does about `change`, given the table it applies to. A workspace that only
@@ -111,7 +126,9 @@ pub fn commands(change: Change, table: &RouteTable) -> Vec<StateCommand> {
             };
             match state {
                 WorkspaceState::Starting => Vec::new(),
-                WorkspaceState::Stopped | WorkspaceState::Failed => vec![StateCommand::WorkspaceDown { user: user_id }],
+                WorkspaceState::Stopped | WorkspaceState::Failed | WorkspaceState::Lost => {
+                    vec![StateCommand::WorkspaceDown { user: user_id }]
+                }
                 WorkspaceState::Running => {
                     let row = WorkspaceRow {
                         user_id,
@@ -145,6 +162,8 @@ pub fn commands(change: Change, table: &RouteTable) -> Vec<StateCommand> {
         Change::RouteHeld { route, holder, since } => vec![StateCommand::RouteHeld { route, holder, since }],
         Change::RouteReleased { route, holder } => vec![StateCommand::RouteReleased { route, holder }],
         Change::SessionsOfUser { user_id } => vec![StateCommand::SessionInvalidated(Sessions::User(user_id))],
+        // Not the live state: the node it names starts the workspace ([`Cluster::take_work`]).
+        Change::Placed { .. } => Vec::new(),
     }
 }
 
@@ -240,6 +259,19 @@ pub struct Cluster {
     own: Mutex<HashSet<String>>,
     /// Wakes waiters when `applied` moves (a placement waits for its workspace to come up).
     pub progress: tokio::sync::Notify,
+    /// What the log asks of this node: workspaces placed here to start, and workspaces of this
+    /// node marked lost (its containers must go: another node may start them).
+    work: Mutex<NodeWork>,
+    /// Users whose last start failed, with the change's sequence number (a waiting placement
+    /// gives up at once instead of at its timeout).
+    failed: Mutex<HashSet<String>>,
+}
+
+/// See [`Cluster::take_work`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct NodeWork {
+    pub start: Vec<String>,
+    pub fence: Vec<String>,
 }
 
 impl Cluster {
@@ -253,6 +285,8 @@ impl Cluster {
             nodes: ArcSwap::default(),
             own: Mutex::new(HashSet::new()),
             progress: tokio::sync::Notify::new(),
+            work: Mutex::default(),
+            failed: Mutex::default(),
         }
     }
 
@@ -281,6 +315,16 @@ impl Cluster {
         for row in rows {
             self.note_owner(&row.user_id, row.node.as_deref(), row.state == WorkspaceState::Running);
         }
+    }
+
+    /// What the changes applied so far ask this node to do (drained).
+    pub fn take_work(&self) -> NodeWork {
+        std::mem::take(&mut *self.work.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether the last start of `user`'s workspace failed (drained).
+    pub fn take_failed(&self, user: &str) -> bool {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(user)
     }
 
     pub fn status(&self) -> ClusterStatus {
@@ -357,7 +401,23 @@ impl Cluster {
 
     fn apply_one(&self, state: &StateOwner, seq: i64, from_node: Option<&str>, change: Change) {
         if let Change::Workspace { user_id, node, state: s, .. } = &change {
+            let was_mine = self.owns(user_id);
             self.note_owner(user_id, node.as_deref(), s == "running");
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if s == "failed" {
+                failed.insert(user_id.clone());
+            } else {
+                failed.remove(user_id);
+            }
+            drop(failed);
+            if s == "lost" && (was_mine || node.as_deref() == Some(self.cfg.node.as_str())) {
+                self.work.lock().unwrap_or_else(|p| p.into_inner()).fence.push(user_id.clone());
+            }
+        }
+        if let Change::Placed { user_id, node } = &change {
+            if *node == self.cfg.node {
+                self.work.lock().unwrap_or_else(|p| p.into_inner()).start.push(user_id.clone());
+            }
         }
         if let Change::WorkspaceDeleted { user_id } = &change {
             self.note_owner(user_id, None, false);
@@ -538,6 +598,7 @@ impl crate::plane::ControlPlane {
             if let Err(e) = cluster.catch_up(&pool, &self.state).await {
                 tracing::warn!("cannot read the change log ({e:#}); retrying");
             }
+            self.node_work(&db, &cluster);
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(cluster.cfg.poll) => {}
@@ -549,10 +610,124 @@ impl crate::plane::ControlPlane {
         }
     }
 
-    /// Heartbeats this node and refreshes the view of the others.
+    /// `[cluster]` with `[workspaces]`: where the user's workspace runs, decided by [`place`],
+    /// and its entry once it runs (started here, or by the node it was placed on).
+    pub(crate) async fn ensure_in_cluster(
+        &self,
+        cluster: &Cluster,
+        pool: &PgPool,
+        db: &Db,
+        ws: &Workspaces,
+        user: &str,
+    ) -> Result<Option<Arc<UserRoutes>>, PlaneError> {
+        let ready = ws.cfg().ready_timeout;
+        let placement = place(pool, &cluster.cfg, user, ready).await.map_err(|e| {
+            tracing::error!(user, "cannot place the workspace: {e:#}");
+            PlaneError::Unavailable(
+                "the workspace cannot be placed now (the database is unavailable); retry shortly".into(),
+            )
+        })?;
+        tracing::debug!(user, ?placement, "workspace placement");
+        match placement {
+            // Ours but not running here (its container died and is not back yet): start it again,
+            // as a gateway alone does.
+            Placement::Running(row) if row.node.as_deref() == Some(cluster.cfg.node.as_str()) => {
+                self.start_here(db, ws, user).await
+            }
+            Placement::Running(row) => {
+                let routes = routes_of(&row).ok_or_else(|| {
+                    PlaneError::Internal(anyhow::anyhow!("workspace row has an unresolvable address"))
+                })?;
+                let table = self.state.apply(StateCommand::WorkspaceUp { user: user.to_string(), routes })?;
+                Ok(table.user(user).cloned())
+            }
+            Placement::Here => {
+                tracing::info!(user, node = %cluster.cfg.node, "workspace placed on this node");
+                let res = self.start_here(db, ws, user).await;
+                if let Err(e) = placement_done(pool, &cluster.cfg.node, user).await {
+                    tracing::warn!(user, "{e:#}");
+                }
+                res
+            }
+            Placement::Starting(node) => {
+                tracing::info!(user, node = %node, "workspace placed on another node; waiting for it");
+                let deadline = tokio::time::Instant::now() + ready + Duration::from_secs(5);
+                loop {
+                    let progress = cluster.progress.notified();
+                    if let Some(r) = self.state.table().user(user).filter(|r| r.running) {
+                        return Ok(Some(r.clone()));
+                    }
+                    if cluster.take_failed(user) {
+                        return Err(PlaneError::Unavailable(format!(
+                            "the workspace failed to start on node {node}; retry shortly"
+                        )));
+                    }
+                    tokio::select! {
+                        _ = progress => {}
+                        _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                }
+            }
+            Placement::Stranded(node) => Err(PlaneError::Unavailable(format!(
+                "this workspace's host ({node}) is down and its files are only on that host \
+                 ([cluster] shared_data = false); it comes back when the host does"
+            ))),
+            Placement::NoRoom => {
+                Err(PlaneError::Unavailable("no host has room for another workspace now; retry later".into()))
+            }
+        }
+    }
+
+    /// Does what the log asked of this node: starts the workspaces placed here, and removes the
+    /// containers of its workspaces marked lost (another node may start them).
+    fn node_work(self: &Arc<Self>, db: &Arc<Db>, cluster: &Arc<Cluster>) {
+        let work = cluster.take_work();
+        let Some(ws) = self.workspaces.clone() else { return };
+        for user in work.start {
+            let (plane, db, ws, cluster) = (self.clone(), db.clone(), ws.clone(), cluster.clone());
+            tokio::spawn(async move {
+                let lock = ws.user_lock(&user);
+                let _guard = lock.lock().await;
+                let Some(pool) = db.postgres() else { return };
+                // Started meanwhile by the request that placed it here (it removes the placement).
+                match placement_pending(pool, &cluster.cfg.node, &user).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(user = %user, "{e:#}");
+                        return;
+                    }
+                }
+                tracing::info!(user = %user, "starting a workspace placed on this node");
+                let _ = plane.start_here(&db, &ws, &user).await;
+                if let Err(e) = placement_done(pool, &cluster.cfg.node, &user).await {
+                    tracing::warn!(user = %user, "{e:#}");
+                }
+            });
+        }
+        for user in work.fence {
+            let ws = ws.clone();
+            tokio::spawn(async move {
+                let lock = ws.user_lock(&user);
+                let _guard = lock.lock().await;
+                tracing::warn!(user = %user, "this node's workspace was marked lost; removing its containers here");
+                if let Err(e) = ws.engine.remove_pod(&crate::workspaces::pod_name(&user)).await {
+                    tracing::warn!(user = %user, "removing the containers of a lost workspace failed: {e:#}");
+                }
+            });
+        }
+    }
+
+    /// Heartbeats this node, refreshes the view of the others, and marks the workspaces of nodes
+    /// that stopped heartbeating lost.
     pub(crate) async fn heartbeat_loop(self: Arc<Self>, db: Arc<Db>) {
         let (Some(cluster), Some(pool)) = (self.cluster.clone(), db.postgres().cloned()) else { return };
-        let capacity = serde_json::json!({});
+        // A gateway without [workspaces] runs no containers: no room for any.
+        let capacity = match &self.workspaces {
+            Some(_) => serde_json::to_value(&cluster.cfg.capacity).unwrap_or_default(),
+            None => serde_json::json!({"*": 0}),
+        };
         let mut failing = false;
         loop {
             match cluster.heartbeat(&pool, &capacity).await {
@@ -567,6 +742,11 @@ impl crate::plane::ControlPlane {
                     }
                     failing = true;
                 }
+            }
+            match mark_lost(&pool, cluster.cfg.node_timeout).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(workspaces = n, "workspaces of nodes that stopped heartbeating marked lost"),
+                Err(e) => tracing::debug!("{e:#}"),
             }
             tokio::time::sleep(cluster.cfg.heartbeat).await;
         }
@@ -637,4 +817,163 @@ async fn listen(pool: PgPool, wake: Arc<tokio::sync::Notify>) {
             }
         }
     }
+}
+
+/// Where a workspace runs, or is to run, as decided by [`place`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Running on a live node: serve it from this row.
+    Running(WorkspaceRow),
+    /// Being started by `node` (placed there, or starting there): wait for it.
+    Starting(String),
+    /// Placed on this node: start it here.
+    Here,
+    /// Its node (`.0`) is down and its data is on that node's disk only (`shared_data = false`).
+    Stranded(String),
+    /// No live node has room for it.
+    NoRoom,
+}
+
+/// Decides where `user`'s workspace runs, in one transaction under the placement lock: one
+/// placement at a time in the whole cluster, so two gateways never place one user twice and a
+/// node's load is counted with every placement before it. A start that has not finished within
+/// `ready_timeout` (its node died meanwhile) is placed again.
+pub async fn place(
+    pool: &PgPool,
+    cfg: &ClusterConfig,
+    user: &str,
+    ready_timeout: Duration,
+) -> anyhow::Result<Placement> {
+    let mut tx = pool.begin().await.context("starting the placement transaction")?;
+    // 0x6d61726c ('marl'): the placement lock, held until the transaction ends.
+    sqlx::query("SELECT pg_advisory_xact_lock(1835102828)")
+        .execute(&mut *tx)
+        .await
+        .context("taking the placement lock")?;
+    let timeout = cfg.node_timeout.as_secs_f64();
+    let stale = ready_timeout.as_secs_f64() + 5.0;
+    let current: Option<(String, Option<String>, bool, bool)> = sqlx::query_as(
+        "SELECT w.state, w.node, coalesce(n.heartbeat > now() - make_interval(secs => $2), false), \
+         w.updated_at > now() - make_interval(secs => $3) \
+         FROM markco_workspaces w LEFT JOIN markco_nodes n ON n.id = w.node WHERE w.user_id = $1",
+    )
+    .bind(user)
+    .bind(timeout)
+    .bind(stale)
+    .fetch_optional(&mut *tx)
+    .await
+    .with_context(|| format!("reading where the workspace of user {user} is"))?;
+    if let Some((state, node, node_up, recent)) = &current {
+        match (state.as_str(), node) {
+            ("running", Some(_)) if *node_up => {
+                let db = Db::Postgres(pool.clone());
+                if let Some(row) = db.get_workspace(user).await? {
+                    return Ok(Placement::Running(row));
+                }
+            }
+            ("starting", Some(n)) if *node_up && *recent => return Ok(Placement::Starting(n.clone())),
+            ("running" | "starting" | "lost", Some(n)) if (!*node_up || state == "lost") && !cfg.shared_data => {
+                return Ok(Placement::Stranded(n.clone()));
+            }
+            _ => {}
+        }
+    }
+    let pending: Option<(String, bool)> = sqlx::query_as(
+        "SELECT p.node, coalesce(n.heartbeat > now() - make_interval(secs => $2), false) \
+         AND p.at > now() - make_interval(secs => $3) \
+         FROM markco_placements p LEFT JOIN markco_nodes n ON n.id = p.node WHERE p.user_id = $1",
+    )
+    .bind(user)
+    .bind(timeout)
+    .bind(stale)
+    .fetch_optional(&mut *tx)
+    .await
+    .context("reading pending placements")?;
+    if let Some((node, true)) = pending {
+        return Ok(if node == cfg.node { Placement::Here } else { Placement::Starting(node) });
+    }
+    // The least loaded live node with room for one more of this user's plan; this node on a tie
+    // (no hop). Load: workspaces running or starting there, and placements not started yet.
+    let chosen: Option<String> = sqlx::query_scalar(
+        "WITH placed AS ( \
+           SELECT w.node, w.user_id FROM markco_workspaces w \
+             WHERE w.state IN ('running', 'starting') AND w.node IS NOT NULL AND w.user_id <> $1 \
+           UNION SELECT p.node, p.user_id FROM markco_placements p WHERE p.user_id <> $1), \
+         load AS ( \
+           SELECT x.node, count(*) AS total, \
+                  count(*) FILTER (WHERE coalesce(u.plan, 'free') = $2) AS same_plan \
+           FROM placed x LEFT JOIN users u ON u.id::text = x.user_id GROUP BY x.node) \
+         SELECT n.id FROM markco_nodes n LEFT JOIN load l ON l.node = n.id \
+         WHERE n.heartbeat > now() - make_interval(secs => $3) \
+           AND coalesce(l.total, 0) < coalesce((n.capacity->>'*')::bigint, 9223372036854775807) \
+           AND coalesce(l.same_plan, 0) < coalesce((n.capacity->>$2)::bigint, 9223372036854775807) \
+         ORDER BY coalesce(l.total, 0), n.id = $4 DESC, n.id LIMIT 1",
+    )
+    .bind(user)
+    .bind(plan_of(&mut tx, user).await?)
+    .bind(timeout)
+    .bind(&cfg.node)
+    .fetch_optional(&mut *tx)
+    .await
+    .context("choosing a node with room")?;
+    let Some(node) = chosen else {
+        return Ok(Placement::NoRoom);
+    };
+    sqlx::query(
+        "INSERT INTO markco_placements (user_id, node, at) VALUES ($1, $2, now()) \
+         ON CONFLICT (user_id) DO UPDATE SET node = excluded.node, at = now()",
+    )
+    .bind(user)
+    .bind(&node)
+    .execute(&mut *tx)
+    .await
+    .context("recording the placement")?;
+    tx.commit().await.context("committing the placement")?;
+    Ok(if node == cfg.node { Placement::Here } else { Placement::Starting(node) })
+}
+
+async fn plan_of(tx: &mut sqlx::PgConnection, user: &str) -> anyhow::Result<String> {
+    let plan: Option<Option<String>> = sqlx::query_scalar("SELECT plan FROM users WHERE id::text = $1")
+        .bind(user)
+        .fetch_optional(tx)
+        .await
+        .with_context(|| format!("looking up the plan of user {user}"))?;
+    Ok(plan.flatten().unwrap_or_else(|| "free".to_string()))
+}
+
+/// Whether `user`'s workspace is placed on `node` and not started yet.
+pub async fn placement_pending(pool: &PgPool, node: &str, user: &str) -> anyhow::Result<bool> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM markco_placements WHERE user_id = $1 AND node = $2")
+        .bind(user)
+        .bind(node)
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("reading the placement of user {user}"))?;
+    Ok(n > 0)
+}
+
+/// A start placed on this node ended (either way): the placement goes.
+pub async fn placement_done(pool: &PgPool, node: &str, user: &str) -> anyhow::Result<()> {
+    sqlx::query("DELETE FROM markco_placements WHERE user_id = $1 AND node = $2")
+        .bind(user)
+        .bind(node)
+        .execute(pool)
+        .await
+        .with_context(|| format!("removing the placement of user {user}"))?;
+    Ok(())
+}
+
+/// Marks `lost` the workspaces of every node whose heartbeat is older than `node_timeout`.
+/// Any live gateway may run it; it is idempotent.
+pub async fn mark_lost(pool: &PgPool, node_timeout: Duration) -> anyhow::Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE markco_workspaces w SET state = 'lost', updated_at = now() FROM markco_nodes n \
+         WHERE w.node = n.id AND n.heartbeat < now() - make_interval(secs => $1) \
+           AND w.state IN ('running', 'starting')",
+    )
+    .bind(node_timeout.as_secs_f64())
+    .execute(pool)
+    .await
+    .context("marking the workspaces of down nodes lost")?
+    .rows_affected())
 }

@@ -59,6 +59,8 @@ pub enum WorkspaceState {
     Running,
     Stopped,
     Failed,
+    /// `[cluster]`: its node stopped heartbeating; placed again at the next request.
+    Lost,
 }
 
 impl WorkspaceState {
@@ -68,6 +70,7 @@ impl WorkspaceState {
             WorkspaceState::Running => "running",
             WorkspaceState::Stopped => "stopped",
             WorkspaceState::Failed => "failed",
+            WorkspaceState::Lost => "lost",
         }
     }
 }
@@ -81,7 +84,8 @@ impl std::str::FromStr for WorkspaceState {
             "running" => WorkspaceState::Running,
             "stopped" => WorkspaceState::Stopped,
             "failed" => WorkspaceState::Failed,
-            other => anyhow::bail!("unknown workspace state {other:?} (starting, running, stopped, failed)"),
+            "lost" => WorkspaceState::Lost,
+            other => anyhow::bail!("unknown workspace state {other:?} (starting, running, stopped, failed, lost)"),
         })
     }
 }

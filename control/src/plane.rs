@@ -580,10 +580,10 @@ impl ControlPlane {
         }
     }
 
-    async fn handle(&self, db: &Arc<Db>, cmd: Command) {
+    async fn handle(self: &Arc<Self>, db: &Arc<Db>, cmd: Command) {
         match cmd {
             Command::Ensure(user, reply) => {
-                let (Some(ws), db, state) = (self.workspaces.clone(), db.clone(), self.state.clone()) else {
+                let (Some(ws), db, plane) = (self.workspaces.clone(), db.clone(), self.clone()) else {
                     let _ = reply.send(Ok(None));
                     return;
                 };
@@ -592,24 +592,13 @@ impl ControlPlane {
                 tokio::spawn(async move {
                     let lock = ws.user_lock(&user);
                     let _guard = lock.lock().await;
-                    if let Some(running) = state.table().user(&user).filter(|r| r.running) {
+                    if let Some(running) = plane.state.table().user(&user).filter(|r| r.running) {
                         let _ = reply.send(Ok(Some(running.clone())));
                         return;
                     }
-                    let res = match ws.start(&db, &user).await {
-                        // The row is stored by the start; the owner publishes it and hands back
-                        // the entry, so the waiting request needs no second snapshot.
-                        Ok(row) => match routes_of(&row) {
-                            Some(routes) => state
-                                .apply(StateCommand::WorkspaceUp { user: user.clone(), routes })
-                                .map(|t| t.user(&user).cloned())
-                                .map_err(PlaneError::from),
-                            None => Err(PlaneError::Internal(anyhow::anyhow!("started workspace has no address"))),
-                        },
-                        Err(e) => {
-                            tracing::error!(user = %user, "workspace start failed: {e:#}");
-                            Err(PlaneError::Internal(e))
-                        }
+                    let res = match (&plane.cluster, db.postgres()) {
+                        (Some(cluster), Some(pool)) => plane.ensure_in_cluster(cluster, pool, &db, &ws, &user).await,
+                        _ => plane.start_here(&db, &ws, &user).await,
                     };
                     let _ = reply.send(res);
                 });
@@ -667,6 +656,31 @@ impl ControlPlane {
             }
             #[cfg(test)]
             Command::Panic(_reply) => panic!("a handler bug"),
+        }
+    }
+
+    /// Starts the user's workspace on this node's podman; the caller holds the user's lock.
+    pub(crate) async fn start_here(
+        &self,
+        db: &Db,
+        ws: &Workspaces,
+        user: &str,
+    ) -> Result<Option<Arc<UserRoutes>>, PlaneError> {
+        match ws.start(db, user).await {
+            // The row is stored by the start; the owner publishes it and hands back the entry, so
+            // the waiting request needs no second snapshot.
+            Ok(row) => match routes_of(&row) {
+                Some(routes) => self
+                    .state
+                    .apply(StateCommand::WorkspaceUp { user: user.to_string(), routes })
+                    .map(|t| t.user(user).cloned())
+                    .map_err(PlaneError::from),
+                None => Err(PlaneError::Internal(anyhow::anyhow!("started workspace has no address"))),
+            },
+            Err(e) => {
+                tracing::error!(user = %user, "workspace start failed: {e:#}");
+                Err(PlaneError::Internal(e))
+            }
         }
     }
 

@@ -381,6 +381,9 @@ impl Workspaces {
         l.insert(LABEL_MANAGED.to_string(), "true".to_string());
         l.insert(LABEL_USER.to_string(), user.to_string());
         l.insert(LABEL_INSTANCE.to_string(), self.cfg().instance.clone());
+        if let Some(node) = &self.cfg().node {
+            l.insert(crate::engine::LABEL_NODE.to_string(), node.clone());
+        }
         if !role.is_empty() {
             l.insert(LABEL_ROLE.to_string(), role.to_string());
         }

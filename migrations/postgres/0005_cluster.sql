@@ -37,8 +37,17 @@ CREATE TABLE IF NOT EXISTS markco_nodes (
 );
 
 -- The node whose podman runs the workspace's containers; NULL: not a container markco runs, or
--- a single gateway.
+-- a single gateway. A workspace whose node stopped heartbeating is marked 'lost' (by any live
+-- gateway) and placed again at its next request.
 ALTER TABLE markco_workspaces ADD COLUMN IF NOT EXISTS node TEXT;
+
+-- A workspace placed on a node that has not started it yet: the node starts it when it reads the
+-- change, and removes the row once the start ended (either way). Counted in the node's load.
+CREATE TABLE IF NOT EXISTS markco_placements (
+  user_id TEXT PRIMARY KEY,
+  node TEXT NOT NULL,
+  at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
 
 CREATE OR REPLACE FUNCTION markco_log_change(body jsonb) RETURNS bigint
 LANGUAGE plpgsql AS $$
@@ -98,3 +107,18 @@ DROP TRIGGER IF EXISTS markco_route_holds_log ON markco_route_holds;
 CREATE TRIGGER markco_route_holds_log
   AFTER INSERT OR UPDATE OR DELETE ON markco_route_holds
   FOR EACH ROW EXECUTE FUNCTION markco_route_hold_changed();
+
+CREATE OR REPLACE FUNCTION markco_placement_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP <> 'DELETE' THEN
+    PERFORM markco_log_change(jsonb_build_object('kind', 'placed', 'user_id', NEW.user_id, 'node', NEW.node));
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS markco_placements_log ON markco_placements;
+CREATE TRIGGER markco_placements_log
+  AFTER INSERT OR UPDATE ON markco_placements
+  FOR EACH ROW EXECUTE FUNCTION markco_placement_changed();

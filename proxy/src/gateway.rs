@@ -573,7 +573,14 @@ impl Gateway {
                         match starter.ensure_running(&owner).await {
                             Ok(Some(started)) => routes = Some(started),
                             Ok(None) => {}
-                            Err(e) => tracing::warn!(user = %owner, "workspace start failed: {e}"),
+                            Err(e) => {
+                                tracing::warn!(user = %owner, "workspace start failed: {e}");
+                                let body = serde_json::json!({ "error": format!("Workspace unavailable: {}", e.0) });
+                                let retry = [(header::RETRY_AFTER, "5")];
+                                reply(session, 503, "application/json", Bytes::from(body.to_string()), &retry).await?;
+                                ctx.status = 503;
+                                return Ok(true);
+                            }
                         }
                     }
                 }

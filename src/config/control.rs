@@ -170,7 +170,34 @@ fn cluster_config(
     }
     let change_retention = cx.duration(&c.change_retention, "change_retention", d.change_retention)?;
     let secret_file = c.secret_file.as_ref().map(|f| base_dir.join(f.get_ref().trim()));
-    Ok(ClusterConfig { node, advertise, heartbeat, node_timeout, poll, change_retention, secret_file })
+    let mut capacity = std::collections::BTreeMap::new();
+    if let Some(cap) = &c.capacity {
+        for (plan, n) in cap.get_ref() {
+            match u32::try_from(*n) {
+                Ok(n) => capacity.insert(plan.clone(), n),
+                Err(_) => {
+                    return cx.err(
+                        cap.span(),
+                        format!("`capacity` of {plan:?} must be a count of workspaces, 0 or more"),
+                        Some(
+                            "capacity = { \"*\" = 50, pro = 10 }: at most 50 workspaces, 10 of them on plan pro".into(),
+                        ),
+                    )
+                }
+            };
+        }
+    }
+    Ok(ClusterConfig {
+        node,
+        advertise,
+        heartbeat,
+        node_timeout,
+        poll,
+        change_retention,
+        secret_file,
+        capacity,
+        shared_data: c.shared_data.unwrap_or(d.shared_data),
+    })
 }
 
 fn port_range(

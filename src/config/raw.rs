@@ -122,6 +122,8 @@ pub struct RawCluster {
     pub poll: Option<Spanned<String>>,
     pub change_retention: Option<Spanned<String>>,
     pub secret_file: Option<Spanned<String>>,
+    pub capacity: Option<Spanned<std::collections::BTreeMap<String, i64>>>,
+    pub shared_data: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]

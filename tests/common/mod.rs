@@ -4,6 +4,7 @@
 
 pub mod pebble;
 pub mod pg;
+pub mod podman;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -17,6 +17,8 @@ pub const LABEL_ROLE: &str = "markco.role";
 /// Which markco (state) the container belongs to: gateways with different databases sharing one
 /// podman never adopt or remove each other's containers.
 pub const LABEL_INSTANCE: &str = "markco.instance";
+/// `[cluster]`: the node that runs the container.
+pub const LABEL_NODE: &str = "markco.node";
 
 /// A pod: one network namespace per user, shared by their editor and runtime, publishing only
 /// the editor's (and, for the gateway, the runtime's) port on 127.0.0.1.
