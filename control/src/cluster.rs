@@ -977,3 +977,57 @@ pub async fn mark_lost(pool: &PgPool, node_timeout: Duration) -> anyhow::Result<
     .context("marking the workspaces of down nodes lost")?
     .rows_affected())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use markco_proxy::table::{RouteTable, UserRoutes};
+    use std::net::SocketAddr;
+
+    fn change(json: serde_json::Value) -> Change {
+        serde_json::from_value(json).expect("a change the triggers write")
+    }
+
+    fn workspace(state: &str, runtime_port: u16) -> Change {
+        change(serde_json::json!({
+            "kind": "workspace", "user_id": "u", "editor_host": "127.0.0.1", "editor_port": 1000,
+            "runtime_host": "127.0.0.1", "runtime_port": runtime_port, "state": state, "node": "gw-a",
+        }))
+    }
+
+    #[test]
+    fn changes_map_to_the_owners_commands() {
+        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let empty = RouteTable::empty();
+        assert!(matches!(&commands(workspace("running", 2000), &empty)[..], [StateCommand::WorkspaceUp { .. }]));
+        assert!(commands(workspace("starting", 2000), &empty).is_empty(), "a start is served once it runs");
+        for s in ["stopped", "failed", "lost"] {
+            assert!(matches!(&commands(workspace(s, 2000), &empty)[..], [StateCommand::WorkspaceDown { .. }]), "{s}");
+        }
+        assert!(commands(workspace("exploded", 2000), &empty).is_empty(), "an unknown state is skipped");
+
+        let table = empty.with_user("u", UserRoutes::new(a(1000), a(2000), true));
+        assert!(commands(workspace("running", 2000), &table).is_empty(), "the same addresses: nothing to do");
+        match &commands(workspace("running", 2002), &table)[..] {
+            [StateCommand::RuntimeMoved { user, runtime }] => assert_eq!((user.as_str(), *runtime), ("u", a(2002))),
+            other => panic!("expected a runtime move, got {other:?}"),
+        }
+        let held = change(serde_json::json!({"kind": "route_held", "route": "sync", "holder": "admin", "since": 7}));
+        assert!(matches!(&commands(held, &table)[..], [StateCommand::RouteHeld { since: 7, .. }]));
+        let placed = change(serde_json::json!({"kind": "placed", "user_id": "u", "node": "gw-b"}));
+        assert!(commands(placed, &table).is_empty(), "a placement is work for its node, not state");
+    }
+
+    #[test]
+    fn a_log_row_that_does_not_parse_is_an_error_not_a_panic() {
+        for bad in [
+            serde_json::json!({"kind": "nonsense"}),
+            serde_json::json!({"kind": "workspace", "user_id": "u"}),
+            serde_json::json!({"kind": "workspace", "user_id": "u", "editor_host": "h", "editor_port": 70000,
+                "runtime_host": "h", "runtime_port": 1, "state": "running"}),
+            serde_json::json!([1, 2, 3]),
+        ] {
+            assert!(serde_json::from_value::<Change>(bad.clone()).is_err(), "{bad}");
+        }
+    }
+}
