@@ -837,7 +837,12 @@ async fn postgres_adopts_todays_database() {
         .fetch_one(&mut conn)
         .await
         .expect("applied");
-    assert_eq!(applied, 4);
+    // Every migration in migrations/postgres applied, each once.
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations/postgres"))
+        .expect("migrations/postgres")
+        .filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql")))
+        .count();
+    assert_eq!(applied, files as i64);
     // The services that own today's tables can still run their schema at start.
     conn.execute(TODAY_SCHEMA).await.expect("today's schema again, after markco");
 
