@@ -122,14 +122,24 @@ fn cluster_config(
 ) -> Result<ClusterConfig, ConfigError> {
     let d = ClusterConfig::default();
     let node = match &c.node {
-        None => return cx.err(span, "`[cluster]` needs `node`, this gateway's name, unique in the cluster", Some("node = \"gw-a\"".into())),
+        None => {
+            return cx.err(
+                span,
+                "`[cluster]` needs `node`, this gateway's name, unique in the cluster",
+                Some("node = \"gw-a\"".into()),
+            )
+        }
         Some(n) => {
             let v = n.get_ref().trim();
             let ok = !v.is_empty()
                 && v.len() <= 63
                 && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
             if !ok {
-                return cx.err(n.span(), format!("`node` {v:?} is not a node name"), Some("1 to 63 of a-z, 0-9, - and _".into()));
+                return cx.err(
+                    n.span(),
+                    format!("`node` {v:?} is not a node name"),
+                    Some("1 to 63 of a-z, 0-9, - and _".into()),
+                );
             }
             v.to_string()
         }

@@ -182,3 +182,27 @@ pub(super) fn site_tls(
     }
     Ok(tls)
 }
+
+/// `[cluster]` with ACME sites needs `secret_file`: the fleet's certificate keys and account are
+/// stored in the shared database, sealed with the key every gateway reads from that file.
+pub(super) fn check_fleet_secret(
+    cx: &Ctx<'_>,
+    raw: &super::raw::RawConfig,
+    plane: &markco_control::plane::PlaneConfig,
+    sites: &[super::SiteSpec],
+) -> Result<(), ConfigError> {
+    let (Some(cluster), Some(raw_cluster)) = (&plane.cluster, &raw.cluster) else { return Ok(()) };
+    if cluster.secret_file.is_some() || !sites.iter().any(|s| s.tls == SiteTls::Acme) {
+        return Ok(());
+    }
+    cx.err(
+        raw_cluster.span(),
+        "`[cluster]` with ACME sites needs `secret_file`: the fleet shares its certificates through the database, \
+         with their keys encrypted by the key in that file",
+        Some(
+            "create it once (`openssl rand -base64 48 > /etc/markco/cluster.key`, chmod 600), copy the same file to \
+             every gateway, and set secret_file = \"/etc/markco/cluster.key\""
+                .into(),
+        ),
+    )
+}
