@@ -110,10 +110,23 @@ pub struct CertManager {
     fleet_alpn: Mutex<HashMap<String, String>>,
 }
 
+/// When the fleet's stored certificate is taken instead of what this gateway serves.
+#[derive(Debug, Clone, Copy)]
+enum Adopt<'a> {
+    /// It is not due for renewal (before deciding to order).
+    IfNotDue,
+    /// It is not the one served when this gateway decided to order (under the order lock:
+    /// another gateway ordered meanwhile).
+    IfChangedSince(Option<&'a str>),
+    /// It is another one that lasts at least as long as the served one (NOTIFY, refresh).
+    IfNewer,
+}
+
 /// What a pass did for one site that needed a certificate.
 enum Outcome {
     /// This gateway ordered it.
-    Ordered(LoadedCert),
+    /// This gateway ordered it (it is served already).
+    Ordered(Arc<LoadedCert>),
     /// Another gateway of the fleet had just obtained it (found under the lock).
     FromFleet,
 }
@@ -151,43 +164,47 @@ impl CertManager {
         self.shared.get().map(|s| &**s)
     }
 
-    /// Reads the fleet's certificate of `site` and serves it if it is better than what is served:
-    /// none is served, or the fleet's is another one that lasts at least as long. With
-    /// `only_if_not_due`, a certificate due for renewal is not taken. Returns whether it now
-    /// serves the fleet's certificate.
+    /// Reads the fleet's certificate of `site` and, if `rule` says so, serves it from the next
+    /// handshake. Returns whether the fleet's certificate is taken (it may already be served).
+    /// A certificate that does not cover the site's hosts, or has expired, is never taken.
     async fn adopt_from_fleet(
         &self,
         shared: &dyn SharedCerts,
         settings: &AcmeConfig,
         site: &ManagedSite,
-        only_if_not_due: bool,
+        rule: Adopt<'_>,
     ) -> anyhow::Result<bool> {
         let Some((chain, key)) = shared.cert(&settings.directory, &site.name).await? else {
             return Ok(false);
         };
         let cert = pem::parse(&chain, &key, CertSource::Acme)
             .map_err(|e| anyhow::anyhow!("the fleet's stored certificate of {} is unusable: {e}", site.name))?;
-        if !site.hosts.iter().all(|h| pem::covers(&cert.info.names, h)) {
-            return Ok(false);
-        }
-        if only_if_not_due && due(cert.info.not_before, cert.info.not_after, now_unix(), settings.renew_before) {
+        let now = now_unix();
+        if !site.hosts.iter().all(|h| pem::covers(&cert.info.names, h)) || cert.info.not_after <= now {
             return Ok(false);
         }
         let current = self.store.get(&site.name).filter(|c| c.info.source == CertSource::Acme);
-        if let Some(c) = &current {
-            if c.info.serial == cert.info.serial {
-                return Ok(true);
+        let same = current.as_ref().is_some_and(|c| c.info.serial == cert.info.serial);
+        // Another certificate than the one served, lasting at least as long.
+        let newer = current.as_ref().is_none_or(|c| !same && c.info.not_after <= cert.info.not_after);
+        let take = match rule {
+            Adopt::IfNotDue => {
+                (newer || same) && !due(cert.info.not_before, cert.info.not_after, now, settings.renew_before)
             }
-            if c.info.not_after > cert.info.not_after {
-                return Ok(false);
+            Adopt::IfChangedSince(before) => before != Some(cert.info.serial.as_str()) && (newer || same),
+            Adopt::IfNewer => newer,
+        };
+        if !take {
+            return Ok(false);
+        }
+        if newer {
+            tracing::info!(site = %site.name, serial = %cert.info.serial, not_after = cert.info.not_after, "serving the certificate the fleet obtained, from the next handshake");
+            if let Err(e) = self.storage().save_cert(&site.name, &chain, &key) {
+                tracing::warn!(site = %site.name, "keeping a local copy of the fleet's certificate failed: {e:#}");
             }
+            self.store.install(&site.hosts, Arc::new(cert));
+            self.store.metrics.fleet("adopted");
         }
-        tracing::info!(site = %site.name, serial = %cert.info.serial, not_after = cert.info.not_after, "serving the certificate the fleet obtained, from the next handshake");
-        if let Err(e) = self.storage().save_cert(&site.name, &chain, &key) {
-            tracing::warn!(site = %site.name, "keeping a local copy of the fleet's certificate failed: {e:#}");
-        }
-        self.store.install(&site.hosts, Arc::new(cert));
-        self.store.metrics.fleet("adopted");
         Ok(true)
     }
 
@@ -200,7 +217,7 @@ impl CertManager {
         let sites = self.sites.load_full();
         let mut problems = Vec::new();
         for site in sites.iter().filter(|s| s.tls == SiteTls::Acme && only.is_none_or(|n| n == s.name)) {
-            if let Err(e) = self.adopt_from_fleet(shared, &settings, site, false).await {
+            if let Err(e) = self.adopt_from_fleet(shared, &settings, site, Adopt::IfNewer).await {
                 problems.push(format!("site {}: {e:#}", site.name));
             }
         }
@@ -321,7 +338,7 @@ impl CertManager {
             }
             if let Some(shared) = self.shared() {
                 // Another gateway may have obtained (or renewed) it already.
-                match self.adopt_from_fleet(shared, &settings, site, true).await {
+                match self.adopt_from_fleet(shared, &settings, site, Adopt::IfNotDue).await {
                     Ok(true) => {
                         self.backoff.lock().unwrap_or_else(|p| p.into_inner()).remove(&site.name);
                         continue;
@@ -336,7 +353,10 @@ impl CertManager {
                 continue;
             }
             let result = match self.shared() {
-                Some(shared) => self.obtain_for_fleet(shared, &settings, site).await,
+                Some(shared) => {
+                    let before = current.as_ref().map(|c| c.info.serial.clone());
+                    self.obtain_for_fleet(shared, &settings, site, before).await
+                }
                 None if self.fleet_required.load(std::sync::atomic::Ordering::Relaxed) => Err(anyhow::anyhow!(
                     "this gateway is in a [cluster] without `secret_file`: it cannot share certificates, so it orders none (set secret_file and restart)"
                 )),
@@ -348,7 +368,6 @@ impl CertManager {
                 }
                 Ok(Outcome::Ordered(cert)) => {
                     tracing::info!(site = %site.name, serial = %cert.info.serial, not_after = cert.info.not_after, "certificate obtained; serving it from the next handshake");
-                    self.store.install(&site.hosts, Arc::new(cert));
                     self.store.metrics.last_renewal.set(now_unix() as f64);
                     self.backoff.lock().unwrap_or_else(|p| p.into_inner()).remove(&site.name);
                 }
@@ -388,20 +407,23 @@ impl CertManager {
         settings.order_timeout * (settings.challenges.len().max(1) as u32 + 1) + Duration::from_secs(60)
     }
 
-    /// Orders for the fleet: under the fleet-wide lock of the name, after checking once more that
-    /// no other gateway obtained it meanwhile (it held the lock while we waited).
+    /// Orders for the fleet: under the fleet-wide lock of the name, unless the fleet's stored
+    /// certificate is no longer `before` (the one this gateway served when it found the
+    /// certificate due): then another gateway obtained or renewed it meanwhile (it held the lock
+    /// while we waited), and that one is served instead.
     async fn obtain_for_fleet(
         &self,
         shared: &dyn SharedCerts,
         settings: &AcmeConfig,
         site: &ManagedSite,
+        before: Option<String>,
     ) -> anyhow::Result<Outcome> {
         let key = order_lock_key(&settings.directory, &site.name);
         let started = std::time::Instant::now();
         let lock = shared.lock(&key, Self::lock_wait(settings)).await?;
         tracing::debug!(site = %site.name, waited_ms = started.elapsed().as_millis() as u64, "holding the fleet's order lock");
         let result = async {
-            if self.adopt_from_fleet(shared, settings, site, true).await? {
+            if self.adopt_from_fleet(shared, settings, site, Adopt::IfChangedSince(before.as_deref())).await? {
                 return Ok(Outcome::FromFleet);
             }
             self.obtain(settings, site).await.map(Outcome::Ordered)
@@ -433,8 +455,9 @@ impl CertManager {
         Ok(acc)
     }
 
-    /// Orders a certificate, trying each configured challenge in turn, and stores it.
-    async fn obtain(&self, settings: &AcmeConfig, site: &ManagedSite) -> anyhow::Result<LoadedCert> {
+    /// Orders a certificate, trying each configured challenge in turn, serves it from the next
+    /// handshake, and stores it (for the fleet too, with `[cluster]`).
+    async fn obtain(&self, settings: &AcmeConfig, site: &ManagedSite) -> anyhow::Result<Arc<LoadedCert>> {
         let account = match self.account(settings).await {
             Ok(a) => a,
             Err(e) => {
@@ -459,8 +482,12 @@ impl CertManager {
             {
                 Ok((chain, key)) => {
                     self.store.metrics.order(true);
-                    let cert = pem::parse(chain.as_bytes(), key.as_bytes(), CertSource::Acme)
-                        .map_err(|e| anyhow::anyhow!("the issued certificate is unusable: {e}"))?;
+                    let cert = Arc::new(
+                        pem::parse(chain.as_bytes(), key.as_bytes(), CertSource::Acme)
+                            .map_err(|e| anyhow::anyhow!("the issued certificate is unusable: {e}"))?,
+                    );
+                    // Served before the fleet hears of it (its NOTIFY reaches this gateway too).
+                    self.store.install(&site.hosts, cert.clone());
                     if let Some(shared) = shared {
                         // Before the lock is released: a gateway that waited finds it.
                         let stored = shared

@@ -1,0 +1,330 @@
+//! Certificates across a fleet (`[cluster]`): three real gateways on one fresh PostgreSQL
+//! database and one pebble, all configured with the same new ACME site, started at once.
+//!
+//! - pebble receives exactly one order, and all three serve that certificate (verified against
+//!   pebble's root);
+//! - the key in the database is sealed (no PEM, no key bytes in clear);
+//! - the renewal is ordered once for the fleet, by a gateway pebble cannot reach directly (it
+//!   validates HTTP-01 only through gateway A's port, and A is told not to check its
+//!   certificates), so A answers from the shared challenge table and serves the renewed
+//!   certificate because of the NOTIFY;
+//! - `markco check` refuses `[cluster]` with ACME sites and no `secret_file`, naming the line.
+//!
+//! Needs PostgreSQL (`MARKCO_TEST_PG_URL`, default
+//! `postgres://postgres:postgres@127.0.0.1:5432/postgres`) and pebble; `.ci/run` provides both.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::pebble::Pebble;
+use common::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+fn server_url() -> String {
+    std::env::var("MARKCO_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qAtX", "-c", sql])
+        .output()
+        .expect("psql is installed (apt-get install postgresql-client)");
+    assert!(
+        out.status.success(),
+        "psql failed ({sql}): {}\nIs PostgreSQL running? .ci/run starts it; set MARKCO_TEST_PG_URL to another server.",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A fresh database, dropped at the end.
+struct TestDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    fn new() -> TestDb {
+        let admin_url = server_url();
+        let name = format!("markco_fleet_{}_{}", std::process::id(), free_port());
+        psql(&admin_url, &format!("CREATE DATABASE {name}"));
+        let base = admin_url.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or_else(|| admin_url.clone());
+        TestDb { url: format!("{base}/{name}"), admin_url, name }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([&self.admin_url, "-qAtX", "-c", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
+            .output();
+    }
+}
+
+/// One gateway of the fleet: ACME site `localhost` (HTTP-01) proxied to `upstream`.
+fn gateway_config(
+    node: &str,
+    db: &str,
+    secret: &Path,
+    pebble: &Pebble,
+    tls_extra: &str,
+    upstream: SocketAddr,
+) -> String {
+    format!(
+        r#"[server]
+http = "{{http}}"
+https = "{{https}}"
+admin = "{{admin}}"
+upgrade_sock = "{{dir}}/upgrade.sock"
+pid_file = "{{dir}}/markco.pid"
+
+[database]
+url = "{db}"
+
+[cluster]
+node = "{node}"
+secret_file = "{secret}"
+
+{tls}
+[[site]]
+hosts = ["localhost"]
+tls = "acme"
+
+  [[site.route]]
+  name = "app"
+  match = ["/*"]
+  proxy = "{upstream}"
+"#,
+        secret = secret.display(),
+        tls = pebble.tls_section(&["http-01"], tls_extra),
+    )
+}
+
+fn client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).expect("add a root");
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(store)
+            .with_no_client_auth(),
+    )
+}
+
+/// The leaf a fresh handshake with SNI `localhost` gets; the client verifies the chain against
+/// `cfg`'s roots (pebble's), so an `Ok` is a certificate pebble issued.
+fn served_leaf(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> std::io::Result<Vec<u8>> {
+    let mut tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let name = ServerName::try_from("localhost").expect("server name");
+    let mut conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(std::io::Error::other)?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    let leaf = conn.peer_certificates().and_then(|c| c.first()).expect("the server sent a certificate");
+    Ok(leaf.to_vec())
+}
+
+/// Waits until every gateway serves a verified certificate other than `not`, and the same one;
+/// returns it.
+fn wait_same_leaf(
+    gateways: &[&Markco],
+    cfg: &Arc<rustls::ClientConfig>,
+    not: Option<&[u8]>,
+    timeout: Duration,
+    pebble: &Pebble,
+) -> Vec<u8> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let leaves: Vec<Option<Vec<u8>>> = gateways.iter().map(|g| served_leaf(g.https, cfg).ok()).collect();
+        if let Some(Some(first)) = leaves.first() {
+            if Some(first.as_slice()) != not && leaves.iter().all(|l| l.as_ref() == Some(first)) {
+                return first.clone();
+            }
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = gateways.iter().map(|g| g.log()).collect();
+            panic!(
+                "the gateways do not serve one new certificate after {timeout:?} (served: {:?})\n--- logs:\n{}\n--- pebble:\n{}",
+                leaves.iter().map(|l| l.as_ref().map(|d| d.len())).collect::<Vec<_>>(),
+                logs.join("\n-----\n"),
+                pebble.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn metric(m: &Markco, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = m.metrics();
+    metric_value(&text, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in the metrics:\n{text}"))
+}
+
+#[test]
+fn three_gateways_make_one_order_serve_it_and_renew_once() {
+    let db = TestDb::new();
+    let up = Upstream::start("app");
+    let shared_dir = tempfile::tempdir().expect("tempdir");
+    let secret = shared_dir.path().join("cluster.key");
+    std::fs::write(&secret, "c2VjcmV0IGZvciB0aGUgbWFya2NvIGZsZWV0IHRlc3QgKDQ4IGJ5dGVzKQ==\n").expect("write secret");
+
+    let ports = [Ports::free(), Ports::free(), Ports::free()];
+    // Pebble validates HTTP-01 through gateway A only: an order made by B or C is validated
+    // through A, which must answer from the shared challenge table.
+    // 60 s certificates, renewed when 30 s are left: the renewal comes during the test.
+    let pebble = Pebble::start_with_validity(ports[0].http.port(), ports[0].https.port(), Some(60));
+    let tls_extra = "renew_before = \"30s\"\nrenew_check_interval = \"1s\"";
+    let nodes = ["gw-a", "gw-b", "gw-c"];
+    let configs: Vec<String> =
+        nodes.iter().map(|n| gateway_config(n, &db.url, &secret, &pebble, tls_extra, up.addr)).collect();
+
+    // All three at once.
+    let started = Instant::now();
+    let handles: Vec<_> = ports
+        .iter()
+        .zip(configs.iter())
+        .map(|(p, c)| {
+            let (p, c) = (*p, c.clone());
+            std::thread::spawn(move || Markco::start_in(tempfile::tempdir().expect("tempdir"), p, &c, &[]))
+        })
+        .collect();
+    let gws: Vec<Markco> = handles.into_iter().map(|h| h.join().expect("a gateway started")).collect();
+    let (a, b, c) = (&gws[0], &gws[1], &gws[2]);
+
+    let root = pebble.root_pem();
+    let roots: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(root.as_bytes()).collect::<Result<_, _>>().expect("pebble's root");
+    let cfg = client_config(&roots);
+    let first = wait_same_leaf(&[a, b, c], &cfg, None, Duration::from_secs(40), &pebble);
+    eprintln!("all three serve the first certificate {:?} after start", started.elapsed());
+
+    // One order at pebble for the whole fleet (the three asked at once).
+    assert_eq!(pebble.order_count(), 1, "one order for the fleet:\n{}", pebble.log());
+    let ordered_by = psql(&db.url, "SELECT node FROM markco_certificates WHERE name = 'localhost'");
+    assert!(nodes.contains(&ordered_by.as_str()), "the certificate row names its gateway: {ordered_by:?}");
+    let oks: f64 = gws.iter().map(|g| metric(g, "markco_acme_orders_total", &[("result", "ok")])).sum();
+    assert_eq!(oks, 1.0, "one gateway ordered");
+    let adopted: f64 =
+        gws.iter().map(|g| metric(g, "markco_acme_fleet_certificates_total", &[("event", "adopted")])).sum();
+    assert_eq!(adopted, 2.0, "the two others took it from the database");
+    // One ACME account for the fleet.
+    assert_eq!(psql(&db.url, "SELECT count(*) FROM markco_acme_accounts"), "1");
+
+    // The database holds the chain in clear and the key sealed: no PEM, no DER key in it.
+    let chain = psql(&db.url, "SELECT chain_pem FROM markco_certificates");
+    assert!(chain.contains("BEGIN CERTIFICATE"));
+    let key_hex = psql(&db.url, "SELECT encode(key_sealed, 'hex') FROM markco_certificates");
+    let key_bytes: Vec<u8> =
+        (0..key_hex.len() / 2).map(|i| u8::from_str_radix(&key_hex[2 * i..2 * i + 2], 16).expect("hex")).collect();
+    assert!(key_bytes.len() > 100, "a sealed key is stored");
+    assert!(!key_bytes.windows(10).any(|w| w == b"PRIVATE KE"), "the key is not stored as PEM");
+    let local_key = std::fs::read_dir(a.dir.path().join("certs"))
+        .ok()
+        .and_then(|_| find_key(&a.dir.path().join("certs")))
+        .expect("gateway A keeps a local copy of the key");
+    let local_key = std::fs::read_to_string(local_key).expect("read the local key");
+    let der = rustls::pki_types::PrivateKeyDer::from_pem_slice(local_key.as_bytes()).expect("local key PEM");
+    let der_bytes = der.secret_der();
+    assert!(
+        !key_bytes.windows(32).any(|w| der_bytes.windows(32).any(|d| d == w)),
+        "no 32-byte run of the key's DER appears in the database"
+    );
+    let creds = psql(&db.url, "SELECT encode(credentials, 'escape') FROM markco_acme_accounts");
+    assert!(!creds.contains("private") && !creds.contains("key_pkcs8"), "the account credentials are sealed");
+
+    // Renewal: A stops checking (it can only learn of the renewal from the fleet), so B or C
+    // renews, and pebble validates that order through A's port.
+    a.write_config(&gateway_config(
+        "gw-a",
+        &db.url,
+        &secret,
+        &pebble,
+        "renew_before = \"30s\"\nrenew_check_interval = \"1h\"",
+        up.addr,
+    ));
+    let r = request(a.admin, "POST", "/reload", &[], b"").expect("POST /reload");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let renewed = wait_same_leaf(&[b, c], &cfg, Some(&first), Duration::from_secs(60), &pebble);
+    let seen_on_bc = Instant::now();
+    // A serves it from a NOTIFY (its periodic re-read is 30 s away).
+    let on_a = wait_same_leaf(&[a], &cfg, Some(&first), Duration::from_secs(5), &pebble);
+    assert_eq!(on_a, renewed, "A serves the renewed certificate");
+    eprintln!("A served the renewed certificate {:?} after B and C", seen_on_bc.elapsed());
+    assert_eq!(pebble.order_count(), 2, "the renewal was ordered once:\n{}", pebble.log());
+    let renewed_by = psql(&db.url, "SELECT node FROM markco_certificates WHERE name = 'localhost'");
+    assert!(renewed_by == "gw-b" || renewed_by == "gw-c", "B or C renewed: {renewed_by:?}");
+    assert!(
+        metric(a, "markco_acme_shared_challenge_lookups_total", &[("result", "hit")]) >= 1.0,
+        "A answered the CA from the shared challenges\n{}",
+        a.log()
+    );
+    assert!(a.log().contains("answering an HTTP-01 validation of another gateway's order"), "{}", a.log());
+    // The challenges are withdrawn once the order is done.
+    eventually(Duration::from_secs(5), "the challenges are withdrawn", || {
+        psql(&db.url, "SELECT count(*) FROM markco_acme_challenges") == "0"
+    });
+    // And it stays at one renewal (the new certificate is not due for another ~30 s).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(pebble.order_count(), 2, "no further order:\n{}", pebble.log());
+    for g in [a, b, c] {
+        assert_eq!(served_leaf(g.https, &cfg).expect("handshake"), renewed);
+    }
+}
+
+fn find_key(dir: &Path) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(k) = find_key(&p) {
+                return Some(k);
+            }
+        } else if p.file_name().is_some_and(|n| n == "key.pem") {
+            return Some(p);
+        }
+    }
+    None
+}
+
+#[test]
+fn cluster_with_acme_sites_needs_a_secret_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("markco.toml");
+    std::fs::write(
+        &path,
+        r#"[server]
+http = "127.0.0.1:18080"
+https = "127.0.0.1:18443"
+
+[database]
+url = "postgres://markco@127.0.0.1/markco"
+
+[cluster]
+node = "gw-a"
+
+[[site]]
+hosts = ["localhost"]
+tls = "acme"
+
+  [[site.route]]
+  match = ["/*"]
+  proxy = "127.0.0.1:9"
+"#,
+    )
+    .expect("write config");
+    let out = Command::new(markco_bin()).arg("check").arg("--config").arg(&path).output().expect("run markco check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused: {err}");
+    assert!(err.contains("secret_file"), "names the missing key: {err}");
+    assert!(err.contains("markco.toml:8:"), "points at the [cluster] line: {err}");
+}
