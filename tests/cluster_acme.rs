@@ -69,12 +69,13 @@ impl Drop for TestDb {
     }
 }
 
-/// One gateway of the fleet: ACME site `localhost` (HTTP-01) proxied to `upstream`.
+/// One gateway of the fleet: ACME site `localhost` (by `challenge`) proxied to `upstream`.
 fn gateway_config(
     node: &str,
     db: &str,
     secret: &Path,
     pebble: &Pebble,
+    challenge: &str,
     tls_extra: &str,
     upstream: SocketAddr,
 ) -> String {
@@ -104,7 +105,7 @@ tls = "acme"
   proxy = "{upstream}"
 "#,
         secret = secret.display(),
-        tls = pebble.tls_section(&["http-01"], tls_extra),
+        tls = pebble.tls_section(&[challenge], tls_extra),
     )
 }
 
@@ -172,7 +173,16 @@ fn metric(m: &Markco, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 #[test]
-fn three_gateways_make_one_order_serve_it_and_renew_once() {
+fn three_gateways_make_one_order_serve_it_and_renew_once_http01() {
+    three_gateways_one_order("http-01");
+}
+
+#[test]
+fn three_gateways_make_one_order_serve_it_and_renew_once_tls_alpn01() {
+    three_gateways_one_order("tls-alpn-01");
+}
+
+fn three_gateways_one_order(challenge: &str) {
     let db = TestDb::new();
     let up = Upstream::start("app");
     let shared_dir = tempfile::tempdir().expect("tempdir");
@@ -180,14 +190,15 @@ fn three_gateways_make_one_order_serve_it_and_renew_once() {
     std::fs::write(&secret, "c2VjcmV0IGZvciB0aGUgbWFya2NvIGZsZWV0IHRlc3QgKDQ4IGJ5dGVzKQ==\n").expect("write secret");
 
     let ports = [Ports::free(), Ports::free(), Ports::free()];
-    // Pebble validates HTTP-01 through gateway A only: an order made by B or C is validated
-    // through A, which must answer from the shared challenge table.
+    // Pebble validates through gateway A only (HTTP-01 on its HTTP port, TLS-ALPN-01 on its HTTPS
+    // port): an order made by B or C is validated through A, which must answer from what the
+    // fleet shares (the challenge table, or the NOTIFY that installs the challenge certificate).
     // 60 s certificates, renewed when 30 s are left: the renewal comes during the test.
     let pebble = Pebble::start_with_validity(ports[0].http.port(), ports[0].https.port(), Some(60));
     let tls_extra = "renew_before = \"30s\"\nrenew_check_interval = \"1s\"";
     let nodes = ["gw-a", "gw-b", "gw-c"];
     let configs: Vec<String> =
-        nodes.iter().map(|n| gateway_config(n, &db.url, &secret, &pebble, tls_extra, up.addr)).collect();
+        nodes.iter().map(|n| gateway_config(n, &db.url, &secret, &pebble, challenge, tls_extra, up.addr)).collect();
 
     // All three at once.
     let started = Instant::now();
@@ -209,8 +220,13 @@ fn three_gateways_make_one_order_serve_it_and_renew_once() {
     let first = wait_same_leaf(&[a, b, c], &cfg, None, Duration::from_secs(40), &pebble);
     eprintln!("all three serve the first certificate {:?} after start", started.elapsed());
 
-    // One order at pebble for the whole fleet (the three asked at once).
+    // One order at pebble for the whole fleet (the three asked at once), also once the
+    // gateways that waited for the lock have had their turn.
+    std::thread::sleep(Duration::from_secs(3));
     assert_eq!(pebble.order_count(), 1, "one order for the fleet:\n{}", pebble.log());
+    for g in [a, b, c] {
+        assert_eq!(served_leaf(g.https, &cfg).expect("handshake"), first, "every gateway still serves it");
+    }
     let ordered_by = psql(&db.url, "SELECT node FROM markco_certificates WHERE name = 'localhost'");
     assert!(nodes.contains(&ordered_by.as_str()), "the certificate row names its gateway: {ordered_by:?}");
     let oks: f64 = gws.iter().map(|g| metric(g, "markco_acme_orders_total", &[("result", "ok")])).sum();
@@ -250,6 +266,7 @@ fn three_gateways_make_one_order_serve_it_and_renew_once() {
         &db.url,
         &secret,
         &pebble,
+        challenge,
         "renew_before = \"30s\"\nrenew_check_interval = \"1h\"",
         up.addr,
     ));
@@ -264,12 +281,16 @@ fn three_gateways_make_one_order_serve_it_and_renew_once() {
     assert_eq!(pebble.order_count(), 2, "the renewal was ordered once:\n{}", pebble.log());
     let renewed_by = psql(&db.url, "SELECT node FROM markco_certificates WHERE name = 'localhost'");
     assert!(renewed_by == "gw-b" || renewed_by == "gw-c", "B or C renewed: {renewed_by:?}");
-    assert!(
-        metric(a, "markco_acme_shared_challenge_lookups_total", &[("result", "hit")]) >= 1.0,
-        "A answered the CA from the shared challenges\n{}",
-        a.log()
-    );
-    assert!(a.log().contains("answering an HTTP-01 validation of another gateway's order"), "{}", a.log());
+    if challenge == "http-01" {
+        assert!(
+            metric(a, "markco_acme_shared_challenge_lookups_total", &[("result", "hit")]) >= 1.0,
+            "A answered the CA from the shared challenges\n{}",
+            a.log()
+        );
+        assert!(a.log().contains("answering an HTTP-01 validation of another gateway's order"), "{}", a.log());
+    } else {
+        assert!(a.log().contains("answering the fleet's TLS-ALPN-01 challenge"), "{}", a.log());
+    }
     // The challenges are withdrawn once the order is done.
     eventually(Duration::from_secs(5), "the challenges are withdrawn", || {
         psql(&db.url, "SELECT count(*) FROM markco_acme_challenges") == "0"
