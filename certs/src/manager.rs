@@ -112,14 +112,14 @@ pub struct CertManager {
 
 /// When the fleet's stored certificate is taken instead of what this gateway serves.
 #[derive(Debug, Clone, Copy)]
-enum Adopt<'a> {
+enum AdoptIf<'a> {
     /// It is not due for renewal (before deciding to order).
-    IfNotDue,
+    NotDue,
     /// It is not the one served when this gateway decided to order (under the order lock:
     /// another gateway ordered meanwhile).
-    IfChangedSince(Option<&'a str>),
+    ChangedSince(Option<&'a str>),
     /// It is another one that lasts at least as long as the served one (NOTIFY, refresh).
-    IfNewer,
+    Newer,
 }
 
 /// What a pass did for one site that needed a certificate.
@@ -172,7 +172,7 @@ impl CertManager {
         shared: &dyn SharedCerts,
         settings: &AcmeConfig,
         site: &ManagedSite,
-        rule: Adopt<'_>,
+        rule: AdoptIf<'_>,
     ) -> anyhow::Result<bool> {
         let Some((chain, key)) = shared.cert(&settings.directory, &site.name).await? else {
             return Ok(false);
@@ -188,11 +188,11 @@ impl CertManager {
         // Another certificate than the one served, lasting at least as long.
         let newer = current.as_ref().is_none_or(|c| !same && c.info.not_after <= cert.info.not_after);
         let take = match rule {
-            Adopt::IfNotDue => {
+            AdoptIf::NotDue => {
                 (newer || same) && !due(cert.info.not_before, cert.info.not_after, now, settings.renew_before)
             }
-            Adopt::IfChangedSince(before) => before != Some(cert.info.serial.as_str()) && (newer || same),
-            Adopt::IfNewer => newer,
+            AdoptIf::ChangedSince(before) => before != Some(cert.info.serial.as_str()) && (newer || same),
+            AdoptIf::Newer => newer,
         };
         if !take {
             return Ok(false);
@@ -217,7 +217,7 @@ impl CertManager {
         let sites = self.sites.load_full();
         let mut problems = Vec::new();
         for site in sites.iter().filter(|s| s.tls == SiteTls::Acme && only.is_none_or(|n| n == s.name)) {
-            if let Err(e) = self.adopt_from_fleet(shared, &settings, site, Adopt::IfNewer).await {
+            if let Err(e) = self.adopt_from_fleet(shared, &settings, site, AdoptIf::Newer).await {
                 problems.push(format!("site {}: {e:#}", site.name));
             }
         }
@@ -338,7 +338,7 @@ impl CertManager {
             }
             if let Some(shared) = self.shared() {
                 // Another gateway may have obtained (or renewed) it already.
-                match self.adopt_from_fleet(shared, &settings, site, Adopt::IfNotDue).await {
+                match self.adopt_from_fleet(shared, &settings, site, AdoptIf::NotDue).await {
                     Ok(true) => {
                         self.backoff.lock().unwrap_or_else(|p| p.into_inner()).remove(&site.name);
                         continue;
@@ -423,7 +423,7 @@ impl CertManager {
         let lock = shared.lock(&key, Self::lock_wait(settings)).await?;
         tracing::debug!(site = %site.name, waited_ms = started.elapsed().as_millis() as u64, "holding the fleet's order lock");
         let result = async {
-            if self.adopt_from_fleet(shared, settings, site, Adopt::IfChangedSince(before.as_deref())).await? {
+            if self.adopt_from_fleet(shared, settings, site, AdoptIf::ChangedSince(before.as_deref())).await? {
                 return Ok(Outcome::FromFleet);
             }
             self.obtain(settings, site).await.map(Outcome::Ordered)
