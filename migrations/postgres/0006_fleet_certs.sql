@@ -6,10 +6,11 @@
 -- with a key derived from the `[cluster] secret_file` every gateway has (XChaCha20-Poly1305, a
 -- random nonce per value, bound to the row it belongs to); the database never sees them in clear.
 --
--- Orders are serialised per name by a session advisory lock, pg_try_advisory_lock(1835102051,
--- hashtext('<directory> <name>')), held by the ordering gateway on a dedicated connection for
+-- Orders are serialised per name by a session advisory lock, pg_try_advisory_lock(1835754275,
+-- hashtext('order <directory> <name>')), held by the ordering gateway on a dedicated connection for
 -- the order's duration. A change to markco_certificates is announced with NOTIFY markco_certs
--- (payload: the site name); a challenge with payload `challenge`.
+-- (payload: the site name); a TLS-ALPN-01 challenge put up or withdrawn with `* challenges`.
+-- The fleet's account is created once, under the same kind of lock on 'account <directory>'.
 
 CREATE TABLE IF NOT EXISTS markco_acme_accounts (
   directory TEXT PRIMARY KEY,
