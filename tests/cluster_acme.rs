@@ -343,9 +343,30 @@ tls = "acme"
 "#,
     )
     .expect("write config");
-    let out = Command::new(markco_bin()).arg("check").arg("--config").arg(&path).output().expect("run markco check");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "refused: {err}");
+    let check = || {
+        let out =
+            Command::new(markco_bin()).arg("check").arg("--config").arg(&path).output().expect("run markco check");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = check();
+    assert!(!ok, "refused: {err}");
     assert!(err.contains("secret_file"), "names the missing key: {err}");
     assert!(err.contains("markco.toml:8:"), "points at the [cluster] line: {err}");
+
+    // A secret_file that is missing, or too short, is refused naming the file.
+    let config = std::fs::read_to_string(&path).expect("read config");
+    let key = dir.path().join("cluster.key");
+    std::fs::write(
+        &path,
+        config.replace("node = \"gw-a\"", &format!("node = \"gw-a\"\nsecret_file = {:?}", key.display().to_string())),
+    )
+    .expect("write config");
+    let (ok, err) = check();
+    assert!(!ok && err.contains(&key.display().to_string()) && err.contains("markco.toml:10:"), "missing: {err}");
+    std::fs::write(&key, "short\n").expect("write key");
+    let (ok, err) = check();
+    assert!(!ok && err.contains("too short") && err.contains(&key.display().to_string()), "short: {err}");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef0123456789\n").expect("write key");
+    let (ok, err) = check();
+    assert!(ok, "a good key file passes: {err}");
 }

@@ -184,7 +184,8 @@ pub(super) fn site_tls(
 }
 
 /// `[cluster]` with ACME sites needs `secret_file`: the fleet's certificate keys and account are
-/// stored in the shared database, sealed with the key every gateway reads from that file.
+/// stored in the shared database, sealed with the key every gateway reads from that file. A
+/// `secret_file` that is given must be usable (present, at least 32 bytes).
 pub(super) fn check_fleet_secret(
     cx: &Ctx<'_>,
     raw: &super::raw::RawConfig,
@@ -192,7 +193,14 @@ pub(super) fn check_fleet_secret(
     sites: &[super::SiteSpec],
 ) -> Result<(), ConfigError> {
     let (Some(cluster), Some(raw_cluster)) = (&plane.cluster, &raw.cluster) else { return Ok(()) };
-    if cluster.secret_file.is_some() || !sites.iter().any(|s| s.tls == SiteTls::Acme) {
+    if let (Some(file), Some(raw_file)) = (&cluster.secret_file, &raw_cluster.get_ref().secret_file) {
+        // Read now, so `markco check` and a reload catch a missing or weak key file.
+        return match markco_certs::SecretKey::from_file(file) {
+            Ok(_) => Ok(()),
+            Err(e) => cx.err(raw_file.span(), format!("{e:#}"), None),
+        };
+    }
+    if !sites.iter().any(|s| s.tls == SiteTls::Acme) {
         return Ok(());
     }
     cx.err(
