@@ -370,3 +370,72 @@ tls = "acme"
     let (ok, err) = check();
     assert!(ok, "a good key file passes: {err}");
 }
+
+/// The PostgreSQL store itself: the per-name lock excludes a second holder and is freed even by a
+/// gateway that vanishes without releasing it; keys round-trip sealed and refuse another
+/// secret; challenges are answered until withdrawn or expired.
+#[test]
+fn shared_store_lock_sealing_and_challenges() {
+    use markco_certs::acme::Challenge;
+    use markco_certs::{PendingChallenge, SecretKey, SharedCerts};
+    use markco_control::fleet_certs::PgSharedCerts;
+
+    let db = TestDb::new();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let plane_db = markco_control::db::Db::connect(&db.url).await.expect("connect");
+        plane_db.migrate().await.expect("migrate");
+        let key = SecretKey::from_secret(b"0123456789abcdef0123456789abcdef", Path::new("/k/a"));
+        let other_key = SecretKey::from_secret(b"another fleet's secret of 32 bytes", Path::new("/k/b"));
+        let a = PgSharedCerts::connect(&db.url, key.clone(), "gw-a").await.expect("a");
+        let b = PgSharedCerts::connect(&db.url, key, "gw-b").await.expect("b");
+        let stranger = PgSharedCerts::connect(&db.url, other_key, "gw-x").await.expect("x");
+
+        // The lock: one holder; the other gives up after its wait; release lets it in.
+        let held = a.lock("order dir localhost", Duration::from_secs(1)).await.expect("a takes the lock");
+        let t = Instant::now();
+        let e = b.lock("order dir localhost", Duration::from_millis(600)).await.err().expect("b must wait");
+        assert!(t.elapsed() >= Duration::from_millis(600), "b waited its time");
+        assert!(format!("{e:#}").contains("held the fleet's lock"), "{e:#}");
+        // Another name is not blocked.
+        let other = b.lock("order dir other.test", Duration::from_millis(100)).await.expect("another name");
+        other.release().await;
+        held.release().await;
+        let again = b.lock("order dir localhost", Duration::from_millis(500)).await.expect("b after release");
+        // A holder that vanishes (dropped, connection closed) frees it too.
+        drop(again);
+        let t = Instant::now();
+        let last = a.lock("order dir localhost", Duration::from_secs(5)).await.expect("freed by the dropped holder");
+        assert!(t.elapsed() < Duration::from_secs(2), "freed promptly: {:?}", t.elapsed());
+        last.release().await;
+
+        // Sealed storage.
+        let pem_key = b"-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+        a.save_cert("dir", "localhost", b"CHAIN", pem_key, 2_000_000_000).await.expect("save");
+        let (chain, k) = b.cert("dir", "localhost").await.expect("read").expect("stored");
+        assert_eq!((chain.as_slice(), k.as_slice()), (&b"CHAIN"[..], &pem_key[..]));
+        let e = stranger.cert("dir", "localhost").await.expect_err("another secret cannot open it");
+        assert!(format!("{e:#}").contains("same secret_file"), "{e:#}");
+        // A sealed value moved to another row does not open.
+        psql(&db.url, "INSERT INTO markco_certificates (directory, name, chain_pem, key_sealed, not_after) SELECT directory, 'moved', chain_pem, key_sealed, not_after FROM markco_certificates WHERE name = 'localhost'");
+        assert!(b.cert("dir", "moved").await.is_err(), "bound to its row");
+        a.save_account("dir", b"{\"id\":\"acct\"}").await.expect("save account");
+        assert_eq!(b.account("dir").await.expect("account").as_deref(), Some(&b"{\"id\":\"acct\"}"[..]));
+
+        // Challenges.
+        let ch = |token: &str| PendingChallenge {
+            kind: Challenge::Http01,
+            token: token.into(),
+            host: "localhost".into(),
+            answer: format!("{token}.thumb"),
+        };
+        a.put_challenge(&ch("tok-live-0123456789"), Duration::from_secs(60)).await.expect("put");
+        a.put_challenge(&ch("tok-expired-0123456"), Duration::ZERO).await.expect("put");
+        assert_eq!(b.http01_answer("tok-live-0123456789").await.expect("q").as_deref(), Some("tok-live-0123456789.thumb"));
+        assert_eq!(b.http01_answer("tok-expired-0123456").await.expect("q"), None, "expired");
+        assert_eq!(b.http01_answer("unknown-0123456789").await.expect("q"), None);
+        a.remove_challenges(&["tok-live-0123456789".to_string()]).await.expect("remove");
+        assert_eq!(b.http01_answer("tok-live-0123456789").await.expect("q"), None, "withdrawn");
+        plane_db.close().await;
+    });
+}
