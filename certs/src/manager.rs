@@ -124,7 +124,6 @@ enum AdoptIf<'a> {
 
 /// What a pass did for one site that needed a certificate.
 enum Outcome {
-    /// This gateway ordered it.
     /// This gateway ordered it (it is served already).
     Ordered(Arc<LoadedCert>),
     /// Another gateway of the fleet had just obtained it (found under the lock).
@@ -177,8 +176,14 @@ impl CertManager {
         let Some((chain, key)) = shared.cert(&settings.directory, &site.name).await? else {
             return Ok(false);
         };
-        let cert = pem::parse(&chain, &key, CertSource::Acme)
-            .map_err(|e| anyhow::anyhow!("the fleet's stored certificate of {} is unusable: {e}", site.name))?;
+        let cert = match pem::parse(&chain, &key, CertSource::Acme) {
+            Ok(c) => c,
+            Err(e) => {
+                // As if there were none: under the lock, a new order replaces it.
+                tracing::warn!(site = %site.name, "the fleet's stored certificate is unusable ({e}); ignoring it");
+                return Ok(false);
+            }
+        };
         let now = now_unix();
         if !site.hosts.iter().all(|h| pem::covers(&cert.info.names, h)) || cert.info.not_after <= now {
             return Ok(false);
