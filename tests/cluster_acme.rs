@@ -3,12 +3,16 @@
 //!
 //! - pebble receives exactly one order, and all three serve that certificate (verified against
 //!   pebble's root);
+//! - a fourth gateway started later serves it from the database without ordering;
 //! - the key in the database is sealed (no PEM, no key bytes in clear);
 //! - the renewal is ordered once for the fleet, by a gateway pebble cannot reach directly (it
 //!   validates HTTP-01 only through gateway A's port, and A is told not to check its
 //!   certificates), so A answers from the shared challenge table and serves the renewed
 //!   certificate because of the NOTIFY;
-//! - `markco check` refuses `[cluster]` with ACME sites and no `secret_file`, naming the line.
+//! - the same by TLS-ALPN-01 (A installs the challenge certificate on the NOTIFY);
+//! - the PostgreSQL store on its own: the lock, sealing, challenges;
+//! - `markco check` refuses `[cluster]` with ACME sites and no `secret_file`, naming the line,
+//!   and a missing or short key file.
 //!
 //! Needs PostgreSQL (`MARKCO_TEST_PG_URL`, default
 //! `postgres://postgres:postgres@127.0.0.1:5432/postgres`) and pebble; `.ci/run` provides both.
@@ -227,6 +231,13 @@ fn three_gateways_one_order(challenge: &str) {
     for g in [a, b, c] {
         assert_eq!(served_leaf(g.https, &cfg).expect("handshake"), first, "every gateway still serves it");
     }
+    // A gateway that joins later, with nothing stored locally, serves the fleet's certificate
+    // without ordering.
+    let d = Markco::start(&gateway_config("gw-d", &db.url, &secret, &pebble, challenge, tls_extra, up.addr));
+    assert_eq!(wait_same_leaf(&[&d], &cfg, None, Duration::from_secs(10), &pebble), first, "D serves it");
+    assert_eq!(pebble.order_count(), 1, "D ordered nothing:\n{}", pebble.log());
+    assert_eq!(metric(&d, "markco_acme_orders_total", &[("result", "ok")]), 0.0);
+    drop(d);
     let ordered_by = psql(&db.url, "SELECT node FROM markco_certificates WHERE name = 'localhost'");
     assert!(nodes.contains(&ordered_by.as_str()), "the certificate row names its gateway: {ordered_by:?}");
     let oks: f64 = gws.iter().map(|g| metric(g, "markco_acme_orders_total", &[("result", "ok")])).sum();

@@ -37,6 +37,8 @@ const LOCK_CLASS: i32 = 0x6d6b_6323;
 pub const REFRESH: Duration = Duration::from_secs(30);
 /// How long the gateway's request waits for a shared HTTP-01 answer.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// The lock's own connection must be up within this.
+const LOCK_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lookups waiting for the database; beyond, a lookup is answered "unknown" at once.
 const LOOKUP_QUEUE: usize = 64;
 
@@ -118,7 +120,12 @@ fn alpn(kind: Challenge) -> bool {
 #[async_trait]
 impl SharedCerts for PgSharedCerts {
     async fn lock(&self, key: &str, wait: Duration) -> anyhow::Result<Box<dyn FleetLock>> {
-        let mut conn = self.options.connect().await.context("connecting to PostgreSQL for the fleet's lock")?;
+        let mut conn = tokio::time::timeout(LOCK_CONNECT_TIMEOUT, self.options.connect())
+            .await
+            .map_err(|_| {
+                anyhow!("connecting to PostgreSQL for the fleet's lock timed out after {LOCK_CONNECT_TIMEOUT:?}")
+            })?
+            .context("connecting to PostgreSQL for the fleet's lock")?;
         let deadline = Instant::now() + wait;
         loop {
             let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
