@@ -450,3 +450,96 @@ fn shared_store_lock_sealing_and_challenges() {
         plane_db.close().await;
     });
 }
+
+/// A certificate that reaches the database without its NOTIFY (lost, or written while nobody
+/// listened) is served after the periodic re-read; one sealed with another secret never is.
+#[test]
+fn a_certificate_stored_without_notify_is_served_after_the_refresh() {
+    use markco_certs::SecretKey;
+    use markco_control::fleet_certs::{key_context, REFRESH};
+
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_text = "a fleet secret for the lost-notify test, long enough";
+    let secret = dir.path().join("cluster.key");
+    std::fs::write(&secret, format!("{secret_text}\n")).expect("write secret");
+    // No CA answers: the gateway's one attempt fails and it waits an hour before the next, so
+    // only the re-read can bring the certificate.
+    let directory = format!("https://127.0.0.1:{}/dir", free_port());
+    let config = format!(
+        r#"[server]
+http = "{{http}}"
+https = "{{https}}"
+admin = "{{admin}}"
+upgrade_sock = "{{dir}}/upgrade.sock"
+pid_file = "{{dir}}/markco.pid"
+
+[database]
+url = "{db}"
+
+[cluster]
+node = "gw-a"
+secret_file = "{secret}"
+
+[tls]
+acme_directory = "{directory}"
+storage = "{{dir}}/certs"
+challenges = ["http-01"]
+retry_initial = "1h"
+
+[[site]]
+hosts = ["localhost"]
+tls = "acme"
+
+  [[site.route]]
+  match = ["/*"]
+  respond = "ok"
+"#,
+        db = db.url,
+        secret = secret.display(),
+    );
+    let m = Markco::start(&config);
+    eventually(Duration::from_secs(20), "the first order attempt fails", || {
+        metric(&m, "markco_acme_orders_total", &[("result", "error")]) >= 1.0
+    });
+
+    let ca = common::pebble::TestCa::generate(dir.path());
+    let chain = std::fs::read_to_string(&ca.server_cert).expect("cert");
+    let key_pem = std::fs::read(&ca.server_key).expect("key");
+    let insert = |sealed: &[u8]| {
+        let hex: String = sealed.iter().map(|b| format!("{b:02x}")).collect();
+        psql(
+            &db.url,
+            &format!(
+                "INSERT INTO markco_certificates (directory, name, chain_pem, key_sealed, not_after) \
+                 VALUES ('{directory}', 'localhost', '{chain}', decode('{hex}', 'hex'), now() + interval '1 day') \
+                 ON CONFLICT (directory, name) DO UPDATE SET chain_pem = EXCLUDED.chain_pem, key_sealed = EXCLUDED.key_sealed"
+            ),
+        );
+    };
+    let ca_pem = std::fs::read_to_string(&ca.ca_pem).expect("ca");
+    let roots: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(ca_pem.as_bytes()).collect::<Result<_, _>>().expect("CA");
+    let cfg = client_config(&roots);
+
+    // Sealed with another secret: never served (and said so in the log).
+    let stranger = SecretKey::from_secret(b"not the fleet's secret, but long enough", Path::new("/elsewhere"));
+    insert(&stranger.seal(&key_pem, &key_context(&directory, "localhost")).expect("seal"));
+    // Sealed with the fleet's secret: served within one re-read.
+    let fleet_key = SecretKey::from_secret(secret_text.as_bytes(), &secret);
+    let t = Instant::now();
+    eventually(REFRESH + Duration::from_secs(10), "the refusal of the foreign key is logged", || {
+        m.log().contains("same secret_file on every gateway")
+    });
+    assert!(served_leaf(m.https, &cfg).is_err(), "nothing is served for a key it cannot open");
+    insert(&fleet_key.seal(&key_pem, &key_context(&directory, "localhost")).expect("seal"));
+    let t2 = Instant::now();
+    eventually(REFRESH + Duration::from_secs(10), "the stored certificate is served", || {
+        served_leaf(m.https, &cfg).is_ok()
+    });
+    eprintln!("refused after {:?}; served {:?} after it was stored", t.elapsed() - t2.elapsed(), t2.elapsed());
+    assert!(
+        metric(&m, "markco_acme_fleet_certificates_total", &[("event", "adopted")]) == 1.0,
+        "taken from the database"
+    );
+}

@@ -85,7 +85,8 @@ fn account_context(directory: &str) -> String {
     format!("ACME account of {directory}")
 }
 
-fn key_context(directory: &str, name: &str) -> String {
+/// What a certificate key is sealed to (its row).
+pub fn key_context(directory: &str, name: &str) -> String {
     format!("certificate key of {name} from {directory}")
 }
 
