@@ -19,7 +19,7 @@ use crate::acme::{self, Challenge, Http01Tokens};
 use crate::pem::{self, now_unix};
 use crate::shared::{order_lock_key, SharedCerts};
 use crate::storage::Storage;
-use crate::store::{CertSource, CertStore, LoadedCert};
+use crate::store::{CertInfo, CertSource, CertStore, LoadedCert};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SiteTls {
@@ -122,6 +122,22 @@ enum AdoptIf<'a> {
     Newer,
 }
 
+impl AdoptIf<'_> {
+    /// Whether to take the fleet's certificate `fleet` over the served `current`: `None` no,
+    /// `Some(true)` yes and install it, `Some(false)` yes, it is already served.
+    fn decide(self, current: Option<&CertInfo>, fleet: &CertInfo, now: i64, rule: RenewBefore) -> Option<bool> {
+        let same = current.is_some_and(|c| c.serial == fleet.serial);
+        // Another certificate than the one served, lasting at least as long.
+        let newer = current.is_none_or(|c| !same && c.not_after <= fleet.not_after);
+        let take = match self {
+            AdoptIf::NotDue => (newer || same) && !due(fleet.not_before, fleet.not_after, now, rule),
+            AdoptIf::ChangedSince(before) => before != Some(fleet.serial.as_str()) && (newer || same),
+            AdoptIf::Newer => newer,
+        };
+        take.then_some(newer)
+    }
+}
+
 /// What a pass did for one site that needed a certificate.
 enum Outcome {
     /// This gateway ordered it (it is served already).
@@ -189,20 +205,11 @@ impl CertManager {
             return Ok(false);
         }
         let current = self.store.get(&site.name).filter(|c| c.info.source == CertSource::Acme);
-        let same = current.as_ref().is_some_and(|c| c.info.serial == cert.info.serial);
-        // Another certificate than the one served, lasting at least as long.
-        let newer = current.as_ref().is_none_or(|c| !same && c.info.not_after <= cert.info.not_after);
-        let take = match rule {
-            AdoptIf::NotDue => {
-                (newer || same) && !due(cert.info.not_before, cert.info.not_after, now, settings.renew_before)
-            }
-            AdoptIf::ChangedSince(before) => before != Some(cert.info.serial.as_str()) && (newer || same),
-            AdoptIf::Newer => newer,
-        };
-        if !take {
+        let Some(install) = rule.decide(current.as_ref().map(|c| &c.info), &cert.info, now, settings.renew_before)
+        else {
             return Ok(false);
-        }
-        if newer {
+        };
+        if install {
             tracing::info!(site = %site.name, serial = %cert.info.serial, not_after = cert.info.not_after, "serving the certificate the fleet obtained, from the next handshake");
             if let Err(e) = self.storage().save_cert(&site.name, &chain, &key) {
                 tracing::warn!(site = %site.name, "keeping a local copy of the fleet's certificate failed: {e:#}");
@@ -538,6 +545,49 @@ impl TlsAccept for HandshakeCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(serial: &str, not_before: i64, not_after: i64) -> CertInfo {
+        CertInfo {
+            names: vec!["a.test".into()],
+            issuer: "CA".into(),
+            serial: serial.into(),
+            not_before,
+            not_after,
+            source: CertSource::Acme,
+        }
+    }
+
+    #[test]
+    fn which_fleet_certificate_is_taken() {
+        let day = 86400;
+        let rule = RenewBefore::Fraction(1.0 / 3.0);
+        let now = 100 * day;
+        let old = info("01", 10 * day, 100 * day + 10); // due (10 s left)
+        let fresh = info("02", 99 * day, 189 * day); // not due
+        let fresh_but_due = info("03", 99 * day, 100 * day + 20);
+        let older = info("04", 0, 90 * day); // ends before `old`
+
+        // Before ordering: only a certificate that is not due, served already or not.
+        assert_eq!(AdoptIf::NotDue.decide(None, &fresh, now, rule), Some(true));
+        assert_eq!(AdoptIf::NotDue.decide(Some(&old), &fresh, now, rule), Some(true));
+        assert_eq!(AdoptIf::NotDue.decide(Some(&fresh), &fresh, now, rule), Some(false));
+        assert_eq!(AdoptIf::NotDue.decide(Some(&old), &fresh_but_due, now, rule), None);
+        assert_eq!(AdoptIf::NotDue.decide(Some(&old), &old, now, rule), None);
+
+        // Under the lock: anything that changed since the decision, even due, unless older.
+        assert_eq!(AdoptIf::ChangedSince(Some("01")).decide(Some(&old), &fresh_but_due, now, rule), Some(true));
+        assert_eq!(AdoptIf::ChangedSince(Some("01")).decide(Some(&old), &old, now, rule), None, "unchanged: order");
+        assert_eq!(AdoptIf::ChangedSince(None).decide(None, &fresh, now, rule), Some(true));
+        // Installed by a NOTIFY while waiting for the lock: taken, nothing to install.
+        assert_eq!(AdoptIf::ChangedSince(Some("01")).decide(Some(&fresh), &fresh, now, rule), Some(false));
+        assert_eq!(AdoptIf::ChangedSince(Some("01")).decide(Some(&old), &older, now, rule), None);
+
+        // NOTIFY and re-read: only another certificate lasting at least as long.
+        assert_eq!(AdoptIf::Newer.decide(Some(&old), &fresh_but_due, now, rule), Some(true));
+        assert_eq!(AdoptIf::Newer.decide(Some(&fresh), &fresh, now, rule), None);
+        assert_eq!(AdoptIf::Newer.decide(Some(&old), &older, now, rule), None);
+        assert_eq!(AdoptIf::Newer.decide(None, &old, now, rule), Some(true));
+    }
 
     #[test]
     fn renewal_due() {

@@ -936,6 +936,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_plausible_acme_tokens_are_looked_up() {
+        assert!(plausible_acme_token("LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"));
+        assert!(!plausible_acme_token("short"));
+        assert!(!plausible_acme_token(&"a".repeat(300)));
+        assert!(!plausible_acme_token("../../etc/passwd-aaaaaaaaaaaa"));
+        assert!(!plausible_acme_token("token.with.dots.aaaaaaaa"));
+    }
+
+    #[test]
     fn token_is_redacted() {
         let r = RequestHeader::build("GET", b"/u/x/?a=1&token=secret&TOKEN=s2", None).expect("req");
         assert_eq!(redacted_uri(&r), "/u/x/?a=1&token=REDACTED&TOKEN=REDACTED");
