@@ -73,6 +73,9 @@ impl TlsMetrics {
         orders.with_label_values(&["ok"]);
         orders.with_label_values(&["error"]);
         fleet.with_label_values(&["adopted"]);
+        for r in ["hit", "miss", "error"] {
+            challenge_lookups.with_label_values(&[r]);
+        }
         TlsMetrics { handshakes, expiry, orders, fleet, challenge_lookups, last_renewal }
     }
 
