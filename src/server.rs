@@ -9,8 +9,9 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use markco_certs::alpn::PreTlsHook;
 use markco_certs::manager::HandshakeCounter;
-use markco_certs::{CertManager, CertStore, TlsMetrics};
+use markco_certs::{CertManager, CertStore, SecretKey, TlsMetrics};
 use markco_control::api::{LazyStarter, PublicApi};
+use markco_control::fleet_certs::{self, FleetSetup};
 use markco_control::plane::{self, ControlPlane};
 use markco_proxy::app::EdgeApp;
 use markco_proxy::conn::ConnLimits;
@@ -56,15 +57,29 @@ impl BackgroundService for HangupReload {
     }
 }
 
-/// Obtains and renews certificates; its I/O (the ACME client) lives on this service's runtime.
+/// Obtains and renews certificates; its I/O (the ACME client, and with `[cluster]` the fleet's
+/// shared certificates in PostgreSQL) lives on this service's runtime.
 struct CertService {
     manager: Arc<CertManager>,
+    fleet: std::sync::Mutex<Option<FleetSetup>>,
 }
 
 #[async_trait]
 impl BackgroundService for CertService {
-    async fn start(&self, shutdown: ShutdownWatch) {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let setup = self.fleet.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut loops = Vec::new();
+        if let Some(setup) = setup {
+            // No order before the fleet's lock is reachable.
+            match fleet_certs::join(setup, self.manager.clone(), &mut shutdown).await {
+                Some(handles) => loops = handles,
+                None => return,
+            }
+        }
         self.manager.run(shutdown).await;
+        for l in loops {
+            l.abort();
+        }
     }
 }
 
@@ -148,12 +163,38 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         tracing::error!("{problem}");
     }
 
+    // [cluster]: one account, one order per name and the certificates themselves are shared
+    // through the database, their secrets sealed with the key of `secret_file`.
+    let mut fleet = None;
+    let mut acme_lookup = None;
+    if let Some(cluster) = &cfg.plane.cluster {
+        match &cluster.secret_file {
+            Some(file) => {
+                let secret = SecretKey::from_file(file)?;
+                let (lookup, rx) = fleet_certs::token_lookups();
+                acme_lookup = Some(lookup);
+                fleet = Some(FleetSetup {
+                    database_url: cfg.plane.database_url.clone(),
+                    secret,
+                    node: cluster.node.clone(),
+                    lookups: rx,
+                    supervisor: control.supervisor.clone(),
+                });
+            }
+            // The config check refuses ACME sites without it; a reload that adds some orders nothing.
+            None => certs.require_fleet(),
+        }
+    }
+
     // Open websockets get a Close frame just before the grace period of a shutdown ends.
     let drain = Arc::new(markco_proxy::drain::Drain::new(cfg.server.grace_period));
     let mut gateway = Gateway::new(table.clone(), metrics.clone(), certs.tokens.clone())
         .with_drain(drain.clone())
         .with_identity(control.sessions.clone())
         .with_control(Arc::new(PublicApi { plane: control.clone(), admin_token: admin_token.clone() }));
+    if let Some(lookup) = acme_lookup {
+        gateway = gateway.with_acme_lookup(lookup);
+    }
     if let Some(ws) = &cfg.plane.workspaces {
         let wait = ws.ready_timeout + std::time::Duration::from_secs(2);
         gateway = gateway.with_starter(Arc::new(LazyStarter { plane: control.clone(), wait }));
@@ -211,7 +252,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
     server.add_service(edge);
     server.add_service(admin);
     server.add_service(background_service("reload on SIGHUP", HangupReload { reloader }));
-    server.add_service(background_service("certificates", CertService { manager: certs }));
+    server.add_service(background_service(
+        "certificates",
+        CertService { manager: certs, fleet: std::sync::Mutex::new(fleet) },
+    ));
     server.add_service(background_service("control plane", ControlService { plane: control }));
     server.add_service(background_service("systemd notify", notifier));
     server.add_service(background_service("upgrade on SIGUSR2", self_upgrade));

@@ -17,6 +17,7 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use serde::{Deserialize, Serialize};
 
+use crate::shared::{account_lock_key, PendingChallenge, SharedCerts};
 use crate::storage::{create_private_dir, write_atomic, Storage};
 use crate::store::CertStore;
 
@@ -47,6 +48,74 @@ impl Challenge {
     }
 }
 
+fn account_builder(ca_root: Option<&Path>) -> anyhow::Result<instant_acme::AccountBuilder> {
+    Ok(match ca_root {
+        Some(root) => {
+            Account::builder_with_root(root).with_context(|| format!("loading the ACME CA root {}", root.display()))?
+        }
+        None => Account::builder().context("setting up the ACME HTTP client")?,
+    })
+}
+
+async fn create_account(
+    directory: &str,
+    ca_root: Option<&Path>,
+    email: Option<&str>,
+) -> anyhow::Result<(Account, AccountCredentials)> {
+    let contact = email.map(|e| format!("mailto:{e}"));
+    let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+    account_builder(ca_root)?
+        .create(
+            &NewAccount { contact: &contacts, terms_of_service_agreed: true, only_return_existing: false },
+            directory.to_string(),
+            None,
+        )
+        .await
+        .with_context(|| format!("creating an ACME account at {directory}"))
+}
+
+/// The fleet's one account for `directory`: restored from the shared store, or created once
+/// for the whole fleet (under the fleet-wide account lock, checking again once it is held).
+pub async fn shared_account(
+    shared: &dyn SharedCerts,
+    directory: &str,
+    ca_root: Option<&Path>,
+    email: Option<&str>,
+    wait: Duration,
+) -> anyhow::Result<Account> {
+    async fn restore(
+        shared: &dyn SharedCerts,
+        directory: &str,
+        ca_root: Option<&Path>,
+    ) -> anyhow::Result<Option<Account>> {
+        let Some(json) = shared.account(directory).await.context("reading the fleet's ACME account")? else {
+            return Ok(None);
+        };
+        let creds: AccountCredentials =
+            serde_json::from_slice(&json).context("the fleet's stored ACME account is unreadable")?;
+        let acc =
+            account_builder(ca_root)?.from_credentials(creds).await.context("restoring the fleet's ACME account")?;
+        Ok(Some(acc))
+    }
+    if let Some(acc) = restore(shared, directory, ca_root).await? {
+        return Ok(acc);
+    }
+    let lock = shared.lock(&account_lock_key(directory), wait).await.context("taking the fleet's account lock")?;
+    let result = async {
+        if let Some(acc) = restore(shared, directory, ca_root).await? {
+            return Ok(acc);
+        }
+        let (account, creds) = create_account(directory, ca_root, email).await?;
+        let json = serde_json::to_vec(&creds).context("serialising the ACME account")?;
+        shared.save_account(directory, &json).await.context("storing the fleet's ACME account")?;
+        tracing::info!(directory, "ACME account created for the fleet");
+        Ok(account)
+    }
+    .await;
+    lock.release().await;
+    result
+}
+
 /// Restores the stored account, or creates one and stores it (0600) for next time.
 pub async fn account(
     storage: &Storage,
@@ -54,13 +123,7 @@ pub async fn account(
     ca_root: Option<&Path>,
     email: Option<&str>,
 ) -> anyhow::Result<Account> {
-    let builder = || -> anyhow::Result<_> {
-        Ok(match ca_root {
-            Some(root) => Account::builder_with_root(root)
-                .with_context(|| format!("loading the ACME CA root {}", root.display()))?,
-            None => Account::builder().context("setting up the ACME HTTP client")?,
-        })
-    };
+    let builder = || account_builder(ca_root);
     let path = storage.account_path();
     if let Ok(text) = std::fs::read_to_string(&path) {
         match serde_json::from_str::<AccountCredentials>(&text) {
@@ -70,16 +133,7 @@ pub async fn account(
             }
         }
     }
-    let contact = email.map(|e| format!("mailto:{e}"));
-    let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
-    let (account, creds) = builder()?
-        .create(
-            &NewAccount { contact: &contacts, terms_of_service_agreed: true, only_return_existing: false },
-            directory.to_string(),
-            None,
-        )
-        .await
-        .with_context(|| format!("creating an ACME account at {directory}"))?;
+    let (account, creds) = create_account(directory, ca_root, email).await?;
     create_private_dir(storage.root())?;
     let json = serde_json::to_vec_pretty(&creds).context("serialising the ACME account")?;
     write_atomic(&path, &json, 0o600)?;
@@ -128,7 +182,14 @@ impl Drop for Cleanup<'_> {
     }
 }
 
+/// How long a TLS-ALPN-01 challenge published to the fleet is given to reach every gateway
+/// (a NOTIFY away) before the CA is told to validate.
+const ALPN_PROPAGATION: Duration = Duration::from_millis(1500);
+
 /// Orders a certificate for `hosts` using `challenge`. Returns (chain PEM, key PEM).
+///
+/// With `shared` (a `[cluster]`), each challenge is also published to the fleet before the CA is
+/// told to validate, so the gateway its request reaches can answer, and withdrawn afterwards.
 pub async fn issue(
     account: &Account,
     hosts: &[String],
@@ -136,6 +197,28 @@ pub async fn issue(
     tokens: &Http01Tokens,
     store: &CertStore,
     timeout: Duration,
+    shared: Option<&dyn SharedCerts>,
+) -> anyhow::Result<(String, String)> {
+    let mut published = Vec::new();
+    let result = issue_inner(account, hosts, challenge, tokens, store, timeout, shared, &mut published).await;
+    if let (Some(shared), false) = (shared, published.is_empty()) {
+        if let Err(e) = shared.remove_challenges(&published).await {
+            tracing::warn!("withdrawing the fleet's challenges failed (they expire by themselves): {e:#}");
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn issue_inner(
+    account: &Account,
+    hosts: &[String],
+    challenge: Challenge,
+    tokens: &Http01Tokens,
+    store: &CertStore,
+    timeout: Duration,
+    shared: Option<&dyn SharedCerts>,
+    published: &mut Vec<String>,
 ) -> anyhow::Result<(String, String)> {
     let ids: Vec<Identifier> = hosts.iter().map(|h| Identifier::Dns(h.clone())).collect();
     let mut order = account.new_order(&NewOrder::new(&ids)).await.context("creating the order")?;
@@ -172,6 +255,21 @@ pub async fn issue(
                 Challenge::TlsAlpn01 => {
                     store.set_challenge(&host, alpn_challenge_cert(&host, ka.digest().as_ref())?);
                     cleanup.alpn_hosts.push(host.clone());
+                }
+            }
+            if let Some(shared) = shared {
+                let pending = PendingChallenge {
+                    kind: challenge,
+                    token: ch.token.clone(),
+                    host: host.clone(),
+                    answer: ka.as_str().to_string(),
+                };
+                shared.put_challenge(&pending, timeout + Duration::from_secs(60)).await.with_context(|| {
+                    format!("publishing the {} challenge for {host} to the fleet", challenge.as_str())
+                })?;
+                published.push(pending.token);
+                if challenge == Challenge::TlsAlpn01 {
+                    tokio::time::sleep(ALPN_PROPAGATION).await;
                 }
             }
             ch.set_ready().await.with_context(|| format!("telling the server {host} is ready"))?;

@@ -7,11 +7,15 @@ pub mod alpn;
 pub mod manager;
 pub mod metrics;
 pub mod pem;
+pub mod sealed;
+pub mod shared;
 pub mod storage;
 pub mod store;
 
 pub use manager::{AcmeConfig, CertManager, ManagedSite, SiteTls};
 pub use metrics::TlsMetrics;
+pub use sealed::SecretKey;
+pub use shared::{FleetLock, PendingChallenge, SharedCerts};
 pub use store::{CertInfo, CertSource, CertStore, LoadedCert};
 
 /// Installs ring as rustls' process-wide crypto provider (Pingora and instant-acme share it).

@@ -7,6 +7,8 @@ pub struct TlsMetrics {
     handshakes: IntCounterVec,
     expiry: GaugeVec,
     orders: IntCounterVec,
+    fleet: IntCounterVec,
+    challenge_lookups: IntCounterVec,
     pub last_renewal: Gauge,
 }
 
@@ -36,6 +38,22 @@ impl TlsMetrics {
             &["result"],
         )
         .expect("static metric definition");
+        let fleet = IntCounterVec::new(
+            Opts::new(
+                "markco_acme_fleet_certificates_total",
+                "[cluster]: certificates this gateway took from the shared database instead of ordering (event adopted)",
+            ),
+            &["event"],
+        )
+        .expect("static metric definition");
+        let challenge_lookups = IntCounterVec::new(
+            Opts::new(
+                "markco_acme_shared_challenge_lookups_total",
+                "[cluster]: HTTP-01 tokens this gateway did not know, looked up in the shared database, by result (hit, miss, error)",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition");
         let last_renewal = Gauge::new(
             "markco_acme_last_success_timestamp_seconds",
             "Time of the last certificate obtained from the ACME server (0: none yet)",
@@ -45,6 +63,8 @@ impl TlsMetrics {
             Box::new(handshakes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(expiry.clone()),
             Box::new(orders.clone()),
+            Box::new(fleet.clone()),
+            Box::new(challenge_lookups.clone()),
             Box::new(last_renewal.clone()),
         ] {
             // A second registration (tests building two stores on one registry) is harmless.
@@ -52,7 +72,11 @@ impl TlsMetrics {
         }
         orders.with_label_values(&["ok"]);
         orders.with_label_values(&["error"]);
-        TlsMetrics { handshakes, expiry, orders, last_renewal }
+        fleet.with_label_values(&["adopted"]);
+        for r in ["hit", "miss", "error"] {
+            challenge_lookups.with_label_values(&[r]);
+        }
+        TlsMetrics { handshakes, expiry, orders, fleet, challenge_lookups, last_renewal }
     }
 
     pub fn handshake(&self, result: &str, protocol: &str) {
@@ -65,6 +89,15 @@ impl TlsMetrics {
 
     pub fn forget_host(&self, host: &str) {
         let _ = self.expiry.remove_label_values(&[host]);
+    }
+
+    pub fn fleet(&self, event: &str) {
+        self.fleet.with_label_values(&[event]).inc();
+    }
+
+    /// `result`: hit, miss or error.
+    pub fn challenge_lookup(&self, result: &str) {
+        self.challenge_lookups.with_label_values(&[result]).inc();
     }
 
     pub fn order(&self, ok: bool) {

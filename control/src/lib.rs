@@ -5,6 +5,7 @@ pub mod api;
 pub mod cluster;
 pub mod db;
 pub mod engine;
+pub mod fleet_certs;
 pub mod http_client;
 pub mod plane;
 pub mod runtime_health;

@@ -29,13 +29,26 @@ use crate::tunnel;
 /// ACME HTTP-01 answers (token → key authorization), published by the certificate manager.
 pub type AcmeTokens = Arc<ArcSwap<HashMap<String, String>>>;
 
+/// `[cluster]`: answers an HTTP-01 token this gateway does not know (another gateway ordered)
+/// from the shared database. Bounded: it answers `None` when it cannot tell in time.
+#[async_trait]
+pub trait AcmeLookup: Send + Sync {
+    async fn answer(&self, token: &str) -> Option<String>;
+}
+
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// Could this be an ACME token (RFC 8555: base64url, at least 128 bits of entropy)?
+fn plausible_acme_token(t: &str) -> bool {
+    (16..=256).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 
 /// The data plane.
 pub struct Gateway {
     table: TableReader,
     metrics: Arc<Metrics>,
     acme_tokens: AcmeTokens,
+    acme_lookup: Option<Arc<dyn AcmeLookup>>,
     identity: Arc<dyn Identity>,
     control: Option<Arc<dyn ControlApi>>,
     starter: Option<Arc<dyn WorkspaceStarter>>,
@@ -55,6 +68,7 @@ impl Gateway {
             table,
             metrics,
             acme_tokens,
+            acme_lookup: None,
             identity: Arc::new(NoIdentity),
             control: None,
             starter: None,
@@ -74,6 +88,12 @@ impl Gateway {
     /// The control plane's session lookups.
     pub fn with_identity(mut self, identity: Arc<dyn Identity>) -> Gateway {
         self.identity = identity;
+        self
+    }
+
+    /// `[cluster]`: HTTP-01 tokens of other gateways' orders, from the shared database.
+    pub fn with_acme_lookup(mut self, lookup: Arc<dyn AcmeLookup>) -> Gateway {
+        self.acme_lookup = Some(lookup);
         self
     }
 
@@ -739,12 +759,18 @@ impl ProxyHttp for Gateway {
         if !tls && ctx.path.starts_with(ACME_CHALLENGE_PREFIX) {
             // HTTP-01 validation comes before any route or redirect.
             let token = &ctx.path[ACME_CHALLENGE_PREFIX.len()..];
-            if let Some(answer) = self.acme_tokens.load().get(token) {
+            let mut answer = self.acme_tokens.load().get(token).cloned();
+            if answer.is_none() && plausible_acme_token(token) {
+                if let Some(lookup) = &self.acme_lookup {
+                    answer = lookup.answer(token).await;
+                }
+            }
+            if let Some(answer) = answer {
                 let mut h = ResponseHeader::build(200, Some(2))?;
                 h.insert_header(header::CONTENT_TYPE, "application/octet-stream")?;
                 h.insert_header(header::CONTENT_LENGTH, answer.len().to_string())?;
                 session.write_response_header(Box::new(h), false).await?;
-                session.write_response_body(Some(Bytes::from(answer.clone())), true).await?;
+                session.write_response_body(Some(Bytes::from(answer)), true).await?;
                 ctx.status = 200;
                 tracing::info!(token, "answered an HTTP-01 validation");
                 return Ok(true);
@@ -915,6 +941,15 @@ impl ProxyHttp for Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plausible_acme_tokens_are_looked_up() {
+        assert!(plausible_acme_token("LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"));
+        assert!(!plausible_acme_token("short"));
+        assert!(!plausible_acme_token(&"a".repeat(300)));
+        assert!(!plausible_acme_token("../../etc/passwd-aaaaaaaaaaaa"));
+        assert!(!plausible_acme_token("token.with.dots.aaaaaaaa"));
+    }
 
     #[test]
     fn token_is_redacted() {

@@ -386,6 +386,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
             }
         }
     }
+    tls::check_fleet_secret(&cx, &raw, &plane, &sites)?;
     Ok(Config { server, proxy, log, acme, plane, sites, warnings })
 }
 

@@ -182,3 +182,35 @@ pub(super) fn site_tls(
     }
     Ok(tls)
 }
+
+/// `[cluster]` with ACME sites needs `secret_file`: the fleet's certificate keys and account are
+/// stored in the shared database, sealed with the key every gateway reads from that file. A
+/// `secret_file` that is given must be usable (present, at least 32 bytes).
+pub(super) fn check_fleet_secret(
+    cx: &Ctx<'_>,
+    raw: &super::raw::RawConfig,
+    plane: &markco_control::plane::PlaneConfig,
+    sites: &[super::SiteSpec],
+) -> Result<(), ConfigError> {
+    let (Some(cluster), Some(raw_cluster)) = (&plane.cluster, &raw.cluster) else { return Ok(()) };
+    if let (Some(file), Some(raw_file)) = (&cluster.secret_file, &raw_cluster.get_ref().secret_file) {
+        // Read now, so `markco check` and a reload catch a missing or weak key file.
+        return match markco_certs::SecretKey::from_file(file) {
+            Ok(_) => Ok(()),
+            Err(e) => cx.err(raw_file.span(), format!("{e:#}"), None),
+        };
+    }
+    if !sites.iter().any(|s| s.tls == SiteTls::Acme) {
+        return Ok(());
+    }
+    cx.err(
+        raw_cluster.span(),
+        "`[cluster]` with ACME sites needs `secret_file`: the fleet shares its certificates through the database, \
+         with their keys encrypted by the key in that file",
+        Some(
+            "create it once (`openssl rand -base64 48 > /etc/markco/cluster.key`, chmod 600), copy the same file to \
+             every gateway, and set secret_file = \"/etc/markco/cluster.key\""
+                .into(),
+        ),
+    )
+}

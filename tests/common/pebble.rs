@@ -69,6 +69,12 @@ impl Pebble {
     /// Starts pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` (of
     /// `localhost`), and waits until its ACME directory is served.
     pub fn start(http_port: u16, tls_port: u16) -> Pebble {
+        Self::start_with_validity(http_port, tls_port, None)
+    }
+
+    /// [`Pebble::start`], issuing certificates valid for `validity_s` seconds (pebble's default:
+    /// five years), so a test can see a certificate become due.
+    pub fn start_with_validity(http_port: u16, tls_port: u16, validity_s: Option<u64>) -> Pebble {
         assert!(Path::new(PEBBLE_BIN).exists(), "{PEBBLE_BIN} is missing: apt-get install pebble");
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = TestCa::generate(dir.path());
@@ -88,6 +94,10 @@ impl Pebble {
                     "externalAccountBindingRequired": false
                 }
             });
+            let mut config = config;
+            if let Some(v) = validity_s {
+                config["pebble"]["certificateValidityPeriod"] = serde_json::json!(v);
+            }
             let config_path = dir.path().join("pebble.json");
             std::fs::write(&config_path, serde_json::to_vec_pretty(&config).expect("json")).expect("write pebble.json");
             let log_path = dir.path().join("pebble.log");
