@@ -33,7 +33,7 @@ url = "{db}"
 [cluster]
 node = "{node}"
 heartbeat = "300ms"
-node_timeout = "2s"
+node_timeout = "5s"
 poll = "1s"
 capacity = {capacity}
 shared_data = {shared}
@@ -168,7 +168,7 @@ fn workspaces_are_placed_on_nodes_with_room_served_by_every_gateway_and_moved_of
     }
 
     // A's heartbeat is older than node_timeout: its workspace is marked lost.
-    eventually(Duration::from_secs(10), "A's workspace is marked lost", || row_of(&db, &u1) == "gw-a lost");
+    eventually(Duration::from_secs(20), "A's workspace is marked lost", || row_of(&db, &u1) == "gw-a lost");
     // C keeps it down: its data is not on storage C trusts to be shared.
     let r = get(&c, &u1, &t1, "/hello");
     assert_eq!(r.status, 503, "{}", r.body_text());

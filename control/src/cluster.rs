@@ -344,6 +344,17 @@ impl Cluster {
         let mut total = 0;
         loop {
             let from = self.applied();
+            let rows: Vec<(i64, f64, Option<String>, serde_json::Value)> = sqlx::query_as(
+                "SELECT seq, extract(epoch FROM clock_timestamp() - at)::float8, node, change FROM markco_changes \
+                 WHERE seq > $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(from)
+            .bind(BATCH)
+            .fetch_all(pool)
+            .await
+            .with_context(|| format!("reading the change log after {from}"))?;
+            // Read after the rows: a trim that committed before them (so they may lack changes
+            // after `from`) shows here, and the rows are not used.
             let trimmed: i64 = sqlx::query_scalar("SELECT upto FROM markco_changes_trimmed")
                 .fetch_optional(pool)
                 .await
@@ -358,15 +369,6 @@ impl Cluster {
                 self.resync(pool, state).await?;
                 continue;
             }
-            let rows: Vec<(i64, f64, Option<String>, serde_json::Value)> = sqlx::query_as(
-                "SELECT seq, extract(epoch FROM clock_timestamp() - at)::float8, node, change FROM markco_changes \
-                 WHERE seq > $1 ORDER BY seq LIMIT $2",
-            )
-            .bind(from)
-            .bind(BATCH)
-            .fetch_all(pool)
-            .await
-            .with_context(|| format!("reading the change log after {from}"))?;
             let n = rows.len();
             for (seq, age, node, body) in rows {
                 if seq > from + 1 && total == 0 {
@@ -400,6 +402,7 @@ impl Cluster {
     }
 
     fn apply_one(&self, state: &StateOwner, seq: i64, from_node: Option<&str>, change: Change) {
+        let me = Some(self.cfg.node.as_str());
         if let Change::Workspace { user_id, node, state: s, .. } = &change {
             let was_mine = self.owns(user_id);
             self.note_owner(user_id, node.as_deref(), s == "running");
@@ -410,7 +413,16 @@ impl Cluster {
                 failed.remove(user_id);
             }
             drop(failed);
-            if s == "lost" && (was_mine || node.as_deref() == Some(self.cfg.node.as_str())) {
+            // Marked lost, or stopped through another gateway: this node's containers must go
+            // (the fence task checks the row again under the user's lock first).
+            let lost = s == "lost" && (was_mine || node.as_deref() == me);
+            let stopped_elsewhere = s == "stopped" && was_mine && from_node != me;
+            if lost || stopped_elsewhere {
+                self.work.lock().unwrap_or_else(|p| p.into_inner()).fence.push(user_id.clone());
+            }
+        }
+        if let Change::WorkspaceDeleted { user_id } = &change {
+            if self.owns(user_id) && from_node != me {
                 self.work.lock().unwrap_or_else(|p| p.into_inner()).fence.push(user_id.clone());
             }
         }
@@ -621,6 +633,8 @@ impl crate::plane::ControlPlane {
         user: &str,
     ) -> Result<Option<Arc<UserRoutes>>, PlaneError> {
         let ready = ws.cfg().ready_timeout;
+        // A failure from an earlier start is not this one's.
+        cluster.take_failed(user);
         let placement = place(pool, &cluster.cfg, user, ready).await.map_err(|e| {
             tracing::error!(user, "cannot place the workspace: {e:#}");
             PlaneError::Unavailable(
@@ -707,11 +721,23 @@ impl crate::plane::ControlPlane {
             });
         }
         for user in work.fence {
-            let ws = ws.clone();
+            let (ws, db, node) = (ws.clone(), db.clone(), cluster.cfg.node.clone());
             tokio::spawn(async move {
                 let lock = ws.user_lock(&user);
                 let _guard = lock.lock().await;
-                tracing::warn!(user = %user, "this node's workspace was marked lost; removing its containers here");
+                // Still so under the lock (placed back here and started meanwhile: it stays).
+                match db.get_workspace(&user).await {
+                    Ok(None) => {}
+                    Ok(Some(row))
+                        if row.node.as_deref() == Some(node.as_str())
+                            && matches!(row.state, WorkspaceState::Lost | WorkspaceState::Stopped) => {}
+                    Ok(Some(_)) => return,
+                    Err(e) => {
+                        tracing::warn!(user = %user, "cannot check a workspace before removing its containers: {e}");
+                        return;
+                    }
+                }
+                tracing::warn!(user = %user, "this node's workspace was marked lost or stopped elsewhere; removing its containers here");
                 if let Err(e) = ws.engine.remove_pod(&crate::workspaces::pod_name(&user)).await {
                     tracing::warn!(user = %user, "removing the containers of a lost workspace failed: {e:#}");
                 }
@@ -729,24 +755,35 @@ impl crate::plane::ControlPlane {
             None => serde_json::json!({"*": 0}),
         };
         let mut failing = false;
+        // Since when this node's heartbeats have all been written. Only a node that has been
+        // writing for a whole node_timeout judges others: after a database outage every
+        // heartbeat is stale, and the first node back must not declare all the others down.
+        let mut healthy_since: Option<tokio::time::Instant> = None;
         loop {
             match cluster.heartbeat(&pool, &capacity).await {
-                Ok(()) if failing => {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!(node = %cluster.cfg.node, "heartbeat written again");
+                    }
                     failing = false;
-                    tracing::info!(node = %cluster.cfg.node, "heartbeat written again");
+                    healthy_since.get_or_insert_with(tokio::time::Instant::now);
                 }
-                Ok(()) => {}
                 Err(e) => {
                     if !failing {
                         tracing::warn!(node = %cluster.cfg.node, "cannot write the heartbeat ({e:#}); other gateways will see this node as down after node_timeout");
                     }
                     failing = true;
+                    healthy_since = None;
                 }
             }
-            match mark_lost(&pool, cluster.cfg.node_timeout).await {
-                Ok(0) => {}
-                Ok(n) => tracing::warn!(workspaces = n, "workspaces of nodes that stopped heartbeating marked lost"),
-                Err(e) => tracing::debug!("{e:#}"),
+            if healthy_since.is_some_and(|t| t.elapsed() >= cluster.cfg.node_timeout) {
+                match mark_lost(&pool, cluster.cfg.node_timeout).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::warn!(workspaces = n, "workspaces of nodes that stopped heartbeating marked lost")
+                    }
+                    Err(e) => tracing::debug!("{e:#}"),
+                }
             }
             tokio::time::sleep(cluster.cfg.heartbeat).await;
         }
@@ -872,12 +909,19 @@ pub async fn place(
                 }
             }
             ("starting", Some(n)) if *node_up && *recent => return Ok(Placement::Starting(n.clone())),
-            ("running" | "starting" | "lost", Some(n)) if (!*node_up || state == "lost") && !cfg.shared_data => {
-                return Ok(Placement::Stranded(n.clone()));
-            }
             _ => {}
         }
     }
+    // Its data is on its node's disk only: it runs there again (room or not), or nowhere.
+    let pinned = match &current {
+        Some((_, Some(n), node_up, _)) if !cfg.shared_data => {
+            if !*node_up {
+                return Ok(Placement::Stranded(n.clone()));
+            }
+            Some(n.clone())
+        }
+        _ => None,
+    };
     let pending: Option<(String, bool)> = sqlx::query_as(
         "SELECT p.node, coalesce(n.heartbeat > now() - make_interval(secs => $2), false) \
          AND p.at > now() - make_interval(secs => $3) \
@@ -894,8 +938,11 @@ pub async fn place(
     }
     // The least loaded live node with room for one more of this user's plan; this node on a tie
     // (no hop). Load: workspaces running or starting there, and placements not started yet.
-    let chosen: Option<String> = sqlx::query_scalar(
-        "WITH placed AS ( \
+    let chosen: Option<String> = if let Some(n) = pinned {
+        Some(n)
+    } else {
+        sqlx::query_scalar(
+            "WITH placed AS ( \
            SELECT w.node, w.user_id FROM markco_workspaces w \
              WHERE w.state IN ('running', 'starting') AND w.node IS NOT NULL AND w.user_id <> $1 \
            UNION SELECT p.node, p.user_id FROM markco_placements p WHERE p.user_id <> $1), \
@@ -908,14 +955,15 @@ pub async fn place(
            AND coalesce(l.total, 0) < coalesce((n.capacity->>'*')::bigint, 9223372036854775807) \
            AND coalesce(l.same_plan, 0) < coalesce((n.capacity->>$2)::bigint, 9223372036854775807) \
          ORDER BY coalesce(l.total, 0), n.id = $4 DESC, n.id LIMIT 1",
-    )
-    .bind(user)
-    .bind(plan_of(&mut tx, user).await?)
-    .bind(timeout)
-    .bind(&cfg.node)
-    .fetch_optional(&mut *tx)
-    .await
-    .context("choosing a node with room")?;
+        )
+        .bind(user)
+        .bind(plan_of(&mut tx, user).await?)
+        .bind(timeout)
+        .bind(&cfg.node)
+        .fetch_optional(&mut *tx)
+        .await
+        .context("choosing a node with room")?
+    };
     let Some(node) = chosen else {
         return Ok(Placement::NoRoom);
     };

@@ -91,7 +91,9 @@ impl ControlPlane {
         let _ = ws.engine.remove_container(&new_name).await;
         ws.engine.create_container(&spec).await?;
         ws.engine.start_container(&new_name).await?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], new_port));
+        // Where the pod publishes: 127.0.0.1 alone, the node's advertise address in a cluster.
+        let host = ws.cfg().advertise;
+        let addr = SocketAddr::new(host, new_port);
         let deadline = Instant::now() + ws.cfg().ready_timeout;
         // The probe of the update-port flow: the new runtime must answer before anything moves.
         loop {
@@ -106,8 +108,8 @@ impl ControlPlane {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let probe_ms = started.elapsed().as_millis() as u64;
-        let moved =
-            Moved { row: &row, host: "127.0.0.1", port: new_port, target: addr, runtime_container: Some(new_name) };
+        let host = host.to_string();
+        let moved = Moved { row: &row, host: &host, port: new_port, target: addr, runtime_container: Some(new_name) };
         let outcome = self
             .complete_move(db, moved, started, started_unix, probe_ms)
             .await

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS markco_nodes (
 -- a single gateway. A workspace whose node stopped heartbeating is marked 'lost' (by any live
 -- gateway) and placed again at its next request.
 ALTER TABLE markco_workspaces ADD COLUMN IF NOT EXISTS node TEXT;
+CREATE INDEX IF NOT EXISTS markco_workspaces_node_idx ON markco_workspaces(node);
 
 -- A workspace placed on a node that has not started it yet: the node starts it when it reads the
 -- change, and removes the row once the start ended (either way). Counted in the node's load.

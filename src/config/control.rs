@@ -158,6 +158,10 @@ fn cluster_config(
         },
     };
     let heartbeat = cx.duration(&c.heartbeat, "heartbeat", d.heartbeat)?;
+    if heartbeat.is_zero() {
+        let s = c.heartbeat.as_ref().map_or(span.clone(), |v| v.span());
+        return cx.err(s, "`heartbeat` must be above zero", Some("heartbeat = \"2s\"".into()));
+    }
     let node_timeout = cx.duration(&c.node_timeout, "node_timeout", d.node_timeout)?;
     if node_timeout < heartbeat * 2 {
         let s = c.node_timeout.as_ref().map_or(span.clone(), |v| v.span());
@@ -169,6 +173,14 @@ fn cluster_config(
         return cx.err(s, "`poll` must be above zero", None);
     }
     let change_retention = cx.duration(&c.change_retention, "change_retention", d.change_retention)?;
+    if change_retention <= node_timeout {
+        let s = c.change_retention.as_ref().map_or(span.clone(), |v| v.span());
+        return cx.err(
+            s,
+            "`change_retention` must be longer than `node_timeout`",
+            Some("changes are kept at least until every live node applied them; e.g. change_retention = \"1d\"".into()),
+        );
+    }
     let secret_file = c.secret_file.as_ref().map(|f| base_dir.join(f.get_ref().trim()));
     let mut capacity = std::collections::BTreeMap::new();
     if let Some(cap) = &c.capacity {
