@@ -727,6 +727,10 @@ impl ControlPlane {
     async fn watch_containers(self: Arc<Self>, ws: Arc<Workspaces>) {
         use futures_util::StreamExt;
         let mut restarts: HashMap<String, (Instant, u32)> = HashMap::new();
+        // Containers with a restart scheduled: a second `died` event for the same exit (podman
+        // can send more than one) must not schedule another restart, which would come early,
+        // off the first one's clock, after the next exit.
+        let pending: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
         loop {
             let mut events = match ws.engine.events().await {
                 Ok(s) => s,
@@ -749,6 +753,10 @@ impl ControlPlane {
                     continue;
                 }
                 let Some(routes) = self.table.load().user(&user).cloned() else { continue };
+                if !pending.lock().unwrap_or_else(|p| p.into_inner()).insert(ev.name.clone()) {
+                    tracing::debug!(user = %user, container = %ev.name, "another exit event of a container whose restart is scheduled");
+                    continue;
+                }
                 tracing::warn!(user = %user, container = %ev.name, "workspace container died; marked down, restarting");
                 ws.metrics.exits.inc();
                 if let Err(e) = self.state.apply(StateCommand::WorkspaceRunning { user: user.clone(), running: false })
@@ -763,8 +771,16 @@ impl ControlPlane {
                 let delay =
                     Duration::from_millis(500u64.saturating_mul(1 << entry.1.min(6))).min(Duration::from_secs(30));
                 entry.1 += 1;
-                let (plane, ws, name) = (self.clone(), ws.clone(), ev.name.clone());
+                let (plane, ws, name, pending) = (self.clone(), ws.clone(), ev.name.clone(), pending.clone());
                 tokio::spawn(async move {
+                    // Whatever the outcome, the next exit of this container schedules anew.
+                    struct Done(Arc<Mutex<std::collections::HashSet<String>>>, String);
+                    impl Drop for Done {
+                        fn drop(&mut self) {
+                            self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+                        }
+                    }
+                    let _done = Done(pending, name.clone());
                     tokio::time::sleep(delay).await;
                     let lock = ws.user_lock(&user);
                     let _guard = lock.lock().await;
