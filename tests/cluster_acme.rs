@@ -26,52 +26,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::pebble::Pebble;
+use common::pg::*;
 use common::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-
-fn server_url() -> String {
-    std::env::var("MARKCO_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([url, "-v", "ON_ERROR_STOP=1", "-qAtX", "-c", sql])
-        .output()
-        .expect("psql is installed (apt-get install postgresql-client)");
-    assert!(
-        out.status.success(),
-        "psql failed ({sql}): {}\nIs PostgreSQL running? .ci/run starts it; set MARKCO_TEST_PG_URL to another server.",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A fresh database, dropped at the end.
-struct TestDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    fn new() -> TestDb {
-        let admin_url = server_url();
-        let name = format!("markco_fleet_{}_{}", std::process::id(), free_port());
-        psql(&admin_url, &format!("CREATE DATABASE {name}"));
-        let base = admin_url.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or_else(|| admin_url.clone());
-        TestDb { url: format!("{base}/{name}"), admin_url, name }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args([&self.admin_url, "-qAtX", "-c", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
-            .output();
-    }
-}
 
 /// One gateway of the fleet: ACME site `localhost` (by `challenge`) proxied to `upstream`.
 fn gateway_config(

@@ -15,10 +15,8 @@ use common::pg::*;
 use common::podman::*;
 use common::*;
 
-/// `{db}`, `{node}`, `{capacity}`, `{shared}` and `{data}` are filled in by [`template`].
+/// A node of the cluster on the shared `data` directory.
 fn template(db: &TestDb, node: &str, capacity: &str, shared: bool, data: &std::path::Path) -> String {
-    remove_leftovers();
-    let (e0, r0) = port_ranges(14);
     format!(
         r#"
 [server]
@@ -41,21 +39,7 @@ shared_data = {shared}
 [log]
 access_log = false
 
-[workspaces]
-engine = "unix://{socket}"
-data_dir = "{data}"
-editor_image = "{image}"
-runtime_image = "{image}"
-editor_ports = "{e0}-{e1}"
-runtime_ports = "{r0}-{r1}"
-ready_timeout = "20s"
-editor_command = []
-runtime_command = []
-editor_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "editor-{{user_id}}", MARKCO_TEST_OWNER = "{owner}" }}
-runtime_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "runtime-{{user_id}}", MARKCO_TEST_OWNER = "{owner}" }}
-editor_memory_mb = 64
-runtime_memory_mb = 64
-
+{workspaces}
 [[site]]
 hosts = ["*"]
 
@@ -64,12 +48,7 @@ hosts = ["*"]
   workspace = true
 "#,
         db = db.url,
-        socket = socket(),
-        data = data.display(),
-        image = image(),
-        e1 = e0 + 99,
-        r1 = r0 + 99,
-        owner = owner(),
+        workspaces = workspaces_section(14, &data.display().to_string()),
     )
 }
 

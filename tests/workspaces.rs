@@ -14,8 +14,6 @@ use common::podman::*;
 use common::*;
 
 fn config(slot: u16) -> String {
-    remove_leftovers();
-    let ports = port_ranges(slot);
     format!(
         r#"
 [server]
@@ -27,21 +25,7 @@ pid_file = "{{dir}}/markco.pid"
 [database]
 url = "sqlite://{{dir}}/markco.db"
 
-[workspaces]
-engine = "unix://{socket}"
-data_dir = "{{dir}}/users"
-editor_image = "{image}"
-runtime_image = "{image}"
-editor_ports = "{e0}-{e1}"
-runtime_ports = "{r0}-{r1}"
-ready_timeout = "20s"
-editor_command = []
-runtime_command = []
-editor_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "editor-{{user_id}}", MARKCO_TEST_OWNER = "{owner}" }}
-runtime_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "runtime-{{user_id}}", MARKCO_TEST_OWNER = "{owner}" }}
-editor_memory_mb = 64
-runtime_memory_mb = 64
-
+{workspaces}
 [workspaces.plans.free]
 editor_memory_mb = 80
 runtime_memory_mb = 96
@@ -58,13 +42,7 @@ hosts = ["*"]
   match = ["/r/*"]
   runtime = true
 "#,
-        socket = socket(),
-        image = image(),
-        e0 = ports.0,
-        e1 = ports.0 + 99,
-        r0 = ports.1,
-        r1 = ports.1 + 99,
-        owner = owner(),
+        workspaces = workspaces_section(slot, "{dir}/users"),
     )
 }
 

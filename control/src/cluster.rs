@@ -262,8 +262,8 @@ pub struct Cluster {
     /// What the log asks of this node: workspaces placed here to start, and workspaces of this
     /// node marked lost (its containers must go: another node may start them).
     work: Mutex<NodeWork>,
-    /// Users whose last start failed, with the change's sequence number (a waiting placement
-    /// gives up at once instead of at its timeout).
+    /// Users whose last start failed (a waiting placement gives up at once instead of at its
+    /// timeout; a new placement clears its user's first).
     failed: Mutex<HashSet<String>>,
 }
 
@@ -355,11 +355,7 @@ impl Cluster {
             .with_context(|| format!("reading the change log after {from}"))?;
             // Read after the rows: a trim that committed before them (so they may lack changes
             // after `from`) shows here, and the rows are not used.
-            let trimmed: i64 = sqlx::query_scalar("SELECT upto FROM markco_changes_trimmed")
-                .fetch_optional(pool)
-                .await
-                .context("reading how far the change log was trimmed")?
-                .unwrap_or(0);
+            let trimmed = trimmed_upto(pool).await?;
             if trimmed > from {
                 tracing::warn!(
                     applied = from,
@@ -449,16 +445,7 @@ impl Cluster {
     async fn resync(&self, pool: &PgPool, state: &StateOwner) -> anyhow::Result<()> {
         self.metrics.resyncs.inc();
         // The position first: changes written while the tables are read are applied again after.
-        let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM markco_changes")
-            .fetch_one(pool)
-            .await
-            .context("reading the change log's head")?;
-        let seq = seq.max(
-            sqlx::query_scalar::<_, i64>("SELECT upto FROM markco_changes_trimmed")
-                .fetch_one(pool)
-                .await
-                .context("reading how far the change log was trimmed")?,
-        );
+        let seq = head(pool).await?.max(trimmed_upto(pool).await?);
         let db = Db::Postgres(pool.clone());
         let rows = db.list_workspaces().await?;
         let holds = db.route_holds().await?;
@@ -577,6 +564,15 @@ pub async fn trim(pool: &PgPool, node_timeout: Duration, retention: Duration) ->
     }
     tx.commit().await.context("committing the trim")?;
     Ok(deleted)
+}
+
+/// How far the change log was trimmed (everything up to it is gone).
+async fn trimmed_upto(pool: &PgPool) -> anyhow::Result<i64> {
+    let upto: Option<i64> = sqlx::query_scalar("SELECT upto FROM markco_changes_trimmed")
+        .fetch_optional(pool)
+        .await
+        .context("reading how far the change log was trimmed")?;
+    Ok(upto.unwrap_or(0))
 }
 
 /// Logs "every session of `user` dropped" for the other gateways.
@@ -881,6 +877,7 @@ pub async fn place(
     user: &str,
     ready_timeout: Duration,
 ) -> anyhow::Result<Placement> {
+    let db = Db::Postgres(pool.clone());
     let mut tx = pool.begin().await.context("starting the placement transaction")?;
     // 0x6d61726c ('marl'): the placement lock, held until the transaction ends.
     sqlx::query("SELECT pg_advisory_xact_lock(1835102828)")
@@ -903,7 +900,6 @@ pub async fn place(
     if let Some((state, node, node_up, recent)) = &current {
         match (state.as_str(), node) {
             ("running", Some(_)) if *node_up => {
-                let db = Db::Postgres(pool.clone());
                 if let Some(row) = db.get_workspace(user).await? {
                     return Ok(Placement::Running(row));
                 }
@@ -957,7 +953,7 @@ pub async fn place(
          ORDER BY coalesce(l.total, 0), n.id = $4 DESC, n.id LIMIT 1",
         )
         .bind(user)
-        .bind(plan_of(&mut tx, user).await?)
+        .bind(db.user_plan(user).await?.unwrap_or_else(|| "free".to_string()))
         .bind(timeout)
         .bind(&cfg.node)
         .fetch_optional(&mut *tx)
@@ -978,15 +974,6 @@ pub async fn place(
     .context("recording the placement")?;
     tx.commit().await.context("committing the placement")?;
     Ok(if node == cfg.node { Placement::Here } else { Placement::Starting(node) })
-}
-
-async fn plan_of(tx: &mut sqlx::PgConnection, user: &str) -> anyhow::Result<String> {
-    let plan: Option<Option<String>> = sqlx::query_scalar("SELECT plan FROM users WHERE id::text = $1")
-        .bind(user)
-        .fetch_optional(tx)
-        .await
-        .with_context(|| format!("looking up the plan of user {user}"))?;
-    Ok(plan.flatten().unwrap_or_else(|| "free".to_string()))
 }
 
 /// Whether `user`'s workspace is placed on `node` and not started yet.

@@ -30,6 +30,18 @@ use crate::supervise::Supervisor;
 pub const CERTS_CHANNEL: &str = "markco_certs";
 /// Not a host name (it has a space): the fleet's TLS-ALPN-01 challenges changed.
 pub const CHALLENGES_PAYLOAD: &str = "* challenges";
+
+/// `NOTIFY markco_certs, payload` within `tx`: delivered at its commit.
+async fn notify(tx: &mut sqlx::PgConnection, payload: &str) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CERTS_CHANNEL)
+        .bind(payload)
+        .execute(tx)
+        .await
+        .context("NOTIFY markco_certs")?;
+    Ok(())
+}
+
 /// The first key of the two-key advisory locks of certificate orders ("mkc#" in ASCII); the second
 /// is `hashtext` of the lock's name. Two-key locks never collide with one-key (bigint) ones.
 const LOCK_CLASS: i32 = 0x6d6b_6323;
@@ -215,12 +227,7 @@ impl SharedCerts for PgSharedCerts {
         .await
         .context("writing markco_certificates")?;
         // Delivered at commit, to every gateway listening (this one too, harmlessly).
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CERTS_CHANNEL)
-            .bind(name)
-            .execute(&mut *tx)
-            .await
-            .context("NOTIFY markco_certs")?;
+        notify(&mut tx, name).await?;
         tx.commit().await.context("committing a certificate")?;
         Ok(())
     }
@@ -247,12 +254,7 @@ impl SharedCerts for PgSharedCerts {
         .await
         .context("writing markco_acme_challenges")?;
         if alpn(c.kind) {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(CERTS_CHANNEL)
-                .bind(CHALLENGES_PAYLOAD)
-                .execute(&mut *tx)
-                .await
-                .context("NOTIFY markco_certs")?;
+            notify(&mut tx, CHALLENGES_PAYLOAD).await?;
         }
         tx.commit().await.context("committing a challenge")?;
         Ok(())
@@ -267,12 +269,7 @@ impl SharedCerts for PgSharedCerts {
                 .await
                 .context("deleting from markco_acme_challenges")?;
         if kinds.iter().any(|k| k == Challenge::TlsAlpn01.as_str()) {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(CERTS_CHANNEL)
-                .bind(CHALLENGES_PAYLOAD)
-                .execute(&mut *tx)
-                .await
-                .context("NOTIFY markco_certs")?;
+            notify(&mut tx, CHALLENGES_PAYLOAD).await?;
         }
         tx.commit().await.context("committing withdrawn challenges")?;
         Ok(())

@@ -486,9 +486,9 @@ impl Gateway {
     }
 
     /// A short JSON response.
-    async fn json(&self, session: &mut Session, ctx: &mut Ctx, status: u16, body: &'static str) -> Result<bool> {
+    async fn json(&self, session: &mut Session, ctx: &mut Ctx, status: u16, body: impl Into<Bytes>) -> Result<bool> {
         let retry: &[(http::HeaderName, &str)] = if status == 503 { &[(header::RETRY_AFTER, "5")] } else { &[] };
-        reply(session, status, "application/json", Bytes::from_static(body.as_bytes()), retry).await?;
+        reply(session, status, "application/json", body.into(), retry).await?;
         ctx.status = status;
         Ok(true)
     }
@@ -596,10 +596,7 @@ impl Gateway {
                             Err(e) => {
                                 tracing::warn!(user = %owner, "workspace start failed: {e}");
                                 let body = serde_json::json!({ "error": format!("Workspace unavailable: {}", e.0) });
-                                let retry = [(header::RETRY_AFTER, "5")];
-                                reply(session, 503, "application/json", Bytes::from(body.to_string()), &retry).await?;
-                                ctx.status = 503;
-                                return Ok(true);
+                                return self.json(session, ctx, 503, body.to_string()).await;
                             }
                         }
                     }

@@ -117,3 +117,34 @@ pub fn image() -> &'static str {
     });
     "localhost/markco-testupstream:test"
 }
+
+/// The `[workspaces]` section of the podman tests: the test image as editor and runtime (each
+/// answering with its name, `editor-<user>` / `runtime-<user>`), the port ranges of test `slot`,
+/// data under `data_dir` (a path, or a template such as `{dir}/users`), 64 MiB each. Also clears
+/// what killed runs left behind.
+pub fn workspaces_section(slot: u16, data_dir: &str) -> String {
+    remove_leftovers();
+    let (e0, r0) = port_ranges(slot);
+    format!(
+        r#"[workspaces]
+engine = "unix://{socket}"
+data_dir = "{data_dir}"
+editor_image = "{image}"
+runtime_image = "{image}"
+editor_ports = "{e0}-{e1}"
+runtime_ports = "{r0}-{r1}"
+ready_timeout = "20s"
+editor_command = []
+runtime_command = []
+editor_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "editor-{{user_id}}", MARKCO_TEST_OWNER = "{owner}" }}
+runtime_env = {{ PORT = "{{port}}", MARKCO_TU_NAME = "runtime-{{user_id}}", MARKCO_TEST_OWNER = "{owner}" }}
+editor_memory_mb = 64
+runtime_memory_mb = 64
+"#,
+        socket = socket(),
+        image = image(),
+        e1 = e0 + 99,
+        r1 = r0 + 99,
+        owner = owner(),
+    )
+}
