@@ -25,6 +25,7 @@ use crate::static_files;
 use crate::table::{canonical_host, Action, Activity, PathPattern, ProxySettings, Route, RouteTable, TableReader};
 use crate::target::{self, TargetForm};
 use crate::tunnel;
+use crate::upstream;
 
 /// ACME HTTP-01 answers (token → key authorization), published by the certificate manager.
 pub type AcmeTokens = Arc<ArcSwap<HashMap<String, String>>>;
@@ -242,6 +243,15 @@ fn has_cl_and_te(session: &Session) -> bool {
     }
 }
 
+/// An upstream's response head as the client gets it: no hop-by-hop headers, our HSTS.
+fn response_head(resp: &mut ResponseHeader, hsts: Option<&str>) -> Result<()> {
+    forwarded::clean_response(resp);
+    if let Some(v) = hsts {
+        resp.insert_header("Strict-Transport-Security", v)?;
+    }
+    Ok(())
+}
+
 /// `?token=...` values never reach the access log.
 fn redacted_uri(req: &RequestHeader) -> String {
     let path = req.uri.path();
@@ -423,10 +433,7 @@ impl Gateway {
                     label: p.upstream.label.clone(),
                 });
                 set_client_timeouts(session, &ctx.table.as_ref().expect("table loaded").settings);
-                if upgrade {
-                    return self.relay_upgrade(session, ctx).await;
-                }
-                Ok(false)
+                self.proxy(session, ctx, upgrade).await
             }
             Action::Workspace | Action::Runtime | Action::UserService(_) => self.user_route(session, ctx, route).await,
             Action::Control => {
@@ -619,10 +626,44 @@ impl Gateway {
         ctx.forward =
             Some(Forward { peer: settings.peer(addr, upgrade), addr, path, drop_token: true, user_header, label });
         set_client_timeouts(session, settings);
+        self.proxy(session, ctx, upgrade).await
+    }
+
+    /// Sends the request to `ctx.forward`: upgrades through [`tunnel::relay`], requests without a
+    /// body through [`upstream::forward`], the rest (`Ok(false)`) through Pingora's proxy loop.
+    async fn proxy(&self, session: &mut Session, ctx: &mut Ctx, upgrade: bool) -> Result<bool> {
         if upgrade {
             return self.relay_upgrade(session, ctx).await;
         }
-        Ok(false)
+        if !session.is_body_empty() {
+            return Ok(false);
+        }
+        let Some(f) = &ctx.forward else {
+            return Error::e_explain(ErrorType::InternalError, "proxy without a forward target");
+        };
+        let mut req = session.req_header().clone();
+        req.set_version(http::Version::HTTP_11);
+        rewrite_request(session, f, ctx.trusted_peer, &mut req)?;
+        if !req.headers.contains_key(header::HOST) {
+            // HTTP/2 sends `:authority` instead (and a `Connection` line may have named Host):
+            // the upstream gets the host the route was chosen on.
+            let orig = session.req_header();
+            let host = orig.headers.get(header::HOST).cloned().or_else(|| {
+                orig.uri.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+            });
+            if let Some(h) = host {
+                req.insert_header(header::HOST, h)?;
+            }
+        }
+        let settings = &ctx.table.as_ref().expect("table loaded").settings;
+        let target = upstream::Target {
+            addr: f.addr,
+            connect_timeout: settings.upstream_connect_timeout,
+            idle_timeout: settings.upstream_idle_timeout,
+        };
+        let hsts = ctx.hsts.as_deref();
+        upstream::forward(session, req, &target, |resp| response_head(resp, hsts)).await?;
+        Ok(true)
     }
 
     /// A websocket (or other upgrade): relayed by [`tunnel::relay`], not by Pingora's loop.
@@ -847,10 +888,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        forwarded::clean_response(upstream_response);
-        if let Some(v) = &ctx.hsts {
-            upstream_response.insert_header("Strict-Transport-Security", &**v)?;
-        }
+        response_head(upstream_response, ctx.hsts.as_deref())?;
         if upstream_response.status == 101 && !ctx.upgraded {
             ctx.upgraded = true;
             if let Some(r) = &ctx.route {

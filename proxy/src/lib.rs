@@ -15,6 +15,7 @@ pub mod static_files;
 pub mod table;
 pub mod target;
 pub mod tunnel;
+pub mod upstream;
 pub mod user_id;
 
 pub use gateway::Gateway;

@@ -130,15 +130,7 @@ pub async fn relay<G: Send + 'static>(
     drain: Option<Arc<Drain>>,
     on_upgrade: impl FnOnce() -> G,
 ) -> Result<Outcome> {
-    let mut up = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            return Err(up_err(ErrorType::ConnectRefused, format!("connecting to {addr}")))
-        }
-        Ok(Err(e)) => return Err(up_err(ErrorType::ConnectError, format!("connecting to {addr}: {e}"))),
-        Err(_) => return Err(up_err(ErrorType::ConnectTimedout, format!("connecting to {addr}"))),
-    };
-    let _ = up.set_nodelay(true);
+    let mut up = crate::upstream::connect_tcp(addr, connect_timeout).await?;
     up.write_all(&head_bytes(req))
         .await
         .map_err(|e| up_err(ErrorType::WriteError, format!("sending the upgrade: {e}")))?;

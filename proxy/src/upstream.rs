@@ -1,0 +1,284 @@
+//! Plain requests (no body, no upgrade) proxied by us instead of by Pingora's proxy loop.
+//!
+//! Pingora's `proxy_1to1` runs the two halves of every request as two futures joined by
+//! channels, and every upstream connection it releases to its pool spawns an idle-watch task on
+//! a random thread that the next checkout wakes again. For a request without a body none of that
+//! is needed: write the head, read the response head, copy the body until it ends. This module
+//! does that on Pingora's own HTTP/1 client session (its parser, framing and keep-alive rules),
+//! with a per-thread pool of idle upstream connections and no idle-watch task: a pooled
+//! connection that the upstream closed meanwhile is found when it is used, and the request (it
+//! has no body, so nothing was consumed) is sent again once on a new connection.
+//!
+//! Requests with a body still go through Pingora, whose duplex loop lets an upstream answer
+//! before the body has been sent.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http::{header, Method, Version};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::http::v1::client::HttpSession as ClientSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
+use pingora::proxy::Session;
+use pingora::ErrorType;
+use tokio::net::TcpStream;
+
+/// Idle connections kept per upstream address, per thread.
+const MAX_IDLE_PER_ADDR: usize = 64;
+/// Idle connections kept per thread, all addresses together.
+const MAX_IDLE: usize = 1024;
+/// An idle connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
+/// How often a thread's pool drops connections that outlived `IDLE_TIMEOUT` (also those of
+/// addresses no longer used, such as a moved runtime's).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+fn up_err(etype: ErrorType, why: impl Into<String>) -> Box<Error> {
+    let mut e = Error::explain(etype, why.into());
+    e.esource = ErrorSource::Upstream;
+    e
+}
+
+/// Connects to `addr` within `timeout`, with Nagle off (heads and small bodies go at once).
+pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            return Err(up_err(ErrorType::ConnectRefused, format!("connecting to {addr}")))
+        }
+        Ok(Err(e)) => return Err(up_err(ErrorType::ConnectError, format!("connecting to {addr}: {e}"))),
+        Err(_) => return Err(up_err(ErrorType::ConnectTimedout, format!("connecting to {addr}"))),
+    };
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+struct Idle {
+    stream: Stream,
+    since: Instant,
+}
+
+/// One thread's idle upstream connections. Per thread, so checkout and release take no lock
+/// and wake no other thread; a task that moved threads meanwhile just returns its connection
+/// to the pool of the thread it is on.
+#[derive(Default)]
+struct Pool {
+    by_addr: HashMap<SocketAddr, Vec<Idle>>,
+    total: usize,
+    swept: Option<Instant>,
+}
+
+impl Pool {
+    /// The most recently used connection to `addr` that is not too old.
+    fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<Stream> {
+        let list = self.by_addr.get_mut(&addr)?;
+        while let Some(idle) = list.pop() {
+            self.total -= 1;
+            if now.duration_since(idle.since) < IDLE_TIMEOUT {
+                return Some(idle.stream);
+            }
+        }
+        None
+    }
+
+    fn put(&mut self, addr: SocketAddr, stream: Stream, now: Instant) {
+        if self.swept.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
+            self.sweep(now);
+        }
+        if self.total >= MAX_IDLE {
+            return; // dropped: closed
+        }
+        let list = self.by_addr.entry(addr).or_default();
+        if list.len() >= MAX_IDLE_PER_ADDR {
+            return;
+        }
+        list.push(Idle { stream, since: now });
+        self.total += 1;
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        self.swept = Some(now);
+        let mut total = 0;
+        self.by_addr.retain(|_, list| {
+            // Oldest first: released in order.
+            let fresh = list.iter().position(|i| now.duration_since(i.since) < IDLE_TIMEOUT).unwrap_or(list.len());
+            list.drain(..fresh);
+            total += list.len();
+            !list.is_empty()
+        });
+        self.total = total;
+    }
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+fn checkout(addr: SocketAddr) -> Option<Stream> {
+    POOL.with(|p| p.borrow_mut().take(addr, Instant::now()))
+}
+
+fn release(addr: SocketAddr, stream: Stream) {
+    POOL.with(|p| p.borrow_mut().put(addr, stream, Instant::now()));
+}
+
+/// Where and how long to wait.
+pub struct Target {
+    pub addr: SocketAddr,
+    pub connect_timeout: Duration,
+    /// Longest silence between upstream bytes (`None`: no limit).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// The client went away while we waited for the upstream.
+fn client_gone(e: Box<Error>) -> Box<Error> {
+    e.into_down()
+}
+
+/// A failure on a reused connection before any byte of a response came back: the upstream
+/// closed it while it sat in the pool.
+fn stale(e: &Error) -> bool {
+    matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError)
+}
+
+/// Sends `req` (already rewritten for the upstream; the client sent no body) to `target` and
+/// relays the response, passing its head through `filter` first. Errors before the response
+/// head was written to the client are for the caller to answer (502/504).
+pub async fn forward(
+    session: &mut Session,
+    req: RequestHeader,
+    target: &Target,
+    filter: impl FnOnce(&mut ResponseHeader) -> Result<()>,
+) -> Result<()> {
+    let mut req = Some(req);
+    let mut up = loop {
+        let pooled = if req.is_some() { checkout(target.addr) } else { None };
+        let reused = pooled.is_some();
+        let stream = match pooled {
+            Some(s) => s,
+            None => Box::new(L4Stream::from(connect_tcp(target.addr, target.connect_timeout).await?)),
+        };
+        let mut up = ClientSession::new(stream);
+        up.read_timeout = target.idle_timeout;
+        up.write_timeout = target.idle_timeout;
+        // A reused connection may turn out stale: keep the request for a second attempt.
+        let head = match (reused, &mut req) {
+            (true, Some(r)) => r.clone(),
+            (_, r) => r.take().ok_or_else(|| Error::explain(ErrorType::InternalError, "request already sent"))?,
+        };
+        match send_and_read_head(session, &mut up, head).await {
+            Ok(()) => break up,
+            Err(e) if reused && e.esource() == &ErrorSource::Upstream && stale(&e) => {
+                tracing::debug!(addr = %target.addr, "pooled upstream connection was closed; retrying on a new one");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    up.respect_keepalive();
+    let mut resp = match up.resp_header() {
+        Some(h) => h.clone(),
+        None => return Err(up_err(ErrorType::InvalidHTTPHeader, "no response head")),
+    };
+    let mut done = up.is_body_done();
+    let no_body = session.req_header().method == Method::HEAD || matches!(resp.status.as_u16(), 204 | 304);
+    if !done
+        && !no_body
+        && session.as_http1().is_some()
+        && !resp.headers.contains_key(header::TRANSFER_ENCODING)
+        && !resp.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        // An upstream that ends its body by closing: chunk it, so the client's connection can
+        // stay open (as Pingora does).
+        resp.set_version(Version::HTTP_11);
+        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    filter(&mut resp)?;
+    session.write_response_header(Box::new(resp), done).await?;
+    while !done {
+        let chunk = tokio::select! {
+            biased;
+            r = up.read_body_bytes() => r.map_err(|e| e.into_up())?,
+            r = session.read_body_or_idle(true) => {
+                // The client closed (or sent more than its request) while we waited.
+                return Err(client_gone(match r {
+                    Err(e) => e,
+                    Ok(_) => Error::explain(ErrorType::ConnectionClosed, "client sent data during the response"),
+                }));
+            }
+        };
+        done = chunk.is_none() || up.is_body_done();
+        session.write_response_body(chunk, done).await?;
+    }
+    if let Some(stream) = up.reuse().await {
+        release(target.addr, stream);
+    }
+    Ok(())
+}
+
+/// Writes the request head and waits for the response head (informational ones skipped), or
+/// for the client to go away.
+async fn send_and_read_head(session: &mut Session, up: &mut ClientSession, req: RequestHeader) -> Result<()> {
+    up.write_request_header(Box::new(req)).await.map_err(|e| e.into_up())?;
+    loop {
+        tokio::select! {
+            biased;
+            r = up.read_response() => { r.map_err(|e| e.into_up())?; }
+            r = session.read_body_or_idle(true) => {
+                return Err(client_gone(match r {
+                    Err(e) => e,
+                    Ok(_) => Error::explain(ErrorType::ConnectionClosed, "client sent data before the response"),
+                }));
+            }
+        }
+        match up.resp_header().map(|h| h.status.as_u16()) {
+            // 1xx other than 101 (which a plain request never gets): 100 Continue, 103.
+            Some(s) if (100..200).contains(&s) && s != 101 => continue,
+            _ => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream() -> Stream {
+        Box::new(std::io::Cursor::new(Vec::<u8>::new()))
+    }
+
+    #[test]
+    fn pool_returns_the_newest_and_drops_the_expired() {
+        let a: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let b: SocketAddr = "127.0.0.1:2".parse().expect("addr");
+        let t0 = Instant::now();
+        let mut p = Pool::default();
+        p.put(a, stream(), t0);
+        p.put(a, stream(), t0 + Duration::from_secs(1));
+        p.put(b, stream(), t0);
+        assert_eq!(p.total, 3);
+        assert!(p.take(a, t0 + Duration::from_secs(2)).is_some());
+        // The one left for `a` is older than the idle timeout by then.
+        assert!(p.take(a, t0 + IDLE_TIMEOUT + Duration::from_secs(1)).is_none());
+        assert_eq!(p.total, 1);
+        // A sweep drops `b` (expired) entirely.
+        p.put(a, stream(), t0 + IDLE_TIMEOUT + SWEEP_EVERY);
+        assert_eq!(p.total, 1);
+        assert!(!p.by_addr.contains_key(&b));
+    }
+
+    #[test]
+    fn pool_is_bounded_per_address() {
+        let a: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let t0 = Instant::now();
+        let mut p = Pool::default();
+        for _ in 0..MAX_IDLE_PER_ADDR + 5 {
+            p.put(a, stream(), t0);
+        }
+        assert_eq!(p.total, MAX_IDLE_PER_ADDR);
+    }
+}
