@@ -273,6 +273,8 @@ fn http01_from_empty_storage_serves_h2_and_restart_reuses_it() {
     assert_eq!(status_line, "200 2", "status and HTTP version; body: {body}");
     let json: serde_json::Value = serde_json::from_str(body).expect("upstream JSON");
     assert_eq!(json["name"], "app", "{body}");
+    // HTTP/2 carries the host in `:authority`; the HTTP/1.1 upstream gets it as `Host`.
+    assert_eq!(json["headers"]["host"], format!("localhost:{port}").as_str(), "{body}");
 
     // Our own client, trusting only pebble's root, sees the same certificate.
     let cfg = client_config(&pem_certs(&pebble.root_pem()));

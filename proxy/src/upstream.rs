@@ -185,17 +185,20 @@ pub async fn forward(
         None => return Err(up_err(ErrorType::InvalidHTTPHeader, "no response head")),
     };
     let mut done = up.is_body_done();
-    let no_body = session.req_header().method == Method::HEAD || matches!(resp.status.as_u16(), 204 | 304);
-    if !done
-        && !no_body
-        && session.as_http1().is_some()
-        && !resp.headers.contains_key(header::TRANSFER_ENCODING)
-        && !resp.headers.contains_key(header::CONTENT_LENGTH)
-    {
-        // An upstream that ends its body by closing: chunk it, so the client's connection can
-        // stay open (as Pingora does).
+    if session.as_http1().is_some() {
+        // A proxy sends its own HTTP version (RFC 9110 6.2): an HTTP/1.0 upstream's answer
+        // must not end the client's keep-alive connection.
         resp.set_version(Version::HTTP_11);
-        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+        let no_body = session.req_header().method == Method::HEAD || matches!(resp.status.as_u16(), 204 | 304);
+        if !done
+            && !no_body
+            && !resp.headers.contains_key(header::TRANSFER_ENCODING)
+            && !resp.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            // An upstream that ends its body by closing: chunk it, so the client's connection
+            // can stay open.
+            resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+        }
     }
     filter(&mut resp)?;
     session.write_response_header(Box::new(resp), done).await?;

@@ -1,0 +1,177 @@
+//! Plain requests proxied by markco's own loop (`proxy/src/upstream.rs`): upstream connections
+//! are kept and reused, one the upstream closed while idle is replaced without the client
+//! noticing, a close-delimited body reaches the client chunked on a connection that stays open,
+//! and a client that leaves frees the upstream connection. The upstream here is a scripted
+//! raw-TCP server in the test, so each test controls exactly what goes over the wire.
+
+#[allow(clippy::while_let_loop)]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// One thread: deterministic per-thread pooling.
+const SERVER: &str = r#"
+[server]
+http = "{http}"
+admin = "{admin}"
+upgrade_sock = "{dir}/upgrade.sock"
+pid_file = "{dir}/markco.pid"
+threads = 1
+"#;
+
+fn config(upstream: SocketAddr) -> String {
+    format!(
+        r#"{SERVER}
+[[site]]
+hosts = ["*"]
+
+  [[site.route]]
+  name = "app"
+  match = ["/*"]
+  proxy = "{upstream}"
+"#
+    )
+}
+
+/// Reads one request head (the tests send no bodies); `None` at EOF.
+fn read_head(s: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => buf.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// A scripted upstream: `serve(connection index, stream)` runs for each accepted connection
+/// on a thread of its own. Returns the address and the number of connections accepted.
+fn scripted(serve: impl Fn(usize, TcpStream) + Send + Sync + 'static) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let i = count.fetch_add(1, Ordering::SeqCst);
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(i, s));
+        }
+    });
+    (addr, accepted)
+}
+
+/// Reads exactly one response from a connection that stays open.
+fn read_one(s: &mut TcpStream) -> Resp {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Ok(r) = parse_response_to("GET", &out) {
+            return r;
+        }
+        let n = s.read(&mut buf).unwrap_or_else(|e| panic!("reading a response: {e}; so far {out:?}"));
+        assert!(n > 0, "closed before a complete response: {:?}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn an_upstream_connection_is_reused_and_one_closed_while_idle_is_replaced() {
+    // Each upstream connection answers two requests, saying which connection and request it
+    // was, then closes (as an upstream with a short keep-alive timeout does).
+    let (up, accepted) = scripted(|conn, mut s| {
+        for req in 0..2 {
+            if read_head(&mut s).is_none() {
+                return;
+            }
+            let body = format!("conn-{conn} req-{req}");
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    let m = Markco::start(&config(up));
+    let get = || {
+        let r = http_get(m.http, "/", &[("Host", "a.test")]).expect("GET /");
+        assert_eq!(r.status, 200, "{:?}", r.body_text());
+        r.body_text()
+    };
+    // Two client connections, one after the other, share one upstream connection.
+    assert_eq!(get(), "conn-0 req-0");
+    assert_eq!(get(), "conn-0 req-1", "the second request reused the first upstream connection");
+    // The upstream has closed that connection by now; markco still holds it as idle. The next
+    // request finds it closed and goes out again on a new one: the client sees no error.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(get(), "conn-1 req-0", "a closed pooled connection is replaced, not answered with 502");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "two upstream connections in all");
+}
+
+#[test]
+fn a_close_delimited_body_is_chunked_and_the_client_connection_stays_open() {
+    // HTTP/1.0-style: no length, the body ends when the upstream closes.
+    let (up, _) = scripted(|conn, mut s| {
+        if read_head(&mut s).is_some() {
+            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello from connection {conn}");
+        }
+    });
+    let m = Markco::start(&config(up));
+    let mut c = TcpStream::connect(m.http).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    for i in 0..2 {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("send");
+        let r = read_one(&mut c);
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body_text());
+        assert_eq!(r.header("transfer-encoding"), Some("chunked"), "request {i}: {:?}", r.headers);
+        assert_eq!(r.body_text(), format!("hello from connection {i}"), "request {i}");
+    }
+    // HEAD on the same connection: the upstream's bytes after its head are not relayed, and
+    // the connection still answers afterwards.
+    c.write_all(b"HEAD / HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("send HEAD");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head = loop {
+        if let Ok(r) = parse_response_to("HEAD", &raw) {
+            break r;
+        }
+        let n = c.read(&mut buf).expect("read the HEAD answer");
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    };
+    assert_eq!(head.status, 200);
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("send GET");
+    let r = read_one(&mut c);
+    assert_eq!(r.body_text(), "hello from connection 3", "no HEAD body came before the GET's answer");
+}
+
+#[test]
+fn a_client_that_leaves_frees_its_upstream_connection() {
+    // The upstream never answers; it reports how long until markco closed its connection.
+    let (closed_tx, closed_rx) = mpsc::channel::<Duration>();
+    let closed_tx = std::sync::Mutex::new(closed_tx);
+    let (up, _) = scripted(move |_, mut s| {
+        if read_head(&mut s).is_none() {
+            return;
+        }
+        let t = Instant::now();
+        let mut b = [0u8; 64];
+        while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+        let _ = closed_tx.lock().map(|tx| tx.send(t.elapsed()));
+    });
+    let m = Markco::start(&config(up));
+    let mut c = TcpStream::connect(m.http).expect("connect");
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("send");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c);
+    let took = closed_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("markco closed the upstream connection after the client left");
+    assert!(took < Duration::from_secs(5), "upstream connection closed {took:?} after the request");
+}
