@@ -175,3 +175,29 @@ fn a_client_that_leaves_frees_its_upstream_connection() {
         .expect("markco closed the upstream connection after the client left");
     assert!(took < Duration::from_secs(5), "upstream connection closed {took:?} after the request");
 }
+
+#[test]
+fn informational_answers_are_skipped_and_endless_ones_refused() {
+    // Connection 0 sends an Early Hints answer before the real one; later connections send
+    // nothing but 100 Continue.
+    let (up, _) = scripted(|conn, mut s| {
+        if read_head(&mut s).is_none() {
+            return;
+        }
+        if conn == 0 {
+            let _ = s.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n");
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal");
+        } else {
+            for _ in 0..1000 {
+                if s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let m = Markco::start(&config(up));
+    let r = http_get(m.http, "/", &[("Host", "a.test")]).expect("GET");
+    assert_eq!((r.status, r.body_text().as_str()), (200, "final"));
+    let r = http_get(m.http, "/", &[("Host", "a.test")]).expect("GET");
+    assert_eq!(r.status, 502, "an upstream that never gives a final answer: {:?}", r.body_text());
+}

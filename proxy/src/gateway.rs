@@ -111,7 +111,6 @@ impl Gateway {
 
 /// Where a proxied request goes and how it is rewritten on the way.
 struct Forward {
-    peer: HttpPeer,
     addr: std::net::SocketAddr,
     /// The path to send (the normalised one, prefix stripped where the route says so).
     path: String,
@@ -425,7 +424,6 @@ impl Gateway {
                     None => ctx.path.clone(),
                 };
                 ctx.forward = Some(Forward {
-                    peer: if upgrade { p.ws_peer.clone() } else { p.peer.clone() },
                     addr: p.upstream.addr,
                     path,
                     drop_token: false,
@@ -623,8 +621,7 @@ impl Gateway {
                 }
             }
         };
-        ctx.forward =
-            Some(Forward { peer: settings.peer(addr, upgrade), addr, path, drop_token: true, user_header, label });
+        ctx.forward = Some(Forward { addr, path, drop_token: true, user_header, label });
         set_client_timeouts(session, settings);
         self.proxy(session, ctx, upgrade).await
     }
@@ -648,9 +645,11 @@ impl Gateway {
             // HTTP/2 sends `:authority` instead (and a `Connection` line may have named Host):
             // the upstream gets the host the route was chosen on.
             let orig = session.req_header();
-            let host = orig.headers.get(header::HOST).cloned().or_else(|| {
-                orig.uri.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-            });
+            let host = orig
+                .headers
+                .get(header::HOST)
+                .cloned()
+                .or_else(|| orig.uri.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()));
             if let Some(h) = host {
                 req.insert_header(header::HOST, h)?;
             }
@@ -864,7 +863,7 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         match &ctx.forward {
-            Some(f) => Ok(Box::new(f.peer.clone())),
+            Some(f) => Ok(Box::new(ctx.table.as_ref().expect("table loaded").settings.peer(f.addr))),
             // request_filter answers every non-proxied action itself.
             None => Error::e_explain(ErrorType::InternalError, "upstream_peer without a forward target"),
         }

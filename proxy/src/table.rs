@@ -65,10 +65,6 @@ pub struct ProxyAction {
     pub upstream: Upstream,
     /// Removed from the front of the path before forwarding.
     pub strip_prefix: Option<String>,
-    /// A prebuilt peer with the timeouts applied: cloning it is all a request pays.
-    pub peer: HttpPeer,
-    /// The same, with the websocket idle timeout, for upgraded connections.
-    pub ws_peer: HttpPeer,
 }
 
 #[derive(Debug, Clone)]
@@ -187,12 +183,13 @@ pub struct ProxySettings {
 }
 
 impl ProxySettings {
-    /// A peer for `addr` with our timeouts; `upgrade` selects the websocket idle timeout.
-    pub fn peer(&self, addr: SocketAddr, upgrade: bool) -> HttpPeer {
+    /// A peer for `addr` with our timeouts, for the requests Pingora's proxy loop sends (those
+    /// with a body; the rest go through `upstream::forward`, websockets through `tunnel`).
+    pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(self.upstream_connect_timeout);
         peer.options.total_connection_timeout = Some(self.upstream_connect_timeout);
-        peer.options.read_timeout = if upgrade { self.websocket_idle_timeout } else { self.upstream_idle_timeout };
+        peer.options.read_timeout = self.upstream_idle_timeout;
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         peer
     }

@@ -36,6 +36,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
 /// How often a thread's pool drops connections that outlived `IDLE_TIMEOUT` (also those of
 /// addresses no longer used, such as a moved runtime's).
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Informational (1xx) answers skipped before the final one; an upstream sending more is
+/// broken or hostile.
+const MAX_INFORMATIONAL: usize = 8;
 
 fn up_err(etype: ErrorType, why: impl Into<String>) -> Box<Error> {
     let mut e = Error::explain(etype, why.into());
@@ -155,8 +158,10 @@ pub async fn forward(
     filter: impl FnOnce(&mut ResponseHeader) -> Result<()>,
 ) -> Result<()> {
     let mut req = Some(req);
+    let mut retried = false;
     let mut up = loop {
-        let pooled = if req.is_some() { checkout(target.addr) } else { None };
+        // The one retry always goes out on a new connection: a request is sent at most twice.
+        let pooled = if retried { None } else { checkout(target.addr) };
         let reused = pooled.is_some();
         let stream = match pooled {
             Some(s) => s,
@@ -174,6 +179,7 @@ pub async fn forward(
             Ok(()) => break up,
             Err(e) if reused && e.esource() == &ErrorSource::Upstream && stale(&e) => {
                 tracing::debug!(addr = %target.addr, "pooled upstream connection was closed; retrying on a new one");
+                retried = true;
                 continue;
             }
             Err(e) => return Err(e),
@@ -227,7 +233,7 @@ pub async fn forward(
 /// for the client to go away.
 async fn send_and_read_head(session: &mut Session, up: &mut ClientSession, req: RequestHeader) -> Result<()> {
     up.write_request_header(Box::new(req)).await.map_err(|e| e.into_up())?;
-    loop {
+    for _ in 0..MAX_INFORMATIONAL {
         tokio::select! {
             biased;
             r = up.read_response() => { r.map_err(|e| e.into_up())?; }
@@ -244,6 +250,7 @@ async fn send_and_read_head(session: &mut Session, up: &mut ClientSession, req: 
             _ => return Ok(()),
         }
     }
+    Err(up_err(ErrorType::InvalidHTTPHeader, "too many informational responses"))
 }
 
 #[cfg(test)]

@@ -703,8 +703,6 @@ impl Config {
         let proxy_action = |label: &String, addr: SocketAddr, strip_prefix: &Option<String>| ProxyAction {
             upstream: Upstream { label: label.as_str().into(), addr },
             strip_prefix: strip_prefix.clone(),
-            peer: self.proxy.peer(addr, false),
-            ws_peer: self.proxy.peer(addr, true),
         };
         let sites = self
             .sites
