@@ -27,8 +27,10 @@ use pingora::proxy::Session;
 use pingora::ErrorType;
 use tokio::net::TcpStream;
 
-/// Idle connections kept per upstream address, per thread.
-const MAX_IDLE_PER_ADDR: usize = 64;
+/// Idle connections kept per upstream address, per thread. An HTTP/1.1 upstream connection
+/// carries one request at a time, so this is about the concurrency one thread keeps open to
+/// one upstream without reconnecting (nginx's `keepalive 128` is the same idea per worker).
+const MAX_IDLE_PER_ADDR: usize = 128;
 /// Idle connections kept per thread, all addresses together.
 const MAX_IDLE: usize = 1024;
 /// An idle connection older than this is closed rather than reused.
