@@ -46,6 +46,8 @@ Environment:
                      built with `cargo build --release -p markco` only if it
                      is missing (or BUILD=1). The report warns when the binary
                      is older than the sources.
+  MARKCO_SERVER_EXTRA="work_stealing = false"
+                     extra [server] lines for markco (';' separates lines)
   BUILD=1            run `cargo build --release -p markco` first even if the
                      binary exists (a no-op when it is up to date)
   PORT_BASE=19400    shift every port: upstream +1, caddy +42, markco +43,
@@ -487,6 +489,11 @@ if [[ -n ${NEEDS[caddy]:-} ]]; then
 fi
 if [[ -n ${NEEDS[markco]:-} ]]; then
 	markco_conf=$(render "$SCRIPT_DIR/markco.toml")
+	if [[ -n ${MARKCO_SERVER_EXTRA:-} ]]; then
+		# Extra [server] settings (e.g. "work_stealing = false"), as in benches/proxy/run.sh.
+		awk -v extra="$MARKCO_SERVER_EXTRA" '{ print } /^threads = / { n = split(extra, l, ";"); for (i = 1; i <= n; i++) print l[i] }' \
+			"$markco_conf" >"$markco_conf.tmp" && mv "$markco_conf.tmp" "$markco_conf"
+	fi
 	mkdir -p "$TMP/markco"
 	if ! "$MARKCO" check --config "$markco_conf" >"$TMP/markco.check.log" 2>&1; then
 		cat "$TMP/markco.check.log" >&2
