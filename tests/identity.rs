@@ -117,6 +117,17 @@ fn owner_reaches_own_editor_runtime_and_sync() {
     assert_eq!(v["name"], "sync");
     assert_eq!(v["path"], format!("/sync/{alice}/proj/doc.md"));
     assert_eq!(v["headers"]["x-user-id"], alice.as_str(), "markco sets X-User-Id; the client's is dropped");
+    // A `Connection` line cannot name markco's own headers away.
+    let r = http_get(
+        w.m.http,
+        &format!("/sync/{alice}/proj/doc.md?token={token}"),
+        &[("Connection", "x-user-id, host, x-forwarded-for")],
+    )
+    .expect("get");
+    let v = r.json();
+    assert_eq!(v["headers"]["x-user-id"], alice.as_str(), "X-User-Id survives a Connection nomination: {v}");
+    assert_eq!(v["headers"]["x-forwarded-for"], "127.0.0.1", "{v}");
+    assert!(v["headers"]["host"].is_string(), "Host survives a Connection nomination: {v}");
 }
 
 #[test]

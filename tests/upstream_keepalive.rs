@@ -201,3 +201,60 @@ fn informational_answers_are_skipped_and_endless_ones_refused() {
     let r = http_get(m.http, "/", &[("Host", "a.test")]).expect("GET");
     assert_eq!(r.status, 502, "an upstream that never gives a final answer: {:?}", r.body_text());
 }
+
+#[test]
+fn a_kept_connection_that_dies_as_a_request_goes_out_is_retried_only_for_idempotent_methods() {
+    // Connection 0 answers one request, then takes the next and closes without answering (an
+    // upstream closing an idle connection just as markco reuses it). Later connections answer,
+    // counting what they saw.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    let (up, accepted) = scripted(move |conn, mut s| {
+        while let Some(head) = read_head(&mut s) {
+            let line = head.lines().next().unwrap_or_default().to_string();
+            if let Ok(mut l) = log.lock() {
+                l.push(format!("conn-{conn} {line}"));
+            }
+            if (conn == 0 && line.starts_with("GET /second")) || line.starts_with("POST /second") {
+                return; // closes without an answer
+            }
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let m = Markco::start(&config(up));
+    let get = |method: &str, path: &str| request(m.http, method, path, &[("Host", "a.test")], b"").expect("request");
+    assert_eq!(get("GET", "/first").status, 200);
+    let r = get("GET", "/second");
+    assert_eq!(r.status, 200, "a GET is sent again on a new connection: {:?}", r.body_text());
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // The same for a POST without a body: sent once, and the client gets 502.
+    assert_eq!(get("GET", "/third").status, 200);
+    let r = get("POST", "/second");
+    assert_eq!(r.status, 502, "a POST is not sent twice: {:?}", r.body_text());
+    let posts = seen.lock().map(|l| l.iter().filter(|l| l.contains("POST /second")).count()).unwrap_or(0);
+    assert_eq!(posts, 1, "the upstream saw the POST once: {:?}", seen.lock().map(|l| l.clone()));
+}
+
+#[test]
+fn bytes_an_upstream_sends_on_an_idle_connection_never_answer_a_later_request() {
+    // Connection 0 answers its first request, then writes a stray response while idle.
+    let (up, accepted) = scripted(|conn, mut s| {
+        let mut n = 0;
+        while read_head(&mut s).is_some() {
+            let body = format!("conn-{conn} req-{n}");
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            if conn == 0 {
+                // Later, once markco has read the answer and pooled the connection.
+                std::thread::sleep(Duration::from_millis(100));
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTALE");
+            }
+            n += 1;
+        }
+    });
+    let m = Markco::start(&config(up));
+    let get = || http_get(m.http, "/", &[("Host", "a.test")]).expect("GET").body_text();
+    assert_eq!(get(), "conn-0 req-0");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(), "conn-1 req-0", "the connection with stray bytes is not reused");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}

@@ -11,6 +11,10 @@ use pingora::prelude::*;
 /// (`Transfer-Encoding`, `Content-Length`) is left to Pingora, which re-frames bodies itself.
 const HOP_BY_HOP: [&str; 5] = ["keep-alive", "proxy-connection", "te", "trailer", "proxy-authorization"];
 
+/// Headers a `Connection` line cannot remove: the host and what we say about the client.
+const PROTECTED: [&str; 6] =
+    ["host", "x-user-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"];
+
 const FORWARDED: [&str; 5] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"];
 
 pub fn is_trusted(peer: Option<IpAddr>, trusted: &[IpNet]) -> bool {
@@ -29,6 +33,8 @@ fn connection_tokens(headers: &http::HeaderMap) -> Vec<HeaderName> {
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty() && t != "close" && t != "upgrade" && t != "keep-alive")
+        // A client may not name away what the upstream relies on (Pingora refuses these too).
+        .filter(|t| !PROTECTED.contains(&t.as_str()))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect()
 }

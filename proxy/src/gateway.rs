@@ -294,8 +294,8 @@ fn rewrite_request(session: &Session, f: &Forward, trusted_peer: bool, upstream:
         // Identity routes: only we say who the user is.
         upstream.remove_header("x-user-id");
     }
-    if let Some(user) = &f.user_header {
-        upstream.insert_header("X-User-Id", &**user)?;
+    if session.req_header().version == http::Version::HTTP_2 {
+        join_cookies(upstream)?;
     }
     forwarded::prepare_upstream_request(
         upstream,
@@ -303,7 +303,28 @@ fn rewrite_request(session: &Session, f: &Forward, trusted_peer: bool, upstream:
         trusted_peer,
         is_tls(session),
         session.is_upgrade_req(),
-    )
+    )?;
+    // After the hop-by-hop headers are gone, so that no `Connection` line can name it away.
+    if let Some(user) = &f.user_header {
+        upstream.insert_header("X-User-Id", &**user)?;
+    }
+    Ok(())
+}
+
+/// HTTP/2 may split `Cookie` into several fields; an HTTP/1.1 upstream must get one, joined
+/// with "; " (RFC 9113 8.2.3).
+fn join_cookies(req: &mut RequestHeader) -> Result<()> {
+    let mut values = req.headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return Ok(());
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in req.headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    let value = http::HeaderValue::from_bytes(&joined).or_err(ErrorType::InvalidHTTPHeader, "joining cookies")?;
+    req.insert_header(header::COOKIE, value)
 }
 
 /// The `Content-Length` to send when the client sent it more than once or as a list
@@ -645,11 +666,11 @@ impl Gateway {
             // HTTP/2 sends `:authority` instead (and a `Connection` line may have named Host):
             // the upstream gets the host the route was chosen on.
             let orig = session.req_header();
-            let host = orig
-                .headers
-                .get(header::HOST)
-                .cloned()
-                .or_else(|| orig.uri.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()));
+            let host = orig.headers.get(header::HOST).cloned().or_else(|| {
+                // Never a `user@` part (RFC 9113 8.3.1 forbids it in `:authority`).
+                let a = orig.uri.authority()?.as_str();
+                http::HeaderValue::from_str(a.rsplit('@').next().unwrap_or(a)).ok()
+            });
             if let Some(h) = host {
                 req.insert_header(header::HOST, h)?;
             }

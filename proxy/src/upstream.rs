@@ -78,12 +78,15 @@ struct Pool {
 }
 
 impl Pool {
-    /// The most recently used connection to `addr` that is not too old.
+    /// The most recently used connection to `addr` that is not too old and still quiet.
     fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<Stream> {
+        if self.swept.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
+            self.sweep(now);
+        }
         let list = self.by_addr.get_mut(&addr)?;
-        while let Some(idle) = list.pop() {
+        while let Some(mut idle) = list.pop() {
             self.total -= 1;
-            if now.duration_since(idle.since) < IDLE_TIMEOUT {
+            if now.duration_since(idle.since) < IDLE_TIMEOUT && quiet(&mut idle.stream) {
                 return Some(idle.stream);
             }
         }
@@ -119,6 +122,18 @@ impl Pool {
     }
 }
 
+/// An idle connection has nothing to read: no close, no error, and no stray bytes. Bytes that
+/// came after the last response (a broken or hostile upstream's) would otherwise be read as the
+/// next request's response, which may be another user's. Pingora's pool watches each idle
+/// connection with a task for this; one non-blocking read at checkout does the same here.
+fn quiet(stream: &mut Stream) -> bool {
+    use tokio::io::AsyncRead;
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    std::pin::Pin::new(&mut **stream).poll_read(&mut cx, &mut buf).is_pending()
+}
+
 thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
@@ -144,10 +159,13 @@ fn client_gone(e: Box<Error>) -> Box<Error> {
     e.into_down()
 }
 
-/// A failure on a reused connection before any byte of a response came back: the upstream
-/// closed it while it sat in the pool.
-fn stale(e: &Error) -> bool {
-    matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError)
+/// A failure on a reused connection that the upstream may have closed as we sent: worth one
+/// more try on a new connection, for a method that may be repeated (RFC 9110 9.2.2; Pingora
+/// does not retry others either).
+fn retriable(e: &Error, method: &Method) -> bool {
+    e.esource() == &ErrorSource::Upstream
+        && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError)
+        && method.is_idempotent()
 }
 
 /// Sends `req` (already rewritten for the upstream; the client sent no body) to `target` and
@@ -159,6 +177,7 @@ pub async fn forward(
     target: &Target,
     filter: impl FnOnce(&mut ResponseHeader) -> Result<()>,
 ) -> Result<()> {
+    let method = req.method.clone();
     let mut req = Some(req);
     let mut retried = false;
     let mut up = loop {
@@ -179,7 +198,7 @@ pub async fn forward(
         };
         match send_and_read_head(session, &mut up, head).await {
             Ok(()) => break up,
-            Err(e) if reused && e.esource() == &ErrorSource::Upstream && stale(&e) => {
+            Err(e) if reused && retriable(&e, &method) => {
                 tracing::debug!(addr = %target.addr, "pooled upstream connection was closed; retrying on a new one");
                 retried = true;
                 continue;
@@ -209,7 +228,7 @@ pub async fn forward(
         }
     }
     filter(&mut resp)?;
-    session.write_response_header(Box::new(resp), done).await?;
+    session.write_response_header(Box::new(resp), done).await.map_err(|e| e.into_down())?;
     while !done {
         let chunk = tokio::select! {
             biased;
@@ -223,7 +242,7 @@ pub async fn forward(
             }
         };
         done = chunk.is_none() || up.is_body_done();
-        session.write_response_body(chunk, done).await?;
+        session.write_response_body(chunk, done).await.map_err(|e| e.into_down())?;
     }
     if let Some(stream) = up.reuse().await {
         release(target.addr, stream);
@@ -247,8 +266,10 @@ async fn send_and_read_head(session: &mut Session, up: &mut ClientSession, req: 
             }
         }
         match up.resp_header().map(|h| h.status.as_u16()) {
-            // 1xx other than 101 (which a plain request never gets): 100 Continue, 103.
-            Some(s) if (100..200).contains(&s) && s != 101 => continue,
+            // A plain request asked for no protocol switch.
+            Some(101) => return Err(up_err(ErrorType::InvalidHTTPHeader, "101 answer to a request without Upgrade")),
+            // 100 Continue, 103 Early Hints: not relayed.
+            Some(s) if (100..200).contains(&s) => continue,
             _ => return Ok(()),
         }
     }
@@ -258,38 +279,70 @@ async fn send_and_read_head(session: &mut Session, up: &mut ClientSession, req: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
-    fn stream() -> Stream {
-        Box::new(std::io::Cursor::new(Vec::<u8>::new()))
+    /// A loopback connection as the pool holds it, and its far end.
+    async fn pair() -> (Stream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let near = TcpStream::connect(l.local_addr().expect("addr")).await.expect("connect");
+        let (far, _) = l.accept().await.expect("accept");
+        (Box::new(L4Stream::from(near)), far)
     }
 
-    #[test]
-    fn pool_returns_the_newest_and_drops_the_expired() {
+    #[tokio::test]
+    async fn pool_returns_the_newest_and_drops_the_expired() {
         let a: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         let b: SocketAddr = "127.0.0.1:2".parse().expect("addr");
+        let (s1, _f1) = pair().await;
+        let (s2, _f2) = pair().await;
+        let (s3, _f3) = pair().await;
+        let (s4, _f4) = pair().await;
         let t0 = Instant::now();
         let mut p = Pool::default();
-        p.put(a, stream(), t0);
-        p.put(a, stream(), t0 + Duration::from_secs(1));
-        p.put(b, stream(), t0);
+        p.put(a, s1, t0);
+        p.put(a, s2, t0 + Duration::from_secs(1));
+        p.put(b, s3, t0);
         assert_eq!(p.total, 3);
         assert!(p.take(a, t0 + Duration::from_secs(2)).is_some());
-        // The one left for `a` is older than the idle timeout by then.
+        // The one left for `a` is older than the idle timeout by then, and the sweep that
+        // checkout runs every SWEEP_EVERY drops `b`'s (expired too) with it.
         assert!(p.take(a, t0 + IDLE_TIMEOUT + Duration::from_secs(1)).is_none());
-        assert_eq!(p.total, 1);
-        // A sweep drops `b` (expired) entirely.
-        p.put(a, stream(), t0 + IDLE_TIMEOUT + SWEEP_EVERY);
-        assert_eq!(p.total, 1);
+        assert_eq!(p.total, 0);
         assert!(!p.by_addr.contains_key(&b));
+        p.put(a, s4, t0 + IDLE_TIMEOUT + SWEEP_EVERY);
+        assert_eq!(p.total, 1);
     }
 
-    #[test]
-    fn pool_is_bounded_per_address() {
+    #[tokio::test]
+    async fn a_connection_closed_or_sending_while_idle_is_not_reused() {
         let a: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         let t0 = Instant::now();
         let mut p = Pool::default();
+        let (quiet_one, _keep) = pair().await;
+        let (closed, far_closed) = pair().await;
+        let (chatty, mut far_chatty) = pair().await;
+        p.put(a, quiet_one, t0);
+        p.put(a, closed, t0);
+        p.put(a, chatty, t0);
+        drop(far_closed);
+        far_chatty.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Newest first: the chatty one and the closed one are dropped, the quiet one is taken.
+        assert!(p.take(a, t0).is_some());
+        assert_eq!(p.total, 0);
+        assert!(p.take(a, t0).is_none());
+    }
+
+    #[tokio::test]
+    async fn pool_is_bounded_per_address() {
+        let a: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let t0 = Instant::now();
+        let mut p = Pool::default();
+        let mut far = Vec::new();
         for _ in 0..MAX_IDLE_PER_ADDR + 5 {
-            p.put(a, stream(), t0);
+            let (s, f) = pair().await;
+            far.push(f);
+            p.put(a, s, t0);
         }
         assert_eq!(p.total, MAX_IDLE_PER_ADDR);
     }
