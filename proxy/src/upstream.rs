@@ -127,7 +127,6 @@ impl Pool {
 /// next request's response, which may be another user's. Pingora's pool watches each idle
 /// connection with a task for this; one non-blocking read at checkout does the same here.
 fn quiet(stream: &mut Stream) -> bool {
-    use tokio::io::AsyncRead;
     let mut byte = [0u8; 1];
     let mut buf = tokio::io::ReadBuf::new(&mut byte);
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
