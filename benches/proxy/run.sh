@@ -24,7 +24,7 @@ Environment:
   DURATION=10        seconds per measured wrk run
   ROUNDS=3           interleaved rounds; the summary reports medians
   CONNECTIONS=64     wrk connections (wrk threads are fixed at 2)
-  ONLY="direct markco caddy nginx"
+  ONLY="direct markco markco1 caddy nginx"
                      space-separated subset of targets to measure
   MARKCO_BIN=PATH    markco binary to run. Unset: build it with
                      `cargo build --release -p markco` using
@@ -75,7 +75,7 @@ RESULTS_DIR=$BENCH_DIR/results
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
-ONLY=${ONLY:-direct markco caddy nginx}
+ONLY=${ONLY:-direct markco markco1 caddy nginx}
 PORT_BASE=${PORT_BASE:-19000}
 KEEP_TMP=${KEEP_TMP:-0}
 WRK_THREADS=2
