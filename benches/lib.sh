@@ -188,3 +188,11 @@ median() {
 fmt() { # fmt PRINTF_FORMAT VALUE (passes NA through)
 	if [[ $2 == NA ]]; then echo NA; else awk -v f="$1" -v v="$2" 'BEGIN { printf f, v }'; fi
 }
+
+# server_extra CONF : adds $MARKCO_SERVER_EXTRA (';'-separated lines, e.g. "work_stealing = false")
+# to a markco config's [server] section, right after its `threads = ` line.
+server_extra() {
+	[[ -n ${MARKCO_SERVER_EXTRA:-} ]] || return 0
+	awk -v extra="$MARKCO_SERVER_EXTRA" '{ print } /^threads = / { n = split(extra, l, ";"); for (i = 1; i <= n; i++) print l[i] }' \
+		"$1" >"$1.tmp" && mv "$1.tmp" "$1"
+}

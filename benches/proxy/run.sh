@@ -312,11 +312,8 @@ if [[ -n ${NEEDS[caddy]:-} ]]; then
 fi
 if [[ -n ${NEEDS[markco]:-}${NEEDS[markco1]:-} ]]; then
 	markco_conf=$(render markco.toml)
-	if [[ -n ${MARKCO_SERVER_EXTRA:-} ]]; then
-		# Extra [server] settings for both markco targets (e.g. "work_stealing = false").
-		awk -v extra="$MARKCO_SERVER_EXTRA" '{ print } /^threads = / { n = split(extra, l, ";"); for (i = 1; i <= n; i++) print l[i] }' \
-			"$markco_conf" >"$markco_conf.tmp" && mv "$markco_conf.tmp" "$markco_conf"
-	fi
+	# Extra [server] settings for both markco targets (e.g. "work_stealing = false").
+	server_extra "$markco_conf"
 fi
 if [[ -n ${NEEDS[markco]:-} ]]; then
 	mkdir -p "$TMP/markco"

@@ -489,11 +489,7 @@ if [[ -n ${NEEDS[caddy]:-} ]]; then
 fi
 if [[ -n ${NEEDS[markco]:-} ]]; then
 	markco_conf=$(render "$SCRIPT_DIR/markco.toml")
-	if [[ -n ${MARKCO_SERVER_EXTRA:-} ]]; then
-		# Extra [server] settings (e.g. "work_stealing = false"), as in benches/proxy/run.sh.
-		awk -v extra="$MARKCO_SERVER_EXTRA" '{ print } /^threads = / { n = split(extra, l, ";"); for (i = 1; i <= n; i++) print l[i] }' \
-			"$markco_conf" >"$markco_conf.tmp" && mv "$markco_conf.tmp" "$markco_conf"
-	fi
+	server_extra "$markco_conf"
 	mkdir -p "$TMP/markco"
 	if ! "$MARKCO" check --config "$markco_conf" >"$TMP/markco.check.log" 2>&1; then
 		cat "$TMP/markco.check.log" >&2
