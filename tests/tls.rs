@@ -740,7 +740,8 @@ tls = {{ cert = "{{dir}}/site.pem", key = "{{dir}}/site.key" }}
 
 /// `(seconds since midnight UTC, retry_in_s)` of every "certificate order failed" log line.
 fn order_failures(log: &str) -> Vec<(f64, u64)> {
-    log.lines()
+    let mut failures: Vec<(f64, u64)> = log
+        .lines()
         .filter(|l| l.contains("certificate order failed"))
         .filter_map(|l| {
             // `2026-12-04T17:33:01.627947Z ERROR ...`
@@ -751,7 +752,16 @@ fn order_failures(log: &str) -> Vec<(f64, u64)> {
             let retry = l.split("retry_in_s=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
             Some((h * 3600.0 + m * 60.0 + s, retry))
         })
-        .collect()
+        .collect();
+    // Times of day: a run across midnight UTC continues past 24 h (the lines are in order).
+    let mut days = 0.0;
+    for i in 1..failures.len() {
+        if failures[i].0 + days < failures[i - 1].0 - 43_200.0 {
+            days += 86_400.0;
+        }
+        failures[i].0 += days;
+    }
+    failures
 }
 
 #[test]
