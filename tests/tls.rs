@@ -264,6 +264,8 @@ fn http01_from_empty_storage_serves_h2_and_restart_reuses_it() {
         .arg(&root_path)
         .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
         .args(["-w", "\n%{http_code} %{http_version}"])
+        // Two cookie fields, as HTTP/2 clients may send them: one line upstream.
+        .args(["-H", "Cookie: a=1", "-H", "Cookie: b=2"])
         .arg(format!("https://localhost:{port}/hello?via=curl"))
         .output()
         .expect("run curl");
@@ -275,6 +277,7 @@ fn http01_from_empty_storage_serves_h2_and_restart_reuses_it() {
     assert_eq!(json["name"], "app", "{body}");
     // HTTP/2 carries the host in `:authority`; the HTTP/1.1 upstream gets it as `Host`.
     assert_eq!(json["headers"]["host"], format!("localhost:{port}").as_str(), "{body}");
+    assert_eq!(json["headers"]["cookie"], "a=1; b=2", "{body}");
 
     // Our own client, trusting only pebble's root, sees the same certificate.
     let cfg = client_config(&pem_certs(&pebble.root_pem()));
