@@ -297,6 +297,15 @@ fn rewrite_request(session: &Session, f: &Forward, trusted_peer: bool, upstream:
     if session.req_header().version == http::Version::HTTP_2 {
         join_cookies(upstream)?;
     }
+    if !upstream.headers.contains_key(header::HOST) {
+        // HTTP/2 carries the host in `:authority` (the URI was rebuilt without it above); the
+        // HTTP/1.1 upstream gets it as `Host`, never with a `user@` part (RFC 9113 8.3.1).
+        if let Some(a) = session.req_header().uri.authority().map(|a| a.as_str()) {
+            let host = http::HeaderValue::from_str(a.rsplit('@').next().unwrap_or(a))
+                .or_err(ErrorType::InvalidHTTPHeader, "the request's authority as Host")?;
+            upstream.insert_header(header::HOST, host)?;
+        }
+    }
     forwarded::prepare_upstream_request(
         upstream,
         peer_ip(session),
@@ -662,19 +671,6 @@ impl Gateway {
         let mut req = session.req_header().clone();
         req.set_version(http::Version::HTTP_11);
         rewrite_request(session, f, ctx.trusted_peer, &mut req)?;
-        if !req.headers.contains_key(header::HOST) {
-            // HTTP/2 sends `:authority` instead (and a `Connection` line may have named Host):
-            // the upstream gets the host the route was chosen on.
-            let orig = session.req_header();
-            let host = orig.headers.get(header::HOST).cloned().or_else(|| {
-                // Never a `user@` part (RFC 9113 8.3.1 forbids it in `:authority`).
-                let a = orig.uri.authority()?.as_str();
-                http::HeaderValue::from_str(a.rsplit('@').next().unwrap_or(a)).ok()
-            });
-            if let Some(h) = host {
-                req.insert_header(header::HOST, h)?;
-            }
-        }
         let settings = &ctx.table.as_ref().expect("table loaded").settings;
         let target = upstream::Target {
             addr: f.addr,

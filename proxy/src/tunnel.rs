@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use crate::drain::Drain;
 use crate::forwarded;
 use crate::pump;
+use crate::upstream::up_err;
 
 const MAX_HEAD: usize = 64 * 1024;
 /// A refused upgrade's body is relayed up to this size (they are short error pages).
@@ -34,12 +35,6 @@ const MAX_REFUSAL_BODY: usize = 1024 * 1024;
 pub struct Outcome {
     pub status: u16,
     pub upgraded: bool,
-}
-
-fn up_err(etype: ErrorType, why: impl Into<String>) -> Box<Error> {
-    let mut e = Error::explain(etype, why.into());
-    e.esource = ErrorSource::Upstream;
-    e
 }
 
 fn head_bytes(req: &RequestHeader) -> Vec<u8> {

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{header, Method, Version};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -42,7 +43,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// broken or hostile.
 const MAX_INFORMATIONAL: usize = 8;
 
-fn up_err(etype: ErrorType, why: impl Into<String>) -> Box<Error> {
+/// An error of the upstream's (502/504 to the client, counted against the upstream).
+pub(crate) fn up_err(etype: ErrorType, why: impl Into<String>) -> Box<Error> {
     let mut e = Error::explain(etype, why.into());
     e.esource = ErrorSource::Upstream;
     e
@@ -80,9 +82,7 @@ struct Pool {
 impl Pool {
     /// The most recently used connection to `addr` that is not too old and still quiet.
     fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<Stream> {
-        if self.swept.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
-            self.sweep(now);
-        }
+        self.sweep_due(now);
         let list = self.by_addr.get_mut(&addr)?;
         while let Some(mut idle) = list.pop() {
             self.total -= 1;
@@ -94,9 +94,7 @@ impl Pool {
     }
 
     fn put(&mut self, addr: SocketAddr, stream: Stream, now: Instant) {
-        if self.swept.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
-            self.sweep(now);
-        }
+        self.sweep_due(now);
         if self.total >= MAX_IDLE {
             return; // dropped: closed
         }
@@ -108,7 +106,11 @@ impl Pool {
         self.total += 1;
     }
 
-    fn sweep(&mut self, now: Instant) {
+    /// Drops expired connections every `SWEEP_EVERY`, whatever their address.
+    fn sweep_due(&mut self, now: Instant) {
+        if self.swept.is_some_and(|t| now.duration_since(t) < SWEEP_EVERY) {
+            return;
+        }
         self.swept = Some(now);
         let mut total = 0;
         self.by_addr.retain(|_, list| {
@@ -153,9 +155,15 @@ pub struct Target {
     pub idle_timeout: Option<Duration>,
 }
 
-/// The client went away while we waited for the upstream.
-fn client_gone(e: Box<Error>) -> Box<Error> {
-    e.into_down()
+/// What ended a wait for the upstream on the client's side: it closed, or sent more than its
+/// request.
+fn client_gone(r: Result<Option<Bytes>>) -> Box<Error> {
+    match r {
+        Err(e) => e.into_down(),
+        Ok(_) => {
+            Error::explain(ErrorType::ConnectionClosed, "client sent data while waiting for the response").into_down()
+        }
+    }
 }
 
 /// A failure on a reused connection that the upstream may have closed as we sent: worth one
@@ -176,35 +184,38 @@ pub async fn forward(
     target: &Target,
     filter: impl FnOnce(&mut ResponseHeader) -> Result<()>,
 ) -> Result<()> {
-    let method = req.method.clone();
-    let mut req = Some(req);
-    let mut retried = false;
-    let mut up = loop {
-        // The one retry always goes out on a new connection: a request is sent at most twice.
-        let pooled = if retried { None } else { checkout(target.addr) };
-        let reused = pooled.is_some();
-        let stream = match pooled {
-            Some(s) => s,
-            None => Box::new(L4Stream::from(connect_tcp(target.addr, target.connect_timeout).await?)),
-        };
-        let mut up = ClientSession::new(stream);
-        up.read_timeout = target.idle_timeout;
-        up.write_timeout = target.idle_timeout;
-        // A reused connection may turn out stale: keep the request for a second attempt.
-        let head = match (reused, &mut req) {
-            (true, Some(r)) => r.clone(),
-            (_, r) => r.take().ok_or_else(|| Error::explain(ErrorType::InternalError, "request already sent"))?,
-        };
-        match send_and_read_head(session, &mut up, head).await {
-            Ok(()) => break up,
-            Err(e) if reused && retriable(&e, &method) => {
+    if let Some(stream) = checkout(target.addr) {
+        match open(session, stream, req.clone(), target).await {
+            Ok(up) => return relay(session, up, target, filter).await,
+            // The upstream may have closed it as we sent: once more on a new connection, for a
+            // request that may be repeated. A request is sent at most twice.
+            Err(e) if retriable(&e, &req.method) => {
                 tracing::debug!(addr = %target.addr, "pooled upstream connection was closed; retrying on a new one");
-                retried = true;
-                continue;
             }
             Err(e) => return Err(e),
         }
-    };
+    }
+    let stream = Box::new(L4Stream::from(connect_tcp(target.addr, target.connect_timeout).await?));
+    let up = open(session, stream, req, target).await?;
+    relay(session, up, target, filter).await
+}
+
+/// A client session on `stream` that has sent `req` and read the response head.
+async fn open(session: &mut Session, stream: Stream, req: RequestHeader, target: &Target) -> Result<ClientSession> {
+    let mut up = ClientSession::new(stream);
+    up.read_timeout = target.idle_timeout;
+    up.write_timeout = target.idle_timeout;
+    send_and_read_head(session, &mut up, req).await?;
+    Ok(up)
+}
+
+/// Relays the response whose head `up` has read, then pools the connection if it may be reused.
+async fn relay(
+    session: &mut Session,
+    mut up: ClientSession,
+    target: &Target,
+    filter: impl FnOnce(&mut ResponseHeader) -> Result<()>,
+) -> Result<()> {
     up.respect_keepalive();
     let mut resp = match up.resp_header() {
         Some(h) => h.clone(),
@@ -232,13 +243,7 @@ pub async fn forward(
         let chunk = tokio::select! {
             biased;
             r = up.read_body_bytes() => r.map_err(|e| e.into_up())?,
-            r = session.read_body_or_idle(true) => {
-                // The client closed (or sent more than its request) while we waited.
-                return Err(client_gone(match r {
-                    Err(e) => e,
-                    Ok(_) => Error::explain(ErrorType::ConnectionClosed, "client sent data during the response"),
-                }));
-            }
+            r = session.read_body_or_idle(true) => return Err(client_gone(r)),
         };
         done = chunk.is_none() || up.is_body_done();
         session.write_response_body(chunk, done).await.map_err(|e| e.into_down())?;
@@ -257,12 +262,7 @@ async fn send_and_read_head(session: &mut Session, up: &mut ClientSession, req: 
         tokio::select! {
             biased;
             r = up.read_response() => { r.map_err(|e| e.into_up())?; }
-            r = session.read_body_or_idle(true) => {
-                return Err(client_gone(match r {
-                    Err(e) => e,
-                    Ok(_) => Error::explain(ErrorType::ConnectionClosed, "client sent data before the response"),
-                }));
-            }
+            r = session.read_body_or_idle(true) => return Err(client_gone(r)),
         }
         match up.resp_header().map(|h| h.status.as_u16()) {
             // A plain request asked for no protocol switch.
