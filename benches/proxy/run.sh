@@ -11,6 +11,11 @@ Usage: benches/proxy/run.sh [--help]
 HTTP/1.1 reverse-proxy load benchmark on 127.0.0.1, driven by wrk:
   direct   wrk -> upstream nginx (127.0.0.1:19001)              baseline
   markco   wrk -> markco (127.0.0.1:19004) -> upstream
+  markco1  the same with one worker thread (127.0.0.1:19005)
+  floor-tokio, floor-app, floor-pingora, floor-own
+           not run by default: proxies that only proxy, one thread each
+           (127.0.0.1:19006-19009; benches/floor, see benches/README.md,
+           "Floors"), to tell markco's own cost from its foundations'
   caddy    wrk -> Caddy  (127.0.0.1:19002) -> upstream
   nginx    wrk -> nginx  (127.0.0.1:19003) -> upstream
 
@@ -25,12 +30,15 @@ Environment:
   ROUNDS=3           interleaved rounds; the summary reports medians
   CONNECTIONS=64     wrk connections (wrk threads are fixed at 2)
   ONLY="direct markco markco1 caddy nginx"
-                     space-separated subset of targets to measure
+                     space-separated subset of targets to measure (add
+                     floor-tokio floor-app floor-pingora floor-own for the floors)
   MARKCO_BIN=PATH    markco binary to run. Unset: build it with
                      `cargo build --release -p markco` using
                      CARGO_TARGET_DIR (default /var/cache/markco/target) and
                      run $CARGO_TARGET_DIR/release/markco. A target whose
                      binary is missing (or fails to build) is skipped.
+                     The floors are built the same way (-p markco-floor)
+                     unless FLOOR_BIN names their binary.
   PORT_BASE=19000    shift every port: upstream +1, caddy +2, nginx +3,
                      markco +4, caddy admin +19, markco admin +29
   MARKCO_SERVER_EXTRA="work_stealing = false"
@@ -83,7 +91,7 @@ WARMUP=2
 READY_TIMEOUT=20 # seconds to wait for a server to answer
 STOP_TIMEOUT=5   # seconds between SIGINT and SIGKILL
 
-ALL_TARGETS=(direct markco markco1 caddy nginx)
+ALL_TARGETS=(direct markco markco1 floor-tokio floor-app floor-pingora floor-own caddy nginx)
 CLK_TCK=$(getconf CLK_TCK)
 
 int_at_least "$DURATION" 1 || die "DURATION must be a positive number of seconds (got '$DURATION')"
@@ -103,7 +111,7 @@ read -r -a only_list <<<"$ONLY"
 ((${#only_list[@]} > 0)) || die "ONLY is empty"
 for t in "${only_list[@]}"; do
 	case $t in
-	direct | markco | markco1 | caddy | nginx) WANT[$t]=1 ;;
+	direct | markco | markco1 | floor-tokio | floor-app | floor-pingora | floor-own | caddy | nginx) WANT[$t]=1 ;;
 	*) die "unknown target in ONLY: '$t' (choose from: ${ALL_TARGETS[*]})" ;;
 	esac
 done
@@ -116,9 +124,16 @@ P_CADDY_ADMIN=$((PORT_BASE + 19))
 P_MARKCO_ADMIN=$((PORT_BASE + 29))
 P_MARKCO1=$((PORT_BASE + 5))
 P_MARKCO1_ADMIN=$((PORT_BASE + 39))
+P_FLOOR_TOKIO=$((PORT_BASE + 6))
+P_FLOOR_PINGORA=$((PORT_BASE + 7))
+P_FLOOR_OWN=$((PORT_BASE + 8))
+P_FLOOR_APP=$((PORT_BASE + 9))
 
-declare -A PORT=([direct]=$P_UP [markco]=$P_MARKCO [markco1]=$P_MARKCO1 [caddy]=$P_CADDY [nginx]=$P_NGINX)
-declare -A LABEL=([direct]="direct" [markco]="markco (2 threads)" [markco1]="markco (1 thread)" [caddy]="caddy" [nginx]="nginx-proxy")
+declare -A PORT=([direct]=$P_UP [markco]=$P_MARKCO [markco1]=$P_MARKCO1 [caddy]=$P_CADDY [nginx]=$P_NGINX
+	[floor-tokio]=$P_FLOOR_TOKIO [floor-pingora]=$P_FLOOR_PINGORA [floor-own]=$P_FLOOR_OWN [floor-app]=$P_FLOOR_APP)
+declare -A LABEL=([direct]="direct" [markco]="markco (2 threads)" [markco1]="markco (1 thread)" [caddy]="caddy" [nginx]="nginx-proxy"
+	[floor-tokio]="floor: tokio + httparse (1 thread)" [floor-app]="floor: the same loop on Pingora's listener (1 thread)" [floor-pingora]="floor: bare Pingora (1 thread)"
+	[floor-own]="floor: Pingora + markco's upstream loop (1 thread)")
 declare -A SKIP=()  # target -> reason it is not measured
 declare -A PIDS=()  # server name -> pid
 declare -A IDLE=()  # target -> idle RSS (kB)
@@ -267,6 +282,32 @@ resolve_markco() {
 	if [[ -n ${SKIP[markco]:-} ]]; then SKIP[markco1]=${SKIP[markco]}; fi
 }
 resolve_markco
+
+# The floors' binary (benches/floor), built like markco's unless FLOOR_BIN names it.
+FLOOR=""
+resolve_floor() {
+	local target_dir=${CARGO_TARGET_DIR:-/var/cache/markco/target} why=""
+	[[ -n ${WANT[floor-tokio]:-}${WANT[floor-app]:-}${WANT[floor-pingora]:-}${WANT[floor-own]:-} ]] || return 0
+	if [[ -n ${FLOOR_BIN:-} ]]; then
+		[[ -x $FLOOR_BIN ]] && FLOOR=$FLOOR_BIN || why="FLOOR_BIN=$FLOOR_BIN is not an executable file"
+	elif ! command -v cargo >/dev/null 2>&1; then
+		why="FLOOR_BIN unset and cargo not found"
+	else
+		log "building the floors: CARGO_TARGET_DIR=$target_dir cargo build --release -p markco-floor"
+		if (cd "$REPO_DIR" && CARGO_TARGET_DIR=$target_dir cargo build --release -p markco-floor) >&2; then
+			FLOOR=$target_dir/release/markco-floor
+		else
+			why="cargo build --release -p markco-floor failed (output above)"
+		fi
+	fi
+	if [[ -n $why ]]; then
+		SKIP[floor-tokio]=$why
+		SKIP[floor-app]=$why
+		SKIP[floor-pingora]=$why
+		SKIP[floor-own]=$why
+	fi
+}
+resolve_floor
 if [[ -n ${WANT[caddy]:-} ]] && ! command -v caddy >/dev/null 2>&1; then
 	SKIP[caddy]="caddy not found in PATH"
 fi
@@ -294,6 +335,9 @@ if [[ -n ${NEEDS[caddy]:-} ]]; then ports+=("$P_CADDY" "$P_CADDY_ADMIN"); fi
 if [[ -n ${NEEDS[nginx]:-} ]]; then ports+=("$P_NGINX"); fi
 if [[ -n ${NEEDS[markco]:-} ]]; then ports+=("$P_MARKCO" "$P_MARKCO_ADMIN"); fi
 if [[ -n ${NEEDS[markco1]:-} ]]; then ports+=("$P_MARKCO1" "$P_MARKCO1_ADMIN"); fi
+for f in floor-tokio floor-app floor-pingora floor-own; do
+	if [[ -n ${NEEDS[$f]:-} ]]; then ports+=("${PORT[$f]}"); fi
+done
 require_free_ports "${ports[@]}"
 
 start_nginx upstream upstream-nginx.conf
@@ -320,17 +364,27 @@ if [[ -n ${NEEDS[markco]:-} ]]; then
 	start_server markco "$TMP/markco.log" "$TMP/markco" "$MARKCO" run --config "$markco_conf"
 fi
 if [[ -n ${NEEDS[markco1]:-} ]]; then
-	# The same config on its own ports with one worker thread.
-	markco1_conf=$TMP/markco1.toml
+	# The same config on its own ports with one worker thread, and in a directory of its own:
+	# the database is relative to the config file, and two gateways starting on one SQLite file
+	# race to migrate it.
+	mkdir -p "$TMP/markco1"
+	markco1_conf=$TMP/markco1/markco1.toml
 	sed -e "s/^threads = 2$/threads = 1/" -e "s/127\.0\.0\.1:$P_MARKCO\"/127.0.0.1:$P_MARKCO1\"/" \
 		-e "s/127\.0\.0\.1:$P_MARKCO_ADMIN\"/127.0.0.1:$P_MARKCO1_ADMIN\"/" "$markco_conf" >"$markco1_conf"
-	mkdir -p "$TMP/markco1"
 	start_server markco1 "$TMP/markco1.log" "$TMP/markco1" "$MARKCO" run --config "$markco1_conf"
 fi
 
-for server in nginx caddy markco markco1; do
+for f in floor-tokio floor-app floor-pingora floor-own; do
+	[[ -n ${NEEDS[$f]:-} ]] || continue
+	mkdir -p "$TMP/$f"
+	start_server "$f" "$TMP/$f.log" "$TMP/$f" "$FLOOR" "${f#floor-}" --threads 1 \
+		--listen "127.0.0.1:${PORT[$f]}" --upstream "127.0.0.1:$P_UP"
+done
+
+for server in nginx caddy markco markco1 floor-tokio floor-app floor-pingora floor-own; do
 	[[ -n ${NEEDS[$server]:-} ]] || continue
 	case $server in
+	floor-*) wait_ready "$server" "${PORT[$server]}" "$TMP/$server.log" || die "$server failed to start" ;;
 	nginx) wait_ready nginx "$P_NGINX" "$TMP/nginx/error.log" || die "nginx proxy failed to start" ;;
 	caddy) wait_ready caddy "$P_CADDY" "$TMP/caddy.log" || die "caddy failed to start" ;;
 	markco) wait_ready markco "$P_MARKCO" "$TMP/markco.log" || die "markco failed to start" ;;

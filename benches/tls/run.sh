@@ -14,6 +14,9 @@ https://localhost:PORT/ with the same self-signed ECDSA P-256 certificate
 (generated in the temp dir) and proxies to the same upstream nginx
 (1 worker, `return 200`, 127.0.0.1:19401):
   markco   127.0.0.1:19443   rustls (Pingora), threads = 2
+  floor    127.0.0.1:19445   not run by default: Pingora's TLS and HTTP/2 with
+                             markco's upstream loop and nothing else, 2 threads
+                             (benches/floor; FLOOR_BIN=PATH names its binary)
   caddy    127.0.0.1:19442   Go crypto/tls, GOMAXPROCS=2
   nginx    127.0.0.1:19444   OpenSSL, 2 workers              anchor of the ratios
 
@@ -51,7 +54,7 @@ Environment:
   BUILD=1            run `cargo build --release -p markco` first even if the
                      binary exists (a no-op when it is up to date)
   PORT_BASE=19400    shift every port: upstream +1, caddy +42, markco +43,
-                     nginx +44, caddy admin +19, markco admin +29,
+                     nginx +44, floor +45, caddy admin +19, markco admin +29,
                      nginx stub_status +39, markco plain HTTP +80
   KEEP_TMP=1         keep the temp dir (certificate, rendered configs, server
                      logs, raw client output); it is always kept after a
@@ -106,7 +109,7 @@ WARMUP=2
 READY_TIMEOUT=20 # seconds to wait for a server to answer
 STOP_TIMEOUT=5   # seconds between SIGINT and SIGKILL
 
-ALL_TARGETS=(markco caddy nginx)
+ALL_TARGETS=(markco floor caddy nginx)
 ALL_TESTS=(full resumed h2)
 ANCHOR=nginx
 
@@ -132,7 +135,7 @@ read -r -a only_list <<<"$ONLY"
 ((${#only_list[@]} > 0)) || die "ONLY is empty"
 for t in "${only_list[@]}"; do
 	case $t in
-	markco | caddy | nginx) WANT[$t]=1 ;;
+	markco | floor | caddy | nginx) WANT[$t]=1 ;;
 	*) die "unknown target in ONLY: '$t' (choose from: ${ALL_TARGETS[*]})" ;;
 	esac
 done
@@ -155,9 +158,10 @@ P_CADDY_ADMIN=$((PORT_BASE + 19))
 P_MARKCO_ADMIN=$((PORT_BASE + 29))
 P_NGINX_STATUS=$((PORT_BASE + 39))
 P_MARKCO_HTTP=$((PORT_BASE + 80))
+P_FLOOR=$((PORT_BASE + 45))
 
-declare -A PORT=([markco]=$P_MARKCO [caddy]=$P_CADDY [nginx]=$P_NGINX)
-declare -A LABEL=([markco]="markco" [caddy]="caddy" [nginx]="nginx")
+declare -A PORT=([markco]=$P_MARKCO [floor]=$P_FLOOR [caddy]=$P_CADDY [nginx]=$P_NGINX)
+declare -A LABEL=([markco]="markco" [floor]="floor: Pingora + markco's upstream loop" [caddy]="caddy" [nginx]="nginx")
 declare -A TEST_LABEL=([full]="full handshakes (new connection per request, no resumption)"
 	[resumed]="wrk, new connection per request (resumes where the server allows)"
 	[h2]="HTTP/2 keep-alive (h2load)")
@@ -383,6 +387,24 @@ resolve_markco() {
 	fi
 }
 [[ -z ${WANT[markco]:-} ]] || resolve_markco
+# The floor (benches/floor, `own` kind, 2 threads as markco): Pingora's TLS and HTTP/2 with
+# markco's upstream loop and nothing else; built like markco unless FLOOR_BIN names it.
+FLOOR=""
+if [[ -n ${WANT[floor]:-} ]]; then
+	if [[ -n ${FLOOR_BIN:-} ]]; then
+		[[ -x $FLOOR_BIN ]] && FLOOR=$FLOOR_BIN || SKIP[floor]="FLOOR_BIN=$FLOOR_BIN is not an executable file"
+	elif ! command -v cargo >/dev/null 2>&1; then
+		SKIP[floor]="FLOOR_BIN unset and cargo not found"
+	else
+		floor_target=${CARGO_TARGET_DIR:-/var/cache/markco/target}
+		log "building the floor: CARGO_TARGET_DIR=$floor_target cargo build --release -p markco-floor"
+		if (cd "$REPO_DIR" && CARGO_TARGET_DIR=$floor_target cargo build --release -p markco-floor) >&2; then
+			FLOOR=$floor_target/release/markco-floor
+		else
+			SKIP[floor]="cargo build --release -p markco-floor failed (output above)"
+		fi
+	fi
+fi
 if [[ -n ${WANT[caddy]:-} ]] && ! command -v caddy >/dev/null 2>&1; then
 	SKIP[caddy]="caddy not found in PATH"
 fi
@@ -467,6 +489,7 @@ for t in "${TARGETS[@]}"; do
 	markco) ports+=("$P_MARKCO" "$P_MARKCO_ADMIN" "$P_MARKCO_HTTP") ;;
 	caddy) ports+=("$P_CADDY" "$P_CADDY_ADMIN") ;;
 	nginx) ports+=("$P_NGINX" "$P_NGINX_STATUS") ;;
+	floor) ports+=("$P_FLOOR") ;;
 	esac
 done
 require_free_ports "${ports[@]}"
@@ -496,6 +519,11 @@ if [[ -n ${NEEDS[markco]:-} ]]; then
 		die "markco check failed for $markco_conf"
 	fi
 	start_server markco "$TMP/markco.log" "$TMP/markco" "$MARKCO" run --config "$markco_conf"
+fi
+if [[ -n ${NEEDS[floor]:-} ]]; then
+	mkdir -p "$TMP/floor"
+	start_server floor "$TMP/floor.log" "$TMP/floor" "$FLOOR" own --threads 2 --listen "127.0.0.1:$P_FLOOR" \
+		--upstream "127.0.0.1:$P_UP" --tls "$TMP/cert.pem" "$TMP/key.pem"
 fi
 
 for t in "${TARGETS[@]}"; do

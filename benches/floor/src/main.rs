@@ -1,0 +1,285 @@
+//! Benchmark floors: proxies that do nothing but proxy, to tell what markco's own work costs per
+//! request from what its foundations cost. `benches/proxy/run.sh` and `benches/tls/run.sh` run
+//! them beside markco and nginx (targets `floor-*`); see benches/README.md, "Floors".
+//!
+//! - `tokio`: the least a tokio proxy can do. One thread per core, each with its own runtime and
+//!   its own `SO_REUSEPORT` listener (as nginx's workers); each client connection keeps one
+//!   upstream connection; the request head goes up as the client sent it and the answer comes
+//!   back as the upstream sent it. No routing, no header rewriting, no logs, no metrics, no
+//!   timeouts, GET-only. Not a product: a lower bound.
+//! - `pingora`: Pingora's `HttpProxy` with a fixed peer and no phase of its own, so
+//!   `proxy_1to1` and Pingora's connection pool.
+//! - `own`: the same server, with every bodiless request sent by markco's own upstream loop
+//!   (`markco_proxy::upstream::forward`), as markco's gateway does, but without its routing,
+//!   identity, logs and metrics.
+//! - `app`: Pingora's server and listener (what markco keeps of Pingora besides its HTTP
+//!   sessions) running the `tokio` floor's connection loop as its `ServerApp`: what an own
+//!   HTTP/1 path on Pingora's listener could cost at best.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_trait::async_trait;
+use bytes::BytesMut;
+use clap::{Parser, ValueEnum};
+use pingora::apps::ServerApp;
+use pingora::prelude::{HttpPeer, Server};
+use pingora::protocols::Stream;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::ShutdownWatch;
+use pingora::services::listening::Service;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+// The same allocator as markco's, so that the floors differ from it only in what they do.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Tokio,
+    Pingora,
+    Own,
+    App,
+}
+
+#[derive(Parser)]
+#[command(about = "Benchmark floor proxies (see benches/README.md, \"Floors\")")]
+struct Args {
+    kind: Kind,
+    /// Address to listen on (loopback in the benchmarks).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The upstream every request goes to.
+    #[arg(long)]
+    upstream: SocketAddr,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Pingora kinds only: serve TLS (HTTP/2 by ALPN) with this certificate and key (PEM files).
+    #[arg(long, num_args = 2, value_names = ["CERT", "KEY"])]
+    tls: Option<Vec<String>>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.kind {
+        Kind::Tokio => {
+            if args.tls.is_some() {
+                bail!("--tls is for the pingora and own floors");
+            }
+            tokio_floor(args.listen, args.upstream, args.threads)
+        }
+        Kind::Pingora | Kind::Own | Kind::App => pingora_floor(&args),
+    }
+}
+
+fn tokio_floor(listen: SocketAddr, upstream: SocketAddr, threads: usize) -> anyhow::Result<()> {
+    let mut workers = Vec::new();
+    for i in 0..threads.max(1) {
+        workers.push(std::thread::Builder::new().name(format!("floor-{i}")).spawn(move || -> anyhow::Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                // Each worker its own listener in one SO_REUSEPORT group: the kernel spreads the
+                // connections, and none crosses threads.
+                let socket = if listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+                socket.set_reuseaddr(true)?;
+                socket.set_reuseport(true)?;
+                socket.bind(listen).with_context(|| format!("binding {listen}"))?;
+                let listener = socket.listen(1024)?;
+                loop {
+                    let (client, _) = listener.accept().await?;
+                    client.set_nodelay(true)?;
+                    tokio::spawn(async move {
+                        if let Err(e) = tokio_conn(client, upstream).await {
+                            eprintln!("floor: {e:#}");
+                        }
+                    });
+                }
+            })
+        })?);
+    }
+    // The benchmarks stop their servers with SIGINT (SIGKILL 5 s later); a worker that fails
+    // ends the process too.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let r = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT"),
+            _ = term.recv() => Ok(()),
+            r = tokio::task::spawn_blocking(move || {
+                for w in workers {
+                    w.join().map_err(|_| anyhow::anyhow!("a floor worker panicked"))??;
+                }
+                Ok::<(), anyhow::Error>(())
+            }) => r?,
+        }
+    });
+    // Not waiting for the joining thread: the workers never end by themselves.
+    rt.shutdown_background();
+    r
+}
+
+const MAX_HEAD: usize = 64 * 1024;
+
+/// One client connection: each request head goes to this connection's own upstream connection,
+/// each answer (a head and a `Content-Length` body) back to the client in one write.
+async fn tokio_conn<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, upstream: SocketAddr) -> anyhow::Result<()> {
+    let mut up: Option<TcpStream> = None;
+    let mut cbuf = BytesMut::with_capacity(4096);
+    let mut ubuf = BytesMut::with_capacity(4096);
+    loop {
+        let head_len = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            if let httparse::Status::Complete(n) = req.parse(&cbuf)? {
+                let body = req.headers.iter().any(|h| {
+                    (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
+                        || h.name.eq_ignore_ascii_case("transfer-encoding")
+                });
+                if body {
+                    bail!("the tokio floor proxies requests without a body only");
+                }
+                break n;
+            }
+            if cbuf.len() > MAX_HEAD {
+                bail!("request head over {MAX_HEAD} bytes");
+            }
+            if client.read_buf(&mut cbuf).await? == 0 {
+                return Ok(());
+            }
+        };
+        let head = cbuf.split_to(head_len);
+        let u = match &mut up {
+            Some(u) => u,
+            None => {
+                let s = TcpStream::connect(upstream).await.with_context(|| format!("connecting {upstream}"))?;
+                s.set_nodelay(true)?;
+                up.insert(s)
+            }
+        };
+        u.write_all(&head).await?;
+        let total = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(n) = resp.parse(&ubuf)? {
+                let len = resp
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+                    .context("the tokio floor needs answers with a Content-Length")?;
+                break n.checked_add(len).context("answer length overflows")?;
+            }
+            if ubuf.len() > MAX_HEAD {
+                bail!("answer head over {MAX_HEAD} bytes");
+            }
+            if u.read_buf(&mut ubuf).await? == 0 {
+                bail!("upstream closed before its answer");
+            }
+        };
+        while ubuf.len() < total {
+            if u.read_buf(&mut ubuf).await? == 0 {
+                bail!("upstream closed inside its answer");
+            }
+        }
+        client.write_all(&ubuf.split_to(total)).await?;
+        // Pingora's stream buffers writes (a plain TcpStream's flush does nothing).
+        client.flush().await?;
+    }
+}
+
+struct Floor {
+    upstream: SocketAddr,
+    own: bool,
+}
+
+#[async_trait]
+impl ProxyHttp for Floor {
+    type CTX = ();
+    fn new_ctx(&self) {}
+
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
+        if !self.own || !session.is_body_empty() {
+            return Ok(false);
+        }
+        let mut req = session.req_header().clone();
+        req.set_version(http_11());
+        // HTTP/2 carries the host as :authority; an HTTP/1.1 upstream needs a Host line.
+        if req.headers.get("host").is_none() {
+            if let Some(authority) = req.uri.authority().map(|a| a.as_str().to_owned()) {
+                req.insert_header("host", authority)?;
+            }
+        }
+        let target = markco_proxy::upstream::Target {
+            addr: self.upstream,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(60)),
+        };
+        markco_proxy::upstream::forward(session, req, &target, |_| Ok(())).await?;
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> pingora::Result<Box<HttpPeer>> {
+        Ok(Box::new(HttpPeer::new(self.upstream, false, String::new())))
+    }
+}
+
+/// The `tokio` floor's loop on the streams Pingora's listener accepts (Pingora sets
+/// `TCP_NODELAY` on them).
+struct App {
+    upstream: SocketAddr,
+}
+
+#[async_trait]
+impl ServerApp for App {
+    async fn process_new(self: &Arc<Self>, stream: Stream, _shutdown: &ShutdownWatch) -> Option<Stream> {
+        if let Err(e) = tokio_conn(stream, self.upstream).await {
+            eprintln!("floor: {e:#}");
+        }
+        None
+    }
+}
+
+fn http_11() -> pingora::http::Version {
+    pingora::http::Version::HTTP_11
+}
+
+fn pingora_floor(args: &Args) -> anyhow::Result<()> {
+    // As markco runs by default: one runtime per thread, no work stealing.
+    let conf = ServerConf {
+        threads: args.threads.max(1),
+        work_stealing: false,
+        // The benchmarks stop their servers with SIGINT and wait 5 s; nothing here needs a grace.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+    if matches!(args.kind, Kind::App) {
+        if args.tls.is_some() {
+            bail!("--tls is for the pingora and own floors");
+        }
+        let mut service = Service::new("floor app".to_string(), App { upstream: args.upstream });
+        service.add_tcp(&args.listen.to_string());
+        server.add_service(service);
+        server.run_forever()
+    }
+    let floor = Floor { upstream: args.upstream, own: matches!(args.kind, Kind::Own) };
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, floor);
+    match &args.tls {
+        Some(files) => {
+            let [cert, key] = files.as_slice() else { bail!("--tls takes a certificate and a key") };
+            let mut tls = pingora::listeners::tls::TlsSettings::intermediate(cert, key)
+                .map_err(|e| anyhow::anyhow!("loading {cert} and {key}: {e}"))?;
+            tls.enable_h2();
+            service.add_tls_with_settings(&args.listen.to_string(), None, tls);
+        }
+        None => service.add_tcp(&args.listen.to_string()),
+    }
+    server.add_service(service);
+    server.run_forever()
+}
