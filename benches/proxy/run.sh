@@ -14,7 +14,7 @@ HTTP/1.1 reverse-proxy load benchmark on 127.0.0.1, driven by wrk:
   markco1  the same with one worker thread (127.0.0.1:19005)
   floor-tokio, floor-app, floor-pingora, floor-own
            not run by default: proxies that only proxy, one thread each
-           (127.0.0.1:19006-19009; benches/floor, see benches/README.md,
+           (127.0.0.1:19006, 19009, 19007, 19008; benches/floor, see benches/README.md,
            "Floors"), to tell markco's own cost from its foundations'
   caddy    wrk -> Caddy  (127.0.0.1:19002) -> upstream
   nginx    wrk -> nginx  (127.0.0.1:19003) -> upstream
@@ -40,7 +40,9 @@ Environment:
                      The floors are built the same way (-p markco-floor)
                      unless FLOOR_BIN names their binary.
   PORT_BASE=19000    shift every port: upstream +1, caddy +2, nginx +3,
-                     markco +4, caddy admin +19, markco admin +29
+                     markco +4, markco1 +5, floor-tokio +6, floor-pingora +7,
+                     floor-own +8, floor-app +9, caddy admin +19,
+                     markco admin +29, markco1 admin +39
   MARKCO_SERVER_EXTRA="work_stealing = false"
                      extra [server] lines for both markco targets (';'
                      separates several)
@@ -97,8 +99,8 @@ CLK_TCK=$(getconf CLK_TCK)
 int_at_least "$DURATION" 1 || die "DURATION must be a positive number of seconds (got '$DURATION')"
 int_at_least "$ROUNDS" 1 || die "ROUNDS must be a positive integer (got '$ROUNDS')"
 int_at_least "$CONNECTIONS" "$WRK_THREADS" || die "CONNECTIONS must be an integer >= $WRK_THREADS (got '$CONNECTIONS')"
-if ! int_at_least "$PORT_BASE" 1024 || ((10#$PORT_BASE + 29 > 65535)); then
-	die "PORT_BASE must be an integer in 1024..65506 (got '$PORT_BASE')"
+if ! int_at_least "$PORT_BASE" 1024 || ((10#$PORT_BASE + 39 > 65535)); then
+	die "PORT_BASE must be an integer in 1024..65496 (got '$PORT_BASE')"
 fi
 DURATION=$((10#$DURATION))
 ROUNDS=$((10#$ROUNDS))
@@ -289,7 +291,7 @@ resolve_floor() {
 	local target_dir=${CARGO_TARGET_DIR:-/var/cache/markco/target} why=""
 	[[ -n ${WANT[floor-tokio]:-}${WANT[floor-app]:-}${WANT[floor-pingora]:-}${WANT[floor-own]:-} ]] || return 0
 	if [[ -n ${FLOOR_BIN:-} ]]; then
-		[[ -x $FLOOR_BIN ]] && FLOOR=$FLOOR_BIN || why="FLOOR_BIN=$FLOOR_BIN is not an executable file"
+		[[ -f $FLOOR_BIN && -x $FLOOR_BIN ]] && FLOOR=$FLOOR_BIN || why="FLOOR_BIN=$FLOOR_BIN is not an executable file"
 	elif ! command -v cargo >/dev/null 2>&1; then
 		why="FLOOR_BIN unset and cargo not found"
 	else

@@ -52,7 +52,10 @@ Environment:
   MARKCO_SERVER_EXTRA="work_stealing = false"
                      extra [server] lines for markco (';' separates lines)
   BUILD=1            run `cargo build --release -p markco` first even if the
-                     binary exists (a no-op when it is up to date)
+                     binary exists (a no-op when it is up to date); the same
+                     for the floor (-p markco-floor)
+  FLOOR_BIN=PATH     the floor's binary. Unset: $CARGO_TARGET_DIR/release/markco-floor,
+                     built like markco's
   PORT_BASE=19400    shift every port: upstream +1, caddy +42, markco +43,
                      nginx +44, floor +45, caddy admin +19, markco admin +29,
                      nginx stub_status +39, markco plain HTTP +80
@@ -391,18 +394,18 @@ resolve_markco() {
 # markco's upstream loop and nothing else; built like markco unless FLOOR_BIN names it.
 FLOOR=""
 if [[ -n ${WANT[floor]:-} ]]; then
-	if [[ -n ${FLOOR_BIN:-} ]]; then
-		[[ -x $FLOOR_BIN ]] && FLOOR=$FLOOR_BIN || SKIP[floor]="FLOOR_BIN=$FLOOR_BIN is not an executable file"
-	elif ! command -v cargo >/dev/null 2>&1; then
-		SKIP[floor]="FLOOR_BIN unset and cargo not found"
-	else
-		floor_target=${CARGO_TARGET_DIR:-/var/cache/markco/target}
-		log "building the floor: CARGO_TARGET_DIR=$floor_target cargo build --release -p markco-floor"
-		if (cd "$REPO_DIR" && CARGO_TARGET_DIR=$floor_target cargo build --release -p markco-floor) >&2; then
-			FLOOR=$floor_target/release/markco-floor
+	floor_bin=${FLOOR_BIN:-${CARGO_TARGET_DIR:-/var/cache/markco/target}/release/markco-floor}
+	if [[ -z ${FLOOR_BIN:-} && ( $BUILD == 1 || ! -x $floor_bin ) ]]; then
+		if ! command -v cargo >/dev/null 2>&1; then
+			SKIP[floor]="$floor_bin missing and cargo not found"
 		else
-			SKIP[floor]="cargo build --release -p markco-floor failed (output above)"
+			log "building the floor: cargo build --release -p markco-floor"
+			(cd "$REPO_DIR" && CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/markco/target} cargo build --release -p markco-floor) >&2 ||
+				SKIP[floor]="cargo build --release -p markco-floor failed (output above)"
 		fi
+	fi
+	if [[ -z ${SKIP[floor]:-} ]]; then
+		[[ -f $floor_bin && -x $floor_bin ]] && FLOOR=$floor_bin || SKIP[floor]="$floor_bin is not an executable file"
 	fi
 fi
 if [[ -n ${WANT[caddy]:-} ]] && ! command -v caddy >/dev/null 2>&1; then
@@ -752,7 +755,7 @@ REPORT=$TMP/report.md
 	echo
 	echo "*server CPU µs/req*: user + system CPU time of the target's processes (all threads; nginx: master + workers; not the upstream) during the run, from /proc/<pid>/stat, divided by the completed requests — what the server spends per request whatever the client can drive. *CPU vs nginx* is its ratio to nginx's; lower is cheaper."
 	echo
-	echo "*new conns per request*: (server's count after − before) / completed requests; markco: \`markco_tls_handshakes_total{result=\"ok\"}\` from its admin API, nginx: stub_status \`accepts\`, caddy: no counter (n/a). About 1.0 for full and resumed (a little more: connections cut at the end are not counted as requests); near 0 for h2 ($H2_CONNECTIONS connections for the whole run). errors = non-2xx responses + failed connections/handshakes/reads (timeouts included), summed over rounds; failed runs are left out of the medians."
+	echo "*new conns per request*: (server's count after − before) / completed requests; markco: \`markco_tls_handshakes_total{result=\"ok\"}\` from its admin API, nginx: stub_status \`accepts\`, caddy and the floor: no counter (n/a). About 1.0 for full and resumed (a little more: connections cut at the end are not counted as requests); near 0 for h2 ($H2_CONNECTIONS connections for the whole run). errors = non-2xx responses + failed connections/handshakes/reads (timeouts included), summed over rounds; failed runs are left out of the medians."
 	echo
 	echo "## Raw per-round results"
 	echo

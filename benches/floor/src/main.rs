@@ -6,7 +6,7 @@
 //!   its own `SO_REUSEPORT` listener (as nginx's workers); each client connection keeps one
 //!   upstream connection; the request head goes up as the client sent it and the answer comes
 //!   back as the upstream sent it. No routing, no header rewriting, no logs, no metrics, no
-//!   timeouts, GET-only. Not a product: a lower bound.
+//!   timeouts, GET only, answers with a `Content-Length` only. Not a product: a lower bound.
 //! - `pingora`: Pingora's `HttpProxy` with a fixed peer and no phase of its own, so
 //!   `proxy_1to1` and Pingora's connection pool.
 //! - `own`: the same server, with every bodiless request sent by markco's own upstream loop
@@ -77,52 +77,63 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn tokio_floor(listen: SocketAddr, upstream: SocketAddr, threads: usize) -> anyhow::Result<()> {
-    let mut workers = Vec::new();
     for i in 0..threads.max(1) {
-        workers.push(std::thread::Builder::new().name(format!("floor-{i}")).spawn(move || -> anyhow::Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async move {
-                // Each worker its own listener in one SO_REUSEPORT group: the kernel spreads the
-                // connections, and none crosses threads.
-                let socket = if listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
-                socket.set_reuseaddr(true)?;
-                socket.set_reuseport(true)?;
-                socket.bind(listen).with_context(|| format!("binding {listen}"))?;
-                let listener = socket.listen(1024)?;
-                loop {
-                    let (client, _) = listener.accept().await?;
-                    client.set_nodelay(true)?;
-                    tokio::spawn(async move {
-                        if let Err(e) = tokio_conn(client, upstream).await {
-                            eprintln!("floor: {e:#}");
-                        }
-                    });
-                }
-            })
-        })?);
+        std::thread::Builder::new().name(format!("floor-{i}")).spawn(move || {
+            // A worker that cannot serve ends the process: a benchmark must not measure fewer
+            // threads than it asked for.
+            if let Err(e) = tokio_worker(listen, upstream) {
+                eprintln!("floor worker {i}: {e:#}");
+                std::process::exit(1);
+            }
+        })?;
     }
-    // The benchmarks stop their servers with SIGINT (SIGKILL 5 s later); a worker that fails
-    // ends the process too.
+    // The benchmarks stop their servers with SIGINT (SIGKILL 5 s later).
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let r = rt.block_on(async {
+    rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT"),
             _ = term.recv() => Ok(()),
-            r = tokio::task::spawn_blocking(move || {
-                for w in workers {
-                    w.join().map_err(|_| anyhow::anyhow!("a floor worker panicked"))??;
-                }
-                Ok::<(), anyhow::Error>(())
-            }) => r?,
         }
-    });
-    // Not waiting for the joining thread: the workers never end by themselves.
-    rt.shutdown_background();
-    r
+    })
+}
+
+fn tokio_worker(listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        // Each worker its own listener in one SO_REUSEPORT group: the kernel spreads the
+        // connections, and none crosses threads.
+        let socket = if listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(listen).with_context(|| format!("binding {listen}"))?;
+        let listener = socket.listen(1024)?;
+        loop {
+            let client = match listener.accept().await {
+                Ok((client, _)) => client,
+                Err(e) => {
+                    // Out of descriptors, say: the next accept may succeed.
+                    eprintln!("floor: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            tokio::spawn(async move {
+                let r = match client.set_nodelay(true) {
+                    Ok(()) => tokio_conn(client, upstream).await,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = r {
+                    eprintln!("floor: {e:#}");
+                }
+            });
+        }
+    })
 }
 
 const MAX_HEAD: usize = 64 * 1024;
+/// Answers are buffered whole before one write; the benchmarks' are 20 bytes.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
 /// One client connection: each request head goes to this connection's own upstream connection,
 /// each answer (a head and a `Content-Length` body) back to the client in one write.
@@ -135,6 +146,10 @@ async fn tokio_conn<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, upstream: 
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut req = httparse::Request::new(&mut headers);
             if let httparse::Status::Complete(n) = req.parse(&cbuf)? {
+                // A HEAD's answer has no body, which this loop would wait for.
+                if req.method != Some("GET") {
+                    bail!("the tokio floor proxies GET only");
+                }
                 let body = req.headers.iter().any(|h| {
                     (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
                         || h.name.eq_ignore_ascii_case("transfer-encoding")
@@ -171,7 +186,11 @@ async fn tokio_conn<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, upstream: 
                     .find(|h| h.name.eq_ignore_ascii_case("content-length"))
                     .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
                     .context("the tokio floor needs answers with a Content-Length")?;
-                break n.checked_add(len).context("answer length overflows")?;
+                let total = n.checked_add(len).context("answer length overflows")?;
+                if total > MAX_ANSWER {
+                    bail!("answer of {total} bytes, over the floor's {MAX_ANSWER}");
+                }
+                break total;
             }
             if ubuf.len() > MAX_HEAD {
                 bail!("answer head over {MAX_HEAD} bytes");
