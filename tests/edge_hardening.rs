@@ -394,6 +394,18 @@ fn header_deadline_is_for_the_whole_header_with_a_408() {
     let _ = s.read_to_end(&mut rest);
     assert!(start.elapsed() < Duration::from_secs(5), "idle keep-alive closed: {:?}", start.elapsed());
     assert!(rest.is_empty(), "no 408 on an idle kept-alive connection: {:?}", String::from_utf8_lossy(&rest));
+    // The deadline holds for every request on a connection, not only its first: a second header
+    // begun and never finished gets its 408 too.
+    let mut s = TcpStream::connect(m.http).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("send");
+    assert_eq!(status_of(&read_response(&mut s)), 200);
+    s.write_all(b"GET /two HTTP/1.1\r\nHost: a.te").expect("send");
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(start.elapsed() < Duration::from_secs(4), "second header cut in time: {:?}", start.elapsed());
+    assert_eq!(status_of(&rest), 408, "{}", String::from_utf8_lossy(&rest));
     let metrics = m.metrics();
     assert!(
         metric_value(&metrics, "markco_http_header_timeouts_total", &[]).expect("the metric is exported") >= 2.0,
