@@ -47,15 +47,24 @@ pub fn prepare_upstream_request(
     tls: bool,
     upgrade: bool,
 ) -> Result<()> {
-    for name in connection_tokens(&req.headers) {
-        req.remove_header(&name);
-    }
-    for name in HOP_BY_HOP {
+    // One pass over the names present, then removals of those only: a request carrying none
+    // of these (the usual case) costs no lookups, where removing each listed name would hash it
+    // twice (Pingora keeps a second, case-preserving map).
+    let tokens = connection_tokens(&req.headers);
+    let doomed: Vec<HeaderName> = req
+        .headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            HOP_BY_HOP.contains(&n)
+                || (!upgrade && (n == UPGRADE.as_str() || n == CONNECTION.as_str()))
+                || (!trusted && FORWARDED.contains(&n))
+                || tokens.iter().any(|t| t.as_str() == n)
+        })
+        .cloned()
+        .collect();
+    for name in &doomed {
         req.remove_header(name);
-    }
-    if !upgrade {
-        req.remove_header(&UPGRADE);
-        req.remove_header(&CONNECTION);
     }
     let host = req
         .headers
@@ -80,9 +89,7 @@ pub fn prepare_upstream_request(
             }
         }
     } else {
-        for name in FORWARDED {
-            req.remove_header(name);
-        }
+        // The client's own forwarded claims went with the hop-by-hop headers above.
         req.insert_header("X-Forwarded-For", peer_ip)?;
         req.insert_header("X-Forwarded-Proto", if tls { "https" } else { "http" })?;
         if let Some(h) = host {
@@ -94,14 +101,22 @@ pub fn prepare_upstream_request(
 
 /// Drops hop-by-hop headers from an upstream response (keeping an upgrade's own headers).
 pub fn clean_response(resp: &mut ResponseHeader) {
-    for name in connection_tokens(&resp.headers) {
-        resp.remove_header(&name);
-    }
-    for name in ["keep-alive", "proxy-connection", "trailer"] {
+    // As for requests: one pass over the names present, no lookups when none is there.
+    let tokens = connection_tokens(&resp.headers);
+    let upgrade = resp.status == 101;
+    let doomed: Vec<HeaderName> = resp
+        .headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            matches!(n, "keep-alive" | "proxy-connection" | "trailer")
+                || (!upgrade && n == UPGRADE.as_str())
+                || tokens.iter().any(|t| t.as_str() == n)
+        })
+        .cloned()
+        .collect();
+    for name in &doomed {
         resp.remove_header(name);
-    }
-    if resp.status != 101 {
-        resp.remove_header(&UPGRADE);
     }
 }
 
