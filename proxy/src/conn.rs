@@ -195,10 +195,6 @@ impl HeaderEnd {
 }
 
 struct Clock {
-    /// Waiting for a header. Off between a header's end and the next `arm`; the clock (and its
-    /// timer, which may still fire once, harmlessly) is kept for the connection's next request
-    /// rather than allocated and registered again for each one.
-    active: bool,
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
     /// At least one byte of this header has arrived.
@@ -236,7 +232,6 @@ impl EdgeStream {
         self.served = true;
         match &mut self.clock {
             Some(c) => {
-                c.active = true;
                 c.timeout = timeout;
                 c.sleep.as_mut().reset(deadline);
                 c.started = false;
@@ -245,7 +240,6 @@ impl EdgeStream {
             }
             None => {
                 self.clock = Some(Clock {
-                    active: true,
                     timeout,
                     sleep: Box::pin(tokio::time::sleep_until(deadline)),
                     started: false,
@@ -258,7 +252,7 @@ impl EdgeStream {
 
     /// True while a header is being waited for (for tests and logs).
     pub fn armed(&self) -> bool {
-        self.clock.as_ref().is_some_and(|c| c.active)
+        self.clock.is_some()
     }
 
     /// The deadline passed: a 408 where it can still be written (a header had begun, or no
@@ -266,7 +260,7 @@ impl EdgeStream {
     /// client may be sending a new request at this very moment and would take the 408 as its
     /// answer), then an error that makes Pingora drop the connection.
     fn expire(&mut self, cx: &mut Context<'_>) -> io::Error {
-        let answer = self.clock.as_ref().is_some_and(|c| c.active && (c.started || c.first));
+        let answer = self.clock.as_ref().is_some_and(|c| c.started || c.first);
         self.clock = None;
         if let Some(t) = &self.timeouts {
             t.inc();
@@ -286,7 +280,7 @@ impl EdgeStream {
 impl AsyncRead for EdgeStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let Some(clock) = this.clock.as_mut().filter(|c| c.active) else {
+        let Some(clock) = this.clock.as_mut() else {
             return Pin::new(&mut *this.inner).poll_read(cx, buf);
         };
         if clock.sleep.is_elapsed() {
@@ -307,7 +301,7 @@ impl AsyncRead for EdgeStream {
                 if clock.end.feed(new) {
                     // The header is complete: the body and the response run on their own
                     // (idle) timeouts.
-                    clock.active = false;
+                    this.clock = None;
                 }
                 Poll::Ready(Ok(()))
             }
