@@ -4,7 +4,8 @@
 # functions; they use these globals, which the sourcing script sets:
 #   PIDS (assoc: server name -> pid), STARTED (server names, start order),
 #   CLIENT (pid of the running load generator), TMP, KEEP_TMP, STOP_TIMEOUT,
-#   CLK_TCK (cpu_us_per_req), and render() (start_nginx).
+#   CLK_TCK (cpu_us_per_req), REPO_DIR (resolve_floor), and render()
+#   (start_nginx).
 # run.sh scripts may redefine a function after sourcing (tls overrides
 # run_client).
 # shellcheck disable=SC2154 # the globals above are set by the sourcing script
@@ -195,4 +196,31 @@ server_extra() {
 	[[ -n ${MARKCO_SERVER_EXTRA:-} ]] || return 0
 	awk -v extra="$MARKCO_SERVER_EXTRA" '{ print } /^threads = / { n = split(extra, l, ";"); for (i = 1; i <= n; i++) print l[i] }' \
 		"$1" >"$1.tmp" && mv "$1.tmp" "$1"
+}
+
+# resolve_floor BUILD_FIRST : sets FLOOR to the floors' binary (benches/floor):
+# FLOOR_BIN if set, else $CARGO_TARGET_DIR/release/markco-floor, built first
+# when BUILD_FIRST is 1 or it is missing. Without one, FLOOR is empty and
+# FLOOR_WHY says why.
+resolve_floor() {
+	local target_dir=${CARGO_TARGET_DIR:-/var/cache/markco/target} bin
+	bin=${FLOOR_BIN:-$target_dir/release/markco-floor}
+	FLOOR=""
+	FLOOR_WHY=""
+	if [[ -z ${FLOOR_BIN:-} && ($1 == 1 || ! -x $bin) ]]; then
+		if ! command -v cargo >/dev/null 2>&1; then
+			FLOOR_WHY="FLOOR_BIN unset and cargo not found"
+			return
+		fi
+		log "building the floors: CARGO_TARGET_DIR=$target_dir cargo build --release -p markco-floor"
+		if ! (cd "$REPO_DIR" && CARGO_TARGET_DIR=$target_dir cargo build --release -p markco-floor) >&2; then
+			FLOOR_WHY="cargo build --release -p markco-floor failed (output above)"
+			return
+		fi
+	fi
+	if [[ -f $bin && -x $bin ]]; then
+		FLOOR=$bin
+	else
+		FLOOR_WHY="$bin is not an executable file"
+	fi
 }

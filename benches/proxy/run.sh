@@ -93,7 +93,8 @@ WARMUP=2
 READY_TIMEOUT=20 # seconds to wait for a server to answer
 STOP_TIMEOUT=5   # seconds between SIGINT and SIGKILL
 
-ALL_TARGETS=(direct markco markco1 floor-tokio floor-app floor-pingora floor-own caddy nginx)
+FLOORS=(floor-tokio floor-app floor-pingora floor-own)
+ALL_TARGETS=(direct markco markco1 "${FLOORS[@]}" caddy nginx)
 CLK_TCK=$(getconf CLK_TCK)
 
 int_at_least "$DURATION" 1 || die "DURATION must be a positive number of seconds (got '$DURATION')"
@@ -286,30 +287,14 @@ resolve_markco() {
 resolve_markco
 
 # The floors' binary (benches/floor), built like markco's unless FLOOR_BIN names it.
-FLOOR=""
-resolve_floor() {
-	local target_dir=${CARGO_TARGET_DIR:-/var/cache/markco/target} why=""
-	[[ -n ${WANT[floor-tokio]:-}${WANT[floor-app]:-}${WANT[floor-pingora]:-}${WANT[floor-own]:-} ]] || return 0
-	if [[ -n ${FLOOR_BIN:-} ]]; then
-		[[ -f $FLOOR_BIN && -x $FLOOR_BIN ]] && FLOOR=$FLOOR_BIN || why="FLOOR_BIN=$FLOOR_BIN is not an executable file"
-	elif ! command -v cargo >/dev/null 2>&1; then
-		why="FLOOR_BIN unset and cargo not found"
-	else
-		log "building the floors: CARGO_TARGET_DIR=$target_dir cargo build --release -p markco-floor"
-		if (cd "$REPO_DIR" && CARGO_TARGET_DIR=$target_dir cargo build --release -p markco-floor) >&2; then
-			FLOOR=$target_dir/release/markco-floor
-		else
-			why="cargo build --release -p markco-floor failed (output above)"
-		fi
+for f in "${FLOORS[@]}"; do
+	[[ -n ${WANT[$f]:-} ]] || continue
+	resolve_floor 1
+	if [[ -n $FLOOR_WHY ]]; then
+		for g in "${FLOORS[@]}"; do SKIP[$g]=$FLOOR_WHY; done
 	fi
-	if [[ -n $why ]]; then
-		SKIP[floor-tokio]=$why
-		SKIP[floor-app]=$why
-		SKIP[floor-pingora]=$why
-		SKIP[floor-own]=$why
-	fi
-}
-resolve_floor
+	break
+done
 if [[ -n ${WANT[caddy]:-} ]] && ! command -v caddy >/dev/null 2>&1; then
 	SKIP[caddy]="caddy not found in PATH"
 fi
@@ -337,7 +322,7 @@ if [[ -n ${NEEDS[caddy]:-} ]]; then ports+=("$P_CADDY" "$P_CADDY_ADMIN"); fi
 if [[ -n ${NEEDS[nginx]:-} ]]; then ports+=("$P_NGINX"); fi
 if [[ -n ${NEEDS[markco]:-} ]]; then ports+=("$P_MARKCO" "$P_MARKCO_ADMIN"); fi
 if [[ -n ${NEEDS[markco1]:-} ]]; then ports+=("$P_MARKCO1" "$P_MARKCO1_ADMIN"); fi
-for f in floor-tokio floor-app floor-pingora floor-own; do
+for f in "${FLOORS[@]}"; do
 	if [[ -n ${NEEDS[$f]:-} ]]; then ports+=("${PORT[$f]}"); fi
 done
 require_free_ports "${ports[@]}"
@@ -376,14 +361,14 @@ if [[ -n ${NEEDS[markco1]:-} ]]; then
 	start_server markco1 "$TMP/markco1.log" "$TMP/markco1" "$MARKCO" run --config "$markco1_conf"
 fi
 
-for f in floor-tokio floor-app floor-pingora floor-own; do
+for f in "${FLOORS[@]}"; do
 	[[ -n ${NEEDS[$f]:-} ]] || continue
 	mkdir -p "$TMP/$f"
 	start_server "$f" "$TMP/$f.log" "$TMP/$f" "$FLOOR" "${f#floor-}" --threads 1 \
 		--listen "127.0.0.1:${PORT[$f]}" --upstream "127.0.0.1:$P_UP"
 done
 
-for server in nginx caddy markco markco1 floor-tokio floor-app floor-pingora floor-own; do
+for server in nginx caddy markco markco1 "${FLOORS[@]}"; do
 	[[ -n ${NEEDS[$server]:-} ]] || continue
 	case $server in
 	floor-*) wait_ready "$server" "${PORT[$server]}" "$TMP/$server.log" || die "$server failed to start" ;;

@@ -392,21 +392,9 @@ resolve_markco() {
 [[ -z ${WANT[markco]:-} ]] || resolve_markco
 # The floor (benches/floor, `own` kind, 2 threads as markco): Pingora's TLS and HTTP/2 with
 # markco's upstream loop and nothing else; built like markco unless FLOOR_BIN names it.
-FLOOR=""
 if [[ -n ${WANT[floor]:-} ]]; then
-	floor_bin=${FLOOR_BIN:-${CARGO_TARGET_DIR:-/var/cache/markco/target}/release/markco-floor}
-	if [[ -z ${FLOOR_BIN:-} && ( $BUILD == 1 || ! -x $floor_bin ) ]]; then
-		if ! command -v cargo >/dev/null 2>&1; then
-			SKIP[floor]="$floor_bin missing and cargo not found"
-		else
-			log "building the floor: cargo build --release -p markco-floor"
-			(cd "$REPO_DIR" && CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/markco/target} cargo build --release -p markco-floor) >&2 ||
-				SKIP[floor]="cargo build --release -p markco-floor failed (output above)"
-		fi
-	fi
-	if [[ -z ${SKIP[floor]:-} ]]; then
-		[[ -f $floor_bin && -x $floor_bin ]] && FLOOR=$floor_bin || SKIP[floor]="$floor_bin is not an executable file"
-	fi
+	resolve_floor "$BUILD"
+	[[ -z $FLOOR_WHY ]] || SKIP[floor]=$FLOOR_WHY
 fi
 if [[ -n ${WANT[caddy]:-} ]] && ! command -v caddy >/dev/null 2>&1; then
 	SKIP[caddy]="caddy not found in PATH"

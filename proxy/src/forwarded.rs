@@ -24,6 +24,15 @@ pub fn is_trusted(peer: Option<IpAddr>, trusted: &[IpNet]) -> bool {
     }
 }
 
+/// The names in `headers` that `drop` picks or that a `Connection` line lists: one pass over the
+/// names present, so that a message carrying none of them (the usual case) costs no lookups,
+/// where removing each listed name would hash it twice (Pingora keeps a second,
+/// case-preserving map).
+fn present(headers: &http::HeaderMap, drop: impl Fn(&str) -> bool) -> Vec<HeaderName> {
+    let tokens = connection_tokens(headers);
+    headers.keys().filter(|n| drop(n.as_str()) || tokens.contains(n)).cloned().collect()
+}
+
 /// Names listed in `Connection` (besides `close`, `keep-alive`, `upgrade`), which are hop-by-hop too.
 fn connection_tokens(headers: &http::HeaderMap) -> Vec<HeaderName> {
     headers
@@ -47,22 +56,11 @@ pub fn prepare_upstream_request(
     tls: bool,
     upgrade: bool,
 ) -> Result<()> {
-    // One pass over the names present, then removals of those only: a request carrying none
-    // of these (the usual case) costs no lookups, where removing each listed name would hash it
-    // twice (Pingora keeps a second, case-preserving map).
-    let tokens = connection_tokens(&req.headers);
-    let doomed: Vec<HeaderName> = req
-        .headers
-        .keys()
-        .filter(|n| {
-            let n = n.as_str();
-            HOP_BY_HOP.contains(&n)
-                || (!upgrade && (n == UPGRADE.as_str() || n == CONNECTION.as_str()))
-                || (!trusted && FORWARDED.contains(&n))
-                || tokens.iter().any(|t| t.as_str() == n)
-        })
-        .cloned()
-        .collect();
+    let doomed = present(&req.headers, |n| {
+        HOP_BY_HOP.contains(&n)
+            || (!upgrade && (n == UPGRADE.as_str() || n == CONNECTION.as_str()))
+            || (!trusted && FORWARDED.contains(&n))
+    });
     for name in &doomed {
         req.remove_header(name);
     }
@@ -101,20 +99,10 @@ pub fn prepare_upstream_request(
 
 /// Drops hop-by-hop headers from an upstream response (keeping an upgrade's own headers).
 pub fn clean_response(resp: &mut ResponseHeader) {
-    // As for requests: one pass over the names present, no lookups when none is there.
-    let tokens = connection_tokens(&resp.headers);
     let upgrade = resp.status == 101;
-    let doomed: Vec<HeaderName> = resp
-        .headers
-        .keys()
-        .filter(|n| {
-            let n = n.as_str();
-            matches!(n, "keep-alive" | "proxy-connection" | "trailer")
-                || (!upgrade && n == UPGRADE.as_str())
-                || tokens.iter().any(|t| t.as_str() == n)
-        })
-        .cloned()
-        .collect();
+    let doomed = present(&resp.headers, |n| {
+        matches!(n, "keep-alive" | "proxy-connection" | "trailer") || (!upgrade && n == UPGRADE.as_str())
+    });
     for name in &doomed {
         resp.remove_header(name);
     }

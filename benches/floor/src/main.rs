@@ -65,13 +65,11 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.tls.is_some() && matches!(args.kind, Kind::Tokio | Kind::App) {
+        bail!("--tls is for the pingora and own floors");
+    }
     match args.kind {
-        Kind::Tokio => {
-            if args.tls.is_some() {
-                bail!("--tls is for the pingora and own floors");
-            }
-            tokio_floor(args.listen, args.upstream, args.threads)
-        }
+        Kind::Tokio => tokio_floor(args.listen, args.upstream, args.threads),
         Kind::Pingora | Kind::Own | Kind::App => pingora_floor(&args),
     }
 }
@@ -225,7 +223,7 @@ impl ProxyHttp for Floor {
             return Ok(false);
         }
         let mut req = session.req_header().clone();
-        req.set_version(http_11());
+        req.set_version(pingora::http::Version::HTTP_11);
         // HTTP/2 carries the host as :authority; an HTTP/1.1 upstream needs a Host line.
         if req.headers.get("host").is_none() {
             if let Some(authority) = req.uri.authority().map(|a| a.as_str().to_owned()) {
@@ -262,10 +260,6 @@ impl ServerApp for App {
     }
 }
 
-fn http_11() -> pingora::http::Version {
-    pingora::http::Version::HTTP_11
-}
-
 fn pingora_floor(args: &Args) -> anyhow::Result<()> {
     // As markco runs by default: one runtime per thread, no work stealing.
     let conf = ServerConf {
@@ -279,9 +273,6 @@ fn pingora_floor(args: &Args) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
     if matches!(args.kind, Kind::App) {
-        if args.tls.is_some() {
-            bail!("--tls is for the pingora and own floors");
-        }
         let mut service = Service::new("floor app".to_string(), App { upstream: args.upstream });
         service.add_tcp(&args.listen.to_string());
         server.add_service(service);
