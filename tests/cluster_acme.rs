@@ -241,6 +241,7 @@ fn three_gateways_one_order(challenge: &str) {
     ));
     // What A logged and counted before: the renewal's validation must show after this.
     let log_before = a.log().len();
+    let validations_before = pebble.validation_count();
     let hits_before = metric(a, "markco_acme_shared_challenge_lookups_total", &[("result", "hit")]);
     let r = request(a.admin, "POST", "/reload", &[], b"").expect("POST /reload");
     assert_eq!(r.status, 200, "{}", r.body_text());
@@ -254,7 +255,12 @@ fn three_gateways_one_order(challenge: &str) {
     let renewed_by = psql(&db.url, "SELECT node FROM markco_certificates WHERE name = 'localhost'");
     assert!(renewed_by == "gw-b" || renewed_by == "gw-c", "B or C renewed: {renewed_by:?}");
     let log_after = a.log()[log_before..].to_string();
-    if challenge == "http-01" {
+    // Pebble 2.4 reuses a valid authorization about 1 % of the time even with
+    // PEBBLE_AUTHZREUSE=0 (its test is `rand.Intn(100) > percent`). Then the renewal needs no
+    // validation, nobody is asked for an answer, and what A answered cannot be checked.
+    if pebble.validation_count() == validations_before {
+        eprintln!("pebble reused the first authorization for the renewal: no validation, A's answer not checked");
+    } else if challenge == "http-01" {
         assert!(
             metric(a, "markco_acme_shared_challenge_lookups_total", &[("result", "hit")]) > hits_before,
             "A answered the CA from the shared challenges\n{log_after}"

@@ -154,6 +154,12 @@ impl Pebble {
         self.log().lines().filter(|l| l.contains("POST /order-plz")).count()
     }
 
+    /// How many challenge validations pebble has started (one per challenge a client asked it
+    /// to validate; none for an order whose authorization pebble reused).
+    pub fn validation_count(&self) -> usize {
+        self.log().lines().filter(|l| l.contains("Pulled a task from the Tasks queue")).count()
+    }
+
     /// The PEM of the root that issues this pebble's certificates (fetched over HTTPS from the
     /// management API, trusting our CA).
     pub fn root_pem(&self) -> String {
