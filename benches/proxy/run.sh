@@ -12,9 +12,9 @@ HTTP/1.1 reverse-proxy load benchmark on 127.0.0.1, driven by wrk:
   direct   wrk -> upstream nginx (127.0.0.1:19001)              baseline
   markco   wrk -> markco (127.0.0.1:19004) -> upstream
   markco1  the same with one worker thread (127.0.0.1:19005)
-  floor-tokio, floor-app, floor-pingora, floor-own
+  floor-tokio, floor-app, floor-pingora, floor-own, floor-session
            not run by default: proxies that only proxy, one thread each
-           (127.0.0.1:19006, 19009, 19007, 19008; benches/floor, see benches/README.md,
+           (127.0.0.1:19006, 19009, 19007, 19008, 19010; benches/floor, see benches/README.md,
            "Floors"), to tell markco's own cost from its foundations'
   caddy    wrk -> Caddy  (127.0.0.1:19002) -> upstream
   nginx    wrk -> nginx  (127.0.0.1:19003) -> upstream
@@ -31,7 +31,8 @@ Environment:
   CONNECTIONS=64     wrk connections (wrk threads are fixed at 2)
   ONLY="direct markco markco1 caddy nginx"
                      space-separated subset of targets to measure (add
-                     floor-tokio floor-app floor-pingora floor-own for the floors)
+                     floor-tokio floor-app floor-pingora floor-own floor-session
+                     for the floors)
   MARKCO_BIN=PATH    markco binary to run. Unset: build it with
                      `cargo build --release -p markco` using
                      CARGO_TARGET_DIR (default /var/cache/markco/target) and
@@ -41,7 +42,7 @@ Environment:
                      unless FLOOR_BIN names their binary.
   PORT_BASE=19000    shift every port: upstream +1, caddy +2, nginx +3,
                      markco +4, markco1 +5, floor-tokio +6, floor-pingora +7,
-                     floor-own +8, floor-app +9, caddy admin +19,
+                     floor-own +8, floor-app +9, floor-session +10, caddy admin +19,
                      markco admin +29, markco1 admin +39
   MARKCO_SERVER_EXTRA="work_stealing = false"
                      extra [server] lines for both markco targets (';'
@@ -93,7 +94,7 @@ WARMUP=2
 READY_TIMEOUT=20 # seconds to wait for a server to answer
 STOP_TIMEOUT=5   # seconds between SIGINT and SIGKILL
 
-FLOORS=(floor-tokio floor-app floor-pingora floor-own)
+FLOORS=(floor-tokio floor-app floor-pingora floor-own floor-session)
 ALL_TARGETS=(direct markco markco1 "${FLOORS[@]}" caddy nginx)
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -114,7 +115,7 @@ read -r -a only_list <<<"$ONLY"
 ((${#only_list[@]} > 0)) || die "ONLY is empty"
 for t in "${only_list[@]}"; do
 	case $t in
-	direct | markco | markco1 | floor-tokio | floor-app | floor-pingora | floor-own | caddy | nginx) WANT[$t]=1 ;;
+	direct | markco | markco1 | floor-tokio | floor-app | floor-pingora | floor-own | floor-session | caddy | nginx) WANT[$t]=1 ;;
 	*) die "unknown target in ONLY: '$t' (choose from: ${ALL_TARGETS[*]})" ;;
 	esac
 done
@@ -131,12 +132,15 @@ P_FLOOR_TOKIO=$((PORT_BASE + 6))
 P_FLOOR_PINGORA=$((PORT_BASE + 7))
 P_FLOOR_OWN=$((PORT_BASE + 8))
 P_FLOOR_APP=$((PORT_BASE + 9))
+P_FLOOR_SESSION=$((PORT_BASE + 10))
 
 declare -A PORT=([direct]=$P_UP [markco]=$P_MARKCO [markco1]=$P_MARKCO1 [caddy]=$P_CADDY [nginx]=$P_NGINX
-	[floor-tokio]=$P_FLOOR_TOKIO [floor-pingora]=$P_FLOOR_PINGORA [floor-own]=$P_FLOOR_OWN [floor-app]=$P_FLOOR_APP)
+	[floor-tokio]=$P_FLOOR_TOKIO [floor-pingora]=$P_FLOOR_PINGORA [floor-own]=$P_FLOOR_OWN [floor-app]=$P_FLOOR_APP
+	[floor-session]=$P_FLOOR_SESSION)
 declare -A LABEL=([direct]="direct" [markco]="markco (2 threads)" [markco1]="markco (1 thread)" [caddy]="caddy" [nginx]="nginx-proxy"
 	[floor-tokio]="floor: tokio + httparse (1 thread)" [floor-app]="floor: the same loop on Pingora's listener (1 thread)" [floor-pingora]="floor: bare Pingora (1 thread)"
-	[floor-own]="floor: Pingora + markco's upstream loop (1 thread)")
+	[floor-own]="floor: Pingora + markco's upstream loop (1 thread)"
+	[floor-session]="floor: Pingora's HTTP/1 session, no HttpProxy, + markco's upstream loop (1 thread)")
 declare -A SKIP=()  # target -> reason it is not measured
 declare -A PIDS=()  # server name -> pid
 declare -A IDLE=()  # target -> idle RSS (kB)

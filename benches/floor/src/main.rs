@@ -12,6 +12,9 @@
 //! - `own`: the same server, with every bodiless request sent by markco's own upstream loop
 //!   (`markco_proxy::upstream::forward`), as markco's gateway does, but without its routing,
 //!   identity, logs and metrics.
+//! - `session`: the `own` floor without `HttpProxy`: a `ServerApp` that reads each request into
+//!   Pingora's HTTP/1 proxy `Session` and hands it to the same code, as markco's edge loop does
+//!   for requests without a body.
 //! - `app`: Pingora's server and listener (what markco keeps of Pingora besides its HTTP
 //!   sessions) running the `tokio` floor's connection loop as its `ServerApp`: what an own
 //!   HTTP/1 path on Pingora's listener could cost at best.
@@ -44,6 +47,7 @@ enum Kind {
     Pingora,
     Own,
     App,
+    Session,
 }
 
 #[derive(Parser)]
@@ -65,12 +69,12 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.tls.is_some() && matches!(args.kind, Kind::Tokio | Kind::App) {
+    if args.tls.is_some() && matches!(args.kind, Kind::Tokio | Kind::App | Kind::Session) {
         bail!("--tls is for the pingora and own floors");
     }
     match args.kind {
         Kind::Tokio => tokio_floor(args.listen, args.upstream, args.threads),
-        Kind::Pingora | Kind::Own | Kind::App => pingora_floor(&args),
+        Kind::Pingora | Kind::Own | Kind::App | Kind::Session => pingora_floor(&args),
     }
 }
 
@@ -218,6 +222,14 @@ impl ProxyHttp for Floor {
     type CTX = ();
     fn new_ctx(&self) {}
 
+    /// As markco: the `own` floor drops Pingora's default (disabled) compression module, the
+    /// `pingora` floor keeps it, as bare Pingora does.
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        if !self.own {
+            modules.add_module(pingora::modules::http::compression::ResponseCompressionBuilder::enable(0));
+        }
+    }
+
     async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
         if !self.own || !session.is_body_empty() {
             return Ok(false);
@@ -260,6 +272,41 @@ impl ServerApp for App {
     }
 }
 
+/// Pingora's HTTP/1 proxy `Session` driven by our own loop instead of `HttpProxy`: what
+/// leaving `HttpProxy` (its phases, modules and session moves) but keeping Pingora's HTTP/1
+/// session would save.
+struct SessionApp {
+    floor: Floor,
+}
+
+#[async_trait]
+impl ServerApp for SessionApp {
+    async fn process_new(self: &Arc<Self>, mut stream: Stream, _shutdown: &ShutdownWatch) -> Option<Stream> {
+        loop {
+            let mut session = Session::new_h1(stream);
+            match session.downstream_session.read_request().await {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => {
+                    eprintln!("floor: {e}");
+                    return None;
+                }
+            }
+            if let Err(e) = self.floor.request_filter(&mut session, &mut ()).await {
+                eprintln!("floor: {e}");
+                return None;
+            }
+            let (next, pipelined) = session.downstream_session.finish().await.ok().flatten()?.into_parts();
+            if pipelined.is_some_and(|b| !b.is_empty()) {
+                // Not needed for the benchmarks (wrk does not pipeline).
+                eprintln!("floor: the session floor does not take pipelined requests");
+                return None;
+            }
+            stream = next;
+        }
+    }
+}
+
 fn pingora_floor(args: &Args) -> anyhow::Result<()> {
     // As markco runs by default: one runtime per thread, no work stealing.
     let conf = ServerConf {
@@ -272,6 +319,13 @@ fn pingora_floor(args: &Args) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
+    if matches!(args.kind, Kind::Session) {
+        let app = SessionApp { floor: Floor { upstream: args.upstream, own: true } };
+        let mut service = Service::new("floor session".to_string(), app);
+        service.add_tcp(&args.listen.to_string());
+        server.add_service(service);
+        server.run_forever()
+    }
     if matches!(args.kind, Kind::App) {
         let mut service = Service::new("floor app".to_string(), App { upstream: args.upstream });
         service.add_tcp(&args.listen.to_string());
