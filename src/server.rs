@@ -199,10 +199,15 @@ pub fn run(cfg: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<
         let wait = ws.ready_timeout + std::time::Duration::from_secs(2);
         gateway = gateway.with_starter(Arc::new(LazyStarter { plane: control.clone(), wait }));
     }
-    let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
     let conn_limits = ConnLimits::new(cfg.server.max_connections_per_ip, cfg.server.max_connections, &metrics.registry);
-    let edge_app = EdgeApp::new(proxy, cfg.server.header_timeout, conn_limits.clone(), metrics.header_timeouts.clone())
-        .with_drain(drain);
+    let edge_app = EdgeApp::new(
+        gateway,
+        &server.configuration,
+        cfg.server.header_timeout,
+        conn_limits.clone(),
+        metrics.header_timeouts.clone(),
+    )
+    .with_drain(drain);
     let mut edge = Service::new("markco edge".to_string(), edge_app);
     // No read buffer in front of the client socket: Pingora's HTTP/1 reader reads into its own
     // buffer anyway, and the default 64 KiB one is allocated (and touched) for every connection

@@ -497,3 +497,61 @@ fn rate_limit_per_client_gives_429_with_retry_after() {
         "{metrics}"
     );
 }
+
+/// Requests without a body are served by markco's own loop, the others by Pingora's proxy,
+/// which reads again what the loop already read: one kept-alive connection carries both kinds
+/// in turn, our own answers among them, and a head longer than the loop looks at.
+#[test]
+fn one_connection_carries_requests_with_and_without_a_body_in_turn() {
+    let rec = Recorder::start();
+    // A long header clock, so that only an answer that ends the connection closes it early.
+    let m = Markco::start(&config(rec.addr, "max_header_bytes = 200000\nheader_timeout = \"60s\""));
+    let mut s = TcpStream::connect(m.http).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let long = "x".repeat(100_000);
+    let requests: Vec<(Vec<u8>, u16)> = vec![
+        (b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n".to_vec(), 200),
+        (b"POST /two HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello".to_vec(), 200),
+        (b"GET /admin/x HTTP/1.1\r\nHost: a.test\r\n\r\n".to_vec(), 403),
+        (b"POST /three HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n".to_vec(), 200),
+        (b"PUT /four HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n\r\nabc".to_vec(), 200),
+        (format!("GET /five HTTP/1.1\r\nHost: a.test\r\nX-Long: {long}\r\n\r\n").into_bytes(), 200),
+        (b"HEAD /six HTTP/1.1\r\nHost: a.test\r\n\r\n".to_vec(), 200),
+        (b"GET /seven HTTP/1.1\r\nHost: a.test\r\n\r\n".to_vec(), 200),
+    ];
+    for (req, status) in &requests {
+        s.write_all(req).expect("send on the kept-alive connection");
+        let head_only = req.starts_with(b"HEAD");
+        let got = if head_only {
+            // No body follows a HEAD's head, whatever its Content-Length says.
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut chunk).expect("read the HEAD answer");
+                assert!(n > 0, "closed after HEAD");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            buf
+        } else {
+            read_response(&mut s)
+        };
+        let line = String::from_utf8_lossy(req.get(..20).unwrap_or(req));
+        assert_eq!(status_of(&got), *status, "{line}: {}", String::from_utf8_lossy(&got));
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(!text.contains("connection: close"), "{line}: the connection stays open: {text}");
+    }
+    // An HTTP/1.0 request without keep-alive ends the connection after its answer.
+    s.write_all(b"GET /eight HTTP/1.0\r\nHost: a.test\r\n\r\n").expect("send");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("the connection closes after an HTTP/1.0 answer");
+    assert_eq!(status_of(&rest), 200, "{}", String::from_utf8_lossy(&rest));
+    let seen = rec.seen();
+    let lines: Vec<&str> = seen.iter().map(|s| s.line.as_str()).collect();
+    assert_eq!(
+        lines,
+        ["GET /one", "POST /two", "POST /three", "PUT /four", "GET /five", "HEAD /six", "GET /seven", "GET /eight"]
+    );
+    assert_eq!(seen[1].body, b"hello");
+    assert_eq!(seen[3].body, b"abc");
+    assert_eq!(seen[4].header_values("x-long"), vec![long.as_str()]);
+}

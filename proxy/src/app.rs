@@ -1,40 +1,77 @@
-//! The listener's application: Pingora's HTTP proxy behind our own per-connection defences.
+//! The listener's application: our own HTTP/1 request loop on Pingora's sessions, Pingora's
+//! HTTP proxy for what that loop leaves to it, and our own per-connection defences.
 //!
 //! - Connection limits: a connection beyond `max_connections_per_ip` or `max_connections` is
 //!   closed at once, before any byte of it is read.
 //! - A whole-header deadline for HTTP/1.x (Pingora's own is per read, and a fixed 60 s before
 //!   the first request): see [`crate::conn::EdgeStream`].
+//! - Requests without a body (nearly all traffic) are read into Pingora's HTTP/1 proxy session
+//!   and handed to the gateway here, without `HttpProxy`'s per-request machinery (its modules,
+//!   cache and subrequest state and the moves of its session), which measured about 2 µs of
+//!   CPU a request (benches/README.md, "Floors"). Requests with a body, `CONNECT`, heads this
+//!   loop does not take (see [`plain`]) and HTTP/2 go to Pingora's `HttpProxy` as before, which
+//!   reads the same bytes again from the stream.
 
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::BytesMut;
 use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::prelude::{Error, ErrorType};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
-use pingora::proxy::HttpProxy;
+use pingora::proxy::{HttpProxy, ProxyHttp, Session};
+use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
+use tokio::io::AsyncReadExt;
 
 use crate::conn::{self, ConnLimits, EdgeStream};
 use crate::drain::Drain;
 use crate::Gateway;
 
+/// A request head this loop reads before it knows who serves it: longer ones go to Pingora's
+/// reader (which has its own limit, and the gateway its `max_header_bytes`).
+const LOOK_LIMIT: usize = 64 * 1024;
+/// Header lines the look parses; a request with more goes to Pingora's reader.
+const LOOK_HEADERS: usize = 96;
+
 pub struct EdgeApp {
     inner: Arc<HttpProxy<Gateway>>,
+    /// The same gateway as `inner`'s (a clone: all its state is shared), for the requests this
+    /// loop serves itself.
+    gateway: Gateway,
     header_timeout: Duration,
     limits: Arc<ConnLimits>,
     header_timeouts: prometheus::IntCounter,
     drain: Option<Arc<Drain>>,
+    /// Set when the listener's cleanup begins: idle kept-alive connections close, as Pingora's
+    /// own wait for a request does.
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+/// What the look at a request head found.
+enum Head {
+    /// A complete head of a request without a body: served by this loop.
+    Plain,
+    /// Anything else: Pingora's `HttpProxy` reads it again and serves (or refuses) it.
+    Other,
+    /// The client closed the connection before a request.
+    Closed,
 }
 
 impl EdgeApp {
     pub fn new(
-        inner: HttpProxy<Gateway>,
+        gateway: Gateway,
+        conf: &Arc<ServerConf>,
         header_timeout: Duration,
         limits: Arc<ConnLimits>,
         header_timeouts: prometheus::IntCounter,
     ) -> EdgeApp {
-        EdgeApp { inner: Arc::new(inner), header_timeout, limits, header_timeouts, drain: None }
+        let inner = Arc::new(pingora::proxy::http_proxy(conf, gateway.clone()));
+        let (closing, _) = tokio::sync::watch::channel(false);
+        EdgeApp { inner, gateway, header_timeout, limits, header_timeouts, drain: None, closing }
     }
 
     /// Started when this listener stops accepting (the same `Drain` as the gateway's).
@@ -43,11 +80,126 @@ impl EdgeApp {
         self
     }
 
-    /// Pingora's own per-read timer, set a second past ours so that ours (which can answer 408)
-    /// fires first; it still bounds the idle time before a kept-alive request.
+    /// Pingora's own per-read timer for the heads its reader finishes (those past the look), set
+    /// a second past ours so that ours, which can answer 408, fires first.
     fn pingora_keepalive_secs(&self) -> u64 {
         self.header_timeout.as_secs().saturating_add(1).max(1)
     }
+
+    /// Serves one request without a body whose head `edge` replays. Returns the stream when the
+    /// connection may carry another request.
+    async fn serve_plain(&self, edge: Box<EdgeStream>, shutdown: &ShutdownWatch) -> Option<Box<EdgeStream>> {
+        let gw = &self.gateway;
+        let mut session = Session::new_h1(edge);
+        match session.downstream_session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                // The look accepted what Pingora's parser refuses: answer as HttpProxy does.
+                tracing::debug!("request head refused: {e}");
+                if matches!(e.etype(), ErrorType::InvalidHTTPHeader) {
+                    let _ = session.downstream_session.respond_error(400).await;
+                }
+                session.downstream_session.shutdown().await;
+                return None;
+            }
+        }
+        // Reading the request set keep-alive from its version and `Connection` header.
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        let mut ctx = gw.new_ctx();
+        let outcome = match gw.request_filter(&mut session, &mut ctx).await {
+            Ok(true) => Ok(()),
+            // The gateway answers every request without a body itself (only a body goes to
+            // Pingora's proxy loop); anything else is a bug, answered 500 rather than dropped.
+            Ok(false) => Err(Error::explain(ErrorType::InternalError, "a request without a body was not answered")),
+            Err(e) => Err(e),
+        };
+        let reuse = match outcome {
+            Ok(()) => {
+                gw.logging(&mut session, None, &mut ctx).await;
+                true
+            }
+            Err(e) => {
+                let failed = gw.fail_to_proxy(&mut session, &e, &mut ctx).await;
+                if !gw.suppress_error_log(&session, &ctx, &e) {
+                    tracing::error!(
+                        status = failed.error_code,
+                        "request failed: {e}, {}",
+                        gw.request_summary(&session, &ctx)
+                    );
+                }
+                gw.logging(&mut session, Some(&e), &mut ctx).await;
+                failed.can_reuse_downstream
+            }
+        };
+        if !reuse {
+            session.downstream_session.shutdown().await;
+            return None;
+        }
+        let (stream, pipelined) = session.downstream_session.finish().await.ok().flatten()?.into_parts();
+        let mut edge = downcast(stream)?;
+        if let Some(bytes) = pipelined {
+            edge.unread(bytes);
+        }
+        Some(edge)
+    }
+
+    /// Serves one request (whose head `edge` may replay) on Pingora's `HttpProxy`.
+    async fn serve_other(&self, edge: Box<EdgeStream>, shutdown: &ShutdownWatch) -> Option<Box<EdgeStream>> {
+        let mut session = ServerSession::new_http1(edge);
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(self.pingora_keepalive_secs()) });
+        let (stream, _settings) = self.inner.process_new_http(session, shutdown).await?.consume();
+        downcast(stream)
+    }
+}
+
+fn downcast(stream: Stream) -> Option<Box<EdgeStream>> {
+    match stream.into_any().downcast::<EdgeStream>() {
+        Ok(edge) => Some(edge),
+        Err(_) => {
+            tracing::error!("a kept-alive connection lost its edge wrapper; closing it");
+            None
+        }
+    }
+}
+
+/// Reads a request head from `edge` into `buf`, parsing it once the header clock has seen its
+/// end (so a client sending a byte at a time does not make us parse its head over and over).
+async fn look(edge: &mut EdgeStream, buf: &mut BytesMut) -> io::Result<Head> {
+    loop {
+        if !buf.is_empty() && !edge.armed() {
+            let mut headers = [httparse::EMPTY_HEADER; LOOK_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            return Ok(match req.parse(buf) {
+                Ok(httparse::Status::Complete(_)) if plain(&req) => Head::Plain,
+                // Partial (the clock and httparse disagree on the end), refused or too many
+                // lines: Pingora's reader decides, and answers what it refuses.
+                _ => Head::Other,
+            });
+        }
+        if buf.len() >= LOOK_LIMIT {
+            return Ok(Head::Other);
+        }
+        buf.reserve(4096);
+        if edge.read_buf(buf).await? == 0 {
+            return Ok(Head::Closed);
+        }
+    }
+}
+
+/// A request this loop serves: no body by its framing (RFC 9112 6.3: neither
+/// `Transfer-Encoding` nor a `Content-Length` other than 0), no `Expect`, not `CONNECT`.
+fn plain(req: &httparse::Request<'_, '_>) -> bool {
+    req.method != Some("CONNECT")
+        && req.headers.iter().all(|h| {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                h.value.trim_ascii() == b"0"
+            } else {
+                !h.name.eq_ignore_ascii_case("transfer-encoding") && !h.name.eq_ignore_ascii_case("expect")
+            }
+        })
 }
 
 #[async_trait]
@@ -61,34 +213,45 @@ impl ServerApp for EdgeApp {
             }
         };
         let h2 = stream.get_ssl_digest().is_some() && matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
-        let mut edge = EdgeStream::new(stream, Some(slot), Some(self.header_timeouts.clone()));
+        let mut edge = Box::new(EdgeStream::new(stream, Some(slot), Some(self.header_timeouts.clone())));
         if h2 {
             // HTTP/2 keeps Pingora's own handling; the stream still holds the connection's slot.
-            return self.inner.process_new(Box::new(edge), shutdown).await;
+            return self.inner.process_new(edge, shutdown).await;
         }
-        edge.arm(self.header_timeout);
-        let mut session = ServerSession::new_http1(Box::new(edge));
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(self.pingora_keepalive_secs()) });
-        let mut result = self.inner.process_new_http(session, shutdown).await;
-        while let Some((stream, settings)) = result.map(|r| r.consume()) {
-            // The clock restarts for the next request on this connection.
-            let stream: Stream = match stream.into_any().downcast::<EdgeStream>() {
-                Ok(mut edge) => {
-                    edge.arm(self.header_timeout);
-                    edge
-                }
-                Err(_) => {
-                    tracing::error!("a kept-alive connection lost its edge wrapper; closing it");
+        let mut closing = self.closing.subscribe();
+        loop {
+            if edge.has_replay() {
+                // Bytes of the next request came with the last one (pipelining): Pingora's
+                // reader takes them, the clock not having seen them.
+                edge.arm(self.header_timeout);
+                edge = self.serve_other(edge, shutdown).await?;
+                continue;
+            }
+            // The clock runs from here for this request's header.
+            edge.arm(self.header_timeout);
+            let mut buf = BytesMut::new();
+            let head = tokio::select! {
+                biased;
+                r = look(&mut edge, &mut buf) => r,
+                _ = closing.wait_for(|c| *c) => return None,
+            };
+            let head = match head {
+                Ok(h) => h,
+                Err(e) => {
+                    // A header timeout (answered 408 by the stream where it may be) or a broken
+                    // connection.
+                    tracing::debug!("reading a request head: {e}");
                     return None;
                 }
             };
-            let mut session = ServerSession::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
-            }
-            result = self.inner.process_new_http(session, shutdown).await;
+            edge.unread(buf);
+            edge = match head {
+                Head::Closed => return None,
+                // The clock stopped at the end of the head, before the look parsed it.
+                Head::Plain => self.serve_plain(edge, shutdown).await?,
+                Head::Other => self.serve_other(edge, shutdown).await?,
+            };
         }
-        None
     }
 
     async fn cleanup(&self) {
@@ -100,6 +263,38 @@ impl ServerApp for EdgeApp {
             d.begin();
             d.closing().await;
         }
+        self.closing.send_replace(true);
         self.inner.http_cleanup().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_plain(head: &[u8]) -> bool {
+        let mut headers = [httparse::EMPTY_HEADER; LOOK_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        assert!(matches!(req.parse(head), Ok(httparse::Status::Complete(_))), "{head:?}");
+        plain(&req)
+    }
+
+    #[test]
+    fn only_requests_without_a_body_are_plain() {
+        assert!(is_plain(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(is_plain(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(is_plain(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"));
+        assert!(is_plain(b"POST / HTTP/1.1\r\nHost: a\r\ncontent-length:  0 \r\n\r\n"));
+        // Neither a length nor a transfer coding: a request without a body (RFC 9112 6.3).
+        assert!(is_plain(b"DELETE /x HTTP/1.0\r\n\r\n"));
+        assert!(is_plain(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"));
+
+        assert!(!is_plain(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"));
+        assert!(!is_plain(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n"));
+        assert!(!is_plain(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 00\r\n\r\n"));
+        assert!(!is_plain(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        assert!(!is_plain(b"GET / HTTP/1.1\r\nHost: a\r\nTRANSFER-ENCODING: identity\r\n\r\n"));
+        assert!(!is_plain(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n"));
+        assert!(!is_plain(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"));
     }
 }

@@ -44,7 +44,9 @@ fn plausible_acme_token(t: &str) -> bool {
     (16..=256).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// The data plane.
+/// The data plane. A clone shares all its state (the edge's own loop and Pingora's `HttpProxy`
+/// each hold one).
+#[derive(Clone)]
 pub struct Gateway {
     table: TableReader,
     metrics: Arc<Metrics>,
@@ -719,6 +721,10 @@ impl Gateway {
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
+
+    /// No downstream modules: Pingora adds a disabled compression module by default, which
+    /// still costs every request its context and filter calls; markco does not compress.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> Ctx {
         Ctx {

@@ -197,7 +197,8 @@ impl Metrics {
     }
 }
 
-/// Metric handles of one route.
+/// Metric handles of one route (a clone shares its series).
+#[derive(Clone)]
 pub struct RouteMetrics {
     name: Arc<str>,
     owner: Arc<Metrics>,
