@@ -9,15 +9,16 @@
 //!   and handed to the gateway here, without `HttpProxy`'s per-request machinery (its modules,
 //!   cache and subrequest state and the moves of its session), which measured about 2 µs of
 //!   CPU a request (benches/README.md, "Floors"). Requests with a body, `CONNECT`, heads this
-//!   loop does not take (see [`plain`]) and HTTP/2 go to Pingora's `HttpProxy` as before, which
-//!   reads the same bytes again from the stream.
+//!   loop does not take (see [`plain`]) and HTTP/2 go to Pingora's `HttpProxy` as before. Both
+//!   get the bytes already read as the start of Pingora's read buffer (its "pipelined prefix"),
+//!   so nothing is read twice and nothing goes back into the stream.
 
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::prelude::{Error, ErrorType};
 use pingora::protocols::http::ServerSession;
@@ -57,7 +58,7 @@ enum Head {
     Plain,
     /// Anything else: Pingora's `HttpProxy` reads it again and serves (or refuses) it.
     Other,
-    /// The client closed the connection before a request.
+    /// The client closed the connection before a request (or the head cannot be served).
     Closed,
 }
 
@@ -86,11 +87,19 @@ impl EdgeApp {
         self.header_timeout.as_secs().saturating_add(1).max(1)
     }
 
-    /// Serves one request without a body whose head `edge` replays. Returns the stream when the
-    /// connection may carry another request.
-    async fn serve_plain(&self, edge: Box<EdgeStream>, shutdown: &ShutdownWatch) -> Option<Box<EdgeStream>> {
+    /// Serves one request without a body, whose head (and whatever followed it) is in `read`.
+    /// Returns the stream when the connection may carry another request.
+    async fn serve_plain(
+        &self,
+        edge: Box<EdgeStream>,
+        read: BytesMut,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Box<EdgeStream>> {
         let gw = &self.gateway;
         let mut session = Session::new_h1(edge);
+        // Pingora's reader parses these bytes as the start of its buffer. Bytes past the head
+        // are the next request's (pipelining): Pingora then does not reuse the connection.
+        session.downstream_session.set_pipelined_prefix(read);
         match session.downstream_session.read_request().await {
             Ok(true) => {}
             Ok(false) => return None,
@@ -138,17 +147,22 @@ impl EdgeApp {
             session.downstream_session.shutdown().await;
             return None;
         }
-        let (stream, pipelined) = session.downstream_session.finish().await.ok().flatten()?.into_parts();
-        let mut edge = downcast(stream)?;
-        if let Some(bytes) = pipelined {
-            edge.unread(bytes);
-        }
-        Some(edge)
+        // Pipelining is not enabled on the session, so Pingora gives back no bytes of a next
+        // request: it closes instead.
+        let (stream, _) = session.downstream_session.finish().await.ok().flatten()?.into_parts();
+        downcast(stream)
     }
 
-    /// Serves one request (whose head `edge` may replay) on Pingora's `HttpProxy`.
-    async fn serve_other(&self, edge: Box<EdgeStream>, shutdown: &ShutdownWatch) -> Option<Box<EdgeStream>> {
+    /// Serves one request, whose first bytes are in `read`, on Pingora's `HttpProxy`.
+    async fn serve_other(
+        &self,
+        edge: Box<EdgeStream>,
+        read: BytesMut,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Box<EdgeStream>> {
         let mut session = ServerSession::new_http1(edge);
+        // Its reader goes on from these bytes (the header clock has seen them).
+        session.set_pipelined_prefix(read);
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(self.pingora_keepalive_secs()) });
         let (stream, _settings) = self.inner.process_new_http(session, shutdown).await?.consume();
         downcast(stream)
@@ -174,16 +188,23 @@ async fn look(edge: &mut EdgeStream, buf: &mut BytesMut) -> io::Result<Head> {
             let mut req = httparse::Request::new(&mut headers);
             return Ok(match req.parse(buf) {
                 Ok(httparse::Status::Complete(_)) if plain(&req) => Head::Plain,
-                // Partial (the clock and httparse disagree on the end), refused or too many
-                // lines: Pingora's reader decides, and answers what it refuses.
+                // The clock saw the end, httparse did not (no input is known to do this):
+                // Pingora's reader would go on without the whole-header deadline, so refuse.
+                Ok(httparse::Status::Partial) => {
+                    tracing::debug!("request head ended for the header clock but not for httparse; closing");
+                    Head::Closed
+                }
+                // A body, refused or too many lines: Pingora's reader decides, and answers
+                // what it refuses.
                 _ => Head::Other,
             });
         }
-        if buf.len() >= LOOK_LIMIT {
+        let room = LOOK_LIMIT.saturating_sub(buf.len());
+        if room == 0 {
             return Ok(Head::Other);
         }
-        buf.reserve(4096);
-        if edge.read_buf(buf).await? == 0 {
+        buf.reserve(room.min(4096));
+        if edge.read_buf(&mut (&mut *buf).limit(room)).await? == 0 {
             return Ok(Head::Closed);
         }
     }
@@ -220,13 +241,6 @@ impl ServerApp for EdgeApp {
         }
         let mut closing = self.closing.subscribe();
         loop {
-            if edge.has_replay() {
-                // Bytes of the next request came with the last one (pipelining): Pingora's
-                // reader takes them, the clock not having seen them.
-                edge.arm(self.header_timeout);
-                edge = self.serve_other(edge, shutdown).await?;
-                continue;
-            }
             // The clock runs from here for this request's header.
             edge.arm(self.header_timeout);
             let mut buf = BytesMut::new();
@@ -244,12 +258,11 @@ impl ServerApp for EdgeApp {
                     return None;
                 }
             };
-            edge.unread(buf);
             edge = match head {
                 Head::Closed => return None,
                 // The clock stopped at the end of the head, before the look parsed it.
-                Head::Plain => self.serve_plain(edge, shutdown).await?,
-                Head::Other => self.serve_other(edge, shutdown).await?,
+                Head::Plain => self.serve_plain(edge, buf, shutdown).await?,
+                Head::Other => self.serve_other(edge, buf, shutdown).await?,
             };
         }
     }

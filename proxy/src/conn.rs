@@ -21,7 +21,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Buf, BytesMut};
 use pingora::protocols::l4::socket::SocketAddr;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
@@ -208,9 +207,6 @@ struct Clock {
 /// The accepted client stream with the header deadline and the connection slot.
 pub struct EdgeStream {
     inner: Stream,
-    /// Bytes already read (by [`crate::app`]'s look at the request head) that the next reader
-    /// gets first. Empty, and unallocated, once they are read.
-    replay: BytesMut,
     clock: Option<Clock>,
     served: bool,
     _slot: Option<ConnSlot>,
@@ -225,21 +221,7 @@ impl fmt::Debug for EdgeStream {
 
 impl EdgeStream {
     pub fn new(inner: Stream, slot: Option<ConnSlot>, timeouts: Option<prometheus::IntCounter>) -> EdgeStream {
-        EdgeStream { inner, replay: BytesMut::new(), clock: None, served: false, _slot: slot, timeouts }
-    }
-
-    /// Gives back bytes read from this stream, so that the next read returns them first. They
-    /// were read through the header clock already, so they do not feed it again.
-    pub fn unread(&mut self, mut bytes: BytesMut) {
-        if !self.replay.is_empty() {
-            bytes.extend_from_slice(&self.replay);
-        }
-        self.replay = bytes;
-    }
-
-    /// Bytes given back with [`EdgeStream::unread`] are still to be read.
-    pub fn has_replay(&self) -> bool {
-        !self.replay.is_empty()
+        EdgeStream { inner, clock: None, served: false, _slot: slot, timeouts }
     }
 
     /// Starts the clock for the next request header: it must begin within `timeout` and, once
@@ -298,16 +280,6 @@ impl EdgeStream {
 impl AsyncRead for EdgeStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.replay.is_empty() {
-            let n = this.replay.len().min(buf.remaining());
-            buf.put_slice(this.replay.get(..n).unwrap_or_default());
-            this.replay.advance(n);
-            if this.replay.is_empty() {
-                // Free the buffer: an idle connection keeps no memory of its last request.
-                this.replay = BytesMut::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
         let Some(clock) = this.clock.as_mut() else {
             return Pin::new(&mut *this.inner).poll_read(cx, buf);
         };
@@ -432,11 +404,6 @@ impl GetSocketDigest for EdgeStream {
 #[async_trait]
 impl Peek for EdgeStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        if !self.replay.is_empty() {
-            let n = self.replay.len().min(buf.len());
-            buf[..n].copy_from_slice(&self.replay[..n]);
-            return Ok(true);
-        }
         self.inner.try_peek(buf).await
     }
 }
