@@ -9,9 +9,10 @@
 //!   and handed to the gateway here, without `HttpProxy`'s per-request machinery (its modules,
 //!   cache and subrequest state and the moves of its session), which measured about 2 µs of
 //!   CPU a request (benches/README.md, "Floors"). Requests with a body, `CONNECT`, heads this
-//!   loop does not take (see [`plain`]) and HTTP/2 go to Pingora's `HttpProxy` as before. Both
+//!   loop does not take (see [`plain`]) go to Pingora's `HttpProxy` as before. Both HTTP/1 paths
 //!   get the bytes already read as the start of Pingora's read buffer (its "pipelined prefix"),
-//!   so nothing is read twice and nothing goes back into the stream.
+//!   so nothing is read twice and nothing goes back into the stream. HTTP/2 goes to `HttpProxy`
+//!   on the raw stream.
 
 use std::io;
 use std::sync::Arc;
@@ -56,7 +57,8 @@ pub struct EdgeApp {
 enum Head {
     /// A complete head of a request without a body: served by this loop.
     Plain,
-    /// Anything else: Pingora's `HttpProxy` reads it again and serves (or refuses) it.
+    /// Anything else: Pingora's `HttpProxy` parses it from the bytes read, reads what follows,
+    /// and serves (or refuses) it.
     Other,
     /// The client closed the connection before a request (or the head cannot be served).
     Closed,
@@ -188,8 +190,10 @@ async fn look(edge: &mut EdgeStream, buf: &mut BytesMut) -> io::Result<Head> {
             let mut req = httparse::Request::new(&mut headers);
             return Ok(match req.parse(buf) {
                 Ok(httparse::Status::Complete(_)) if plain(&req) => Head::Plain,
-                // The clock saw the end, httparse did not (no input is known to do this):
-                // Pingora's reader would go on without the whole-header deadline, so refuse.
+                // The clock saw the end, httparse did not. It cannot happen today (every byte
+                // before the blank line the clock found is a line end or an httparse error),
+                // but were it to, Pingora's reader would go on without the whole-header
+                // deadline: refuse.
                 Ok(httparse::Status::Partial) => {
                     tracing::debug!("request head ended for the header clock but not for httparse; closing");
                     Head::Closed

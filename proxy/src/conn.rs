@@ -250,7 +250,7 @@ impl EdgeStream {
         }
     }
 
-    /// True while a header is being waited for (for tests and logs).
+    /// True while a header is being waited for: the edge loop parses a head once this is false.
     pub fn armed(&self) -> bool {
         self.clock.is_some()
     }
