@@ -157,6 +157,14 @@ hosts = ["a.test"]
     )
 }
 
+/// A client connection whose reads give up after 10 s (a test waiting on markco fails rather
+/// than hangs).
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s
+}
+
 /// Sends raw bytes, reads until the server closes or `timeout`; returns what came back.
 fn exchange(addr: SocketAddr, raw: &[u8], timeout: Duration) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).expect("connect");
@@ -234,8 +242,7 @@ fn h2c_is_never_tunnelled_and_nothing_is_smuggled_behind_it() {
     let m = Markco::start(&config(rec.addr, ""));
     // 1. The client asks for h2c: the upstream gets a plain request, and the next request on
     //    the connection is routed by markco (the deny rule answers it).
-    let mut s = TcpStream::connect(m.http).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut s = connect(m.http);
     s.write_all(
         b"GET /page HTTP/1.1\r\nHost: a.test\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
     )
@@ -256,8 +263,7 @@ fn h2c_is_never_tunnelled_and_nothing_is_smuggled_behind_it() {
 
     // 2. A websocket request that the upstream answers with a switch to h2c: refused (502),
     //    and what the client sends next never reaches the upstream through a tunnel.
-    let mut s = TcpStream::connect(m.http).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut s = connect(m.http);
     s.write_all(
         b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
     )
@@ -385,8 +391,7 @@ fn header_deadline_is_for_the_whole_header_with_a_408() {
     let got = exchange(m.http, b"", Duration::from_secs(10));
     assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
     assert_eq!(status_of(&got), 408, "{}", String::from_utf8_lossy(&got));
-    let mut s = TcpStream::connect(m.http).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut s = connect(m.http);
     s.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("send");
     assert_eq!(status_of(&read_response(&mut s)), 200);
     let start = Instant::now();
@@ -396,8 +401,7 @@ fn header_deadline_is_for_the_whole_header_with_a_408() {
     assert!(rest.is_empty(), "no 408 on an idle kept-alive connection: {:?}", String::from_utf8_lossy(&rest));
     // The deadline holds for every request on a connection, not only its first: a second header
     // begun and never finished gets its 408 too.
-    let mut s = TcpStream::connect(m.http).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut s = connect(m.http);
     s.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("send");
     assert_eq!(status_of(&read_response(&mut s)), 200);
     s.write_all(b"GET /two HTTP/1.1\r\nHost: a.te").expect("send");
@@ -408,8 +412,7 @@ fn header_deadline_is_for_the_whole_header_with_a_408() {
     assert_eq!(status_of(&rest), 408, "{}", String::from_utf8_lossy(&rest));
     // A head longer than the edge loop looks at (64 KiB) goes on in Pingora's reader under the
     // same clock: never finished, it is cut at the deadline too.
-    let mut s = TcpStream::connect(m.http).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut s = connect(m.http);
     let long = format!("GET /long HTTP/1.1\r\nHost: a.test\r\nX-Long: {}", "a".repeat(70_000));
     let start = Instant::now();
     s.write_all(long.as_bytes()).expect("send");
@@ -518,8 +521,7 @@ fn one_connection_carries_requests_with_and_without_a_body_in_turn() {
     let rec = Recorder::start();
     // A long header clock, so that only an answer that ends the connection closes it early.
     let m = Markco::start(&config(rec.addr, "max_header_bytes = 200000\nheader_timeout = \"60s\""));
-    let mut s = TcpStream::connect(m.http).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut s = connect(m.http);
     let long = "x".repeat(100_000);
     let requests: Vec<(Vec<u8>, u16)> = vec![
         (b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n".to_vec(), 200),
@@ -571,8 +573,7 @@ fn one_connection_carries_requests_with_and_without_a_body_in_turn() {
     // Pipelined requests: the first is answered whole, then the connection closes (Pingora
     // does not serve a request that came with the previous one; RFC 9112 9.3.2 lets the
     // client retry it), rather than hanging or mixing answers.
-    let mut p = TcpStream::connect(m.http).expect("connect");
-    p.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut p = connect(m.http);
     p.write_all(b"GET /p1 HTTP/1.1\r\nHost: a.test\r\n\r\nGET /p2 HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("send");
     let mut got = Vec::new();
     p.read_to_end(&mut got).expect("the connection closes after the first answer");

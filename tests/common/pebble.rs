@@ -151,13 +151,17 @@ impl Pebble {
 
     /// How many orders pebble has received (`POST /order-plz` in its log).
     pub fn order_count(&self) -> usize {
-        self.log().lines().filter(|l| l.contains("POST /order-plz")).count()
+        self.log_lines_with("POST /order-plz")
     }
 
     /// How many challenge validations pebble has started (one per challenge a client asked it
     /// to validate; none for an order whose authorization pebble reused).
     pub fn validation_count(&self) -> usize {
-        self.log().lines().filter(|l| l.contains("Pulled a task from the Tasks queue")).count()
+        self.log_lines_with("Pulled a task from the Tasks queue")
+    }
+
+    fn log_lines_with(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
     }
 
     /// The PEM of the root that issues this pebble's certificates (fetched over HTTPS from the
