@@ -258,3 +258,74 @@ fn bytes_an_upstream_sends_on_an_idle_connection_never_answer_a_later_request() 
     assert_eq!(get(), "conn-1 req-0", "the connection with stray bytes is not reused");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+#[test]
+fn every_framing_written_a_byte_at_a_time_reaches_the_client_whole() {
+    // markco reads these answers itself (`proxy/src/h1.rs`): each one is written a byte at a
+    // time, so every boundary of the head, the chunk lines and the trailers falls inside a
+    // read. One upstream connection serves them all, in turn, so each answer must also end
+    // exactly where its framing says.
+    let answers: [&[u8]; 4] = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Case: Kept\r\n\r\nlength",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;name=\"a b\"\r\nchun\r\n3\r\nked\r\n0\r\nX-Trailer: dropped\r\n\r\n",
+        // An HTTP/1.0 upstream that keeps the connection open when asked to, folding a header.
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nX-Folded: a\r\n b\r\nContent-Length: 4\r\n\r\n1.0!",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ];
+    let (up, accepted) = scripted(move |_, mut s| {
+        for answer in answers {
+            if read_head(&mut s).is_none() {
+                return;
+            }
+            for b in answer {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                let _ = s.flush();
+            }
+        }
+    });
+    let m = Markco::start(&config(up));
+    let mut c = TcpStream::connect(m.http).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut get = || {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("send");
+        read_one(&mut c)
+    };
+    let r = get();
+    assert_eq!((r.status, r.body_text().as_str()), (200, "length"));
+    assert_eq!(r.header("x-case"), Some("Kept"));
+    let r = get();
+    assert_eq!((r.status, r.body_text().as_str()), (200, "chunked"), "{:?}", r.headers);
+    let r = get();
+    assert_eq!((r.status, r.body_text().as_str()), (200, "1.0!"));
+    let folded = r.header("x-folded").expect("the folded header is relayed");
+    assert!(folded.starts_with('a') && folded.ends_with('b') && !folded.contains('\n'), "{folded:?}");
+    let r = get();
+    assert_eq!((r.status, r.body_text().as_str()), (204, ""));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one upstream connection carried all four");
+}
+
+#[test]
+fn an_answer_followed_by_more_bytes_is_relayed_alone_and_its_connection_dropped() {
+    // Connection 0 writes a second response right behind its first, in the same write: a
+    // broken or hostile upstream. Those bytes must never answer another request.
+    let (up, accepted) = scripted(|conn, mut s| {
+        let mut n = 0;
+        while read_head(&mut s).is_some() {
+            let body = format!("conn-{conn} req-{n}");
+            let extra = if conn == 0 { "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTALE" } else { "" };
+            // One write, so that markco reads the extra bytes with the answer (the pool's check
+            // at checkout would find bytes that came later).
+            let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}{extra}", body.len());
+            let _ = s.write_all(answer.as_bytes());
+            n += 1;
+        }
+    });
+    let m = Markco::start(&config(up));
+    let get = || http_get(m.http, "/", &[("Host", "a.test")]).expect("GET").body_text();
+    assert_eq!(get(), "conn-0 req-0");
+    assert_eq!(get(), "conn-1 req-0", "the connection that sent too much is not reused");
+    assert_eq!(get(), "conn-1 req-1");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}

@@ -6,6 +6,7 @@ pub mod conn;
 pub mod drain;
 pub mod forwarded;
 pub mod gateway;
+pub mod h1;
 pub mod identity;
 pub mod metrics;
 pub mod path;

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 
 use crate::drain::Drain;
 use crate::forwarded;
+use crate::h1;
 use crate::pump;
 use crate::upstream::up_err;
 
@@ -51,67 +52,33 @@ fn head_bytes(req: &RequestHeader) -> Vec<u8> {
     out
 }
 
-/// Reads the upstream's response head. Returns it and any bytes read past it.
-async fn read_head(up: &mut TcpStream, timeout: Duration) -> Result<(ResponseHeader, Vec<u8>, Option<usize>, bool)> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
+/// Reads the upstream's response head ([`h1::parse_head`]). Returns it and any bytes read past
+/// it.
+async fn read_head(up: &mut TcpStream, timeout: Duration) -> Result<(ResponseHeader, BytesMut)> {
+    let mut buf = BytesMut::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut scanned = 0;
     loop {
-        let n = match tokio::time::timeout_at(deadline, up.read(&mut chunk)).await {
+        if h1::head_may_end(&buf, scanned) {
+            if let Some(head) = h1::parse_head(&buf)? {
+                let rest = buf.split_off(head.len);
+                return Ok((head.header, rest));
+            }
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(up_err(ErrorType::InvalidHTTPHeader, "upgrade answer head too large"));
+        }
+        scanned = buf.len();
+        buf.reserve(4096);
+        match tokio::time::timeout_at(deadline, up.read_buf(&mut buf)).await {
             Ok(Ok(0)) => {
                 return Err(up_err(ErrorType::ConnectionClosed, "upstream closed before answering the upgrade"))
             }
-            Ok(Ok(n)) => n,
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(up_err(ErrorType::ReadError, format!("reading the upgrade answer: {e}"))),
             Err(_) => return Err(up_err(ErrorType::ReadTimedout, "no answer to the upgrade request")),
-        };
-        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-        match parse_head(&buf) {
-            Ok(Some(head)) => {
-                let rest = buf.split_off(head.len.min(buf.len()));
-                return Ok((head.header, rest, head.content_length, head.chunked));
-            }
-            Ok(None) if buf.len() < MAX_HEAD => continue,
-            Ok(None) => return Err(up_err(ErrorType::InvalidHTTPHeader, "upgrade answer head too large")),
-            Err(e) => return Err(up_err(ErrorType::InvalidHTTPHeader, format!("malformed upgrade answer: {e}"))),
         }
     }
-}
-
-/// A parsed response head (see [`parse_head`]).
-#[derive(Debug)]
-pub struct Head {
-    pub header: ResponseHeader,
-    /// Bytes of the head, its final CRLF included; the body starts there.
-    pub len: usize,
-    pub content_length: Option<usize>,
-    pub chunked: bool,
-}
-
-/// Parses an upstream's response head from the bytes read so far: `Ok(None)` while it is
-/// incomplete. Pure, so it can be fuzzed: the bytes come from a tenant's runtime.
-pub fn parse_head(buf: &[u8]) -> std::result::Result<Option<Head>, String> {
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    };
-    let status = resp.code.unwrap_or(502);
-    let mut header = ResponseHeader::build(status, Some(resp.headers.len())).map_err(|e| e.to_string())?;
-    let mut content_length = None;
-    let mut chunked = false;
-    for hd in resp.headers.iter() {
-        if hd.name.eq_ignore_ascii_case("content-length") {
-            content_length = std::str::from_utf8(hd.value).ok().and_then(|v| v.trim().parse().ok());
-        }
-        if hd.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = String::from_utf8_lossy(hd.value).to_ascii_lowercase().contains("chunked");
-        }
-        header.append_header(hd.name.to_string(), hd.value).map_err(|e| e.to_string())?;
-    }
-    Ok(Some(Head { header, len, content_length, chunked }))
 }
 
 /// Relays one upgrade request to `addr`. Errors before anything was written to the client are
@@ -129,8 +96,7 @@ pub async fn relay<G: Send + 'static>(
     up.write_all(&head_bytes(req))
         .await
         .map_err(|e| up_err(ErrorType::WriteError, format!("sending the upgrade: {e}")))?;
-    let (mut resp, leftover, content_length, chunked) =
-        read_head(&mut up, connect_timeout.max(Duration::from_secs(10))).await?;
+    let (mut resp, leftover) = read_head(&mut up, connect_timeout.max(Duration::from_secs(10))).await?;
     forwarded::clean_response(&mut resp);
     let status = resp.status.as_u16();
     if status == 101 && !switches_to_requested(req, &resp) {
@@ -140,9 +106,8 @@ pub async fn relay<G: Send + 'static>(
     }
     if status != 101 {
         // The upstream refused the upgrade: relay its (short) answer as a plain response.
-        let body = refusal_body(&mut up, leftover, content_length, chunked)
-            .await
-            .map_err(|e| up_err(ErrorType::InvalidHTTPHeader, format!("refused upgrade's body: {e}")))?;
+        let head_request = req.method == http::Method::HEAD;
+        let body = refusal_body(&mut up, &mut resp, head_request, leftover).await?;
         resp.remove_header("transfer-encoding");
         resp.insert_header("Content-Length", body.len().to_string())?;
         session.write_response_header(Box::new(resp), body.is_empty()).await?;
@@ -227,107 +192,47 @@ fn switches_to_requested(req: &RequestHeader, resp: &ResponseHeader) -> bool {
     chosen.split(',').map(name).all(|c| offered.contains(&c))
 }
 
-/// Reads a refused upgrade's body: whole, or an error (a cut or oversized body is not relayed as
-/// if it were complete).
+/// Reads a refused upgrade's body ([`h1::Body`]): whole, or an error (a cut or oversized body is
+/// not relayed as if it were complete).
 async fn refusal_body(
     up: &mut TcpStream,
-    mut body: Vec<u8>,
-    content_length: Option<usize>,
-    chunked: bool,
-) -> std::result::Result<Vec<u8>, DechunkError> {
-    // Chunked framing wins over a Content-Length; without either the body ends at the close.
-    let length = if chunked { None } else { content_length };
-    if length.is_some_and(|n| n > MAX_REFUSAL_BODY) {
-        return Err(DechunkError::TooLarge);
+    resp: &mut ResponseHeader,
+    head_request: bool,
+    mut buf: BytesMut,
+) -> Result<Vec<u8>> {
+    let too_large = || up_err(ErrorType::InvalidHTTPHeader, "refused upgrade's body too large");
+    let framing = h1::framing(resp, head_request)?;
+    if matches!(framing, h1::Framing::Length(n) if n > MAX_REFUSAL_BODY as u64) {
+        return Err(too_large());
     }
-    let want = length.unwrap_or(MAX_REFUSAL_BODY);
-    let mut chunk = [0u8; 8192];
-    let done = |b: &Vec<u8>| b.len() >= want || (chunked && b.ends_with(b"0\r\n\r\n"));
+    let mut body = h1::Body::new(framing);
+    let mut out = Vec::new();
     // One deadline for the whole body: a trickle of bytes must not hold the request forever.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let mut closed = false;
-    while !done(&body) {
-        match tokio::time::timeout_at(deadline, up.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => body.extend_from_slice(chunk.get(..n).unwrap_or_default()),
-            Ok(Ok(_)) => {
-                closed = true;
-                break;
-            }
-            // A reset or the deadline: what was read is not the whole body.
-            _ => break,
-        }
-    }
-    if chunked {
-        return dechunk(&body, MAX_REFUSAL_BODY);
-    }
-    match length {
-        Some(n) if body.len() < n => Err(DechunkError::Truncated),
-        Some(n) => {
-            body.truncate(n);
-            Ok(body)
-        }
-        None if body.len() > MAX_REFUSAL_BODY => Err(DechunkError::TooLarge),
-        None if !closed && body.len() < MAX_REFUSAL_BODY => Err(DechunkError::Truncated),
-        None => Ok(body),
-    }
-}
-
-/// Why a chunked body could not be decoded. The bytes come from an upstream (a tenant's runtime),
-/// so every malformation is an error for the caller, never a panic.
-#[derive(Debug, PartialEq, Eq)]
-pub enum DechunkError {
-    /// A chunk-size line that is not hexadecimal, or does not fit in `usize`.
-    BadSize,
-    /// A chunk not followed by CRLF.
-    BadFraming,
-    /// The body ended (or its time ran out) before its last chunk or its announced length.
-    Truncated,
-    /// The decoded body would pass the caller's limit.
-    TooLarge,
-}
-
-impl std::fmt::Display for DechunkError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DechunkError::BadSize => "bad chunk size",
-            DechunkError::BadFraming => "chunk not followed by CRLF",
-            DechunkError::Truncated => "body cut before its end",
-            DechunkError::TooLarge => "body too large",
-        })
-    }
-}
-
-impl std::error::Error for DechunkError {}
-
-/// Decodes a complete chunked body (extensions and trailers ignored) of at most `limit` bytes.
-pub fn dechunk(mut b: &[u8], limit: usize) -> std::result::Result<Vec<u8>, DechunkError> {
-    let mut out = Vec::new();
     loop {
-        let nl = b.windows(2).position(|w| w == b"\r\n").ok_or(DechunkError::Truncated)?;
-        let line = b.get(..nl).ok_or(DechunkError::Truncated)?;
-        let digits = line.split(|&c| c == b';').next().unwrap_or_default();
-        let digits = std::str::from_utf8(digits).map_err(|_| DechunkError::BadSize)?.trim();
-        if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Err(DechunkError::BadSize);
+        match body.next(&mut buf)? {
+            h1::Step::Data(d) => {
+                if out.len().saturating_add(d.len()) > MAX_REFUSAL_BODY {
+                    return Err(too_large());
+                }
+                out.extend_from_slice(&d);
+            }
+            h1::Step::Done => return Ok(out),
+            h1::Step::More => {
+                buf.reserve(8192);
+                match tokio::time::timeout_at(deadline, up.read_buf(&mut buf)).await {
+                    Ok(Ok(0)) => {
+                        body.closed()?;
+                        return Ok(out);
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        return Err(up_err(ErrorType::ReadError, format!("reading the refused upgrade's body: {e}")))
+                    }
+                    Err(_) => return Err(up_err(ErrorType::ReadTimedout, "the refused upgrade's body took too long")),
+                }
+            }
         }
-        let size = usize::from_str_radix(digits, 16).map_err(|_| DechunkError::BadSize)?;
-        if size == 0 {
-            return Ok(out);
-        }
-        if out.len().checked_add(size).is_none_or(|total| total > limit) {
-            return Err(DechunkError::TooLarge);
-        }
-        let start = nl.checked_add(2).ok_or(DechunkError::BadSize)?;
-        let end = start.checked_add(size).ok_or(DechunkError::BadSize)?;
-        let data = b.get(start..end).ok_or(DechunkError::Truncated)?;
-        match b.get(end..end.saturating_add(2)) {
-            Some(b"\r\n") => {}
-            Some(_) => return Err(DechunkError::BadFraming),
-            None if b.len() > end => return Err(DechunkError::BadFraming),
-            None => return Err(DechunkError::Truncated),
-        }
-        out.extend_from_slice(data);
-        b = b.get(end.saturating_add(2)..).unwrap_or_default();
     }
 }
 
@@ -344,32 +249,5 @@ mod tests {
         assert!(h.starts_with("GET /ws?a=1 HTTP/1.1\r\n"), "{h}");
         assert!(h.contains("host: a.test\r\n") || h.contains("Host: a.test\r\n"), "{h}");
         assert!(h.ends_with("\r\n\r\n"));
-    }
-
-    #[test]
-    fn chunked_refusal() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 16), Ok(b"abcde".to_vec()));
-        assert_eq!(dechunk(b"3;ext=1\r\nabc\r\n0\r\n\r\n", 16), Ok(b"abc".to_vec()));
-    }
-
-    #[test]
-    fn hostile_chunked_refusals_are_errors() {
-        use DechunkError::*;
-        let cases: &[(&[u8], DechunkError)] = &[
-            (b"ffffffffffffffff\r\nab\r\n0\r\n\r\n", TooLarge),
-            (b"fffffffffffffffffffff\r\nab\r\n", BadSize),
-            (b"fffffffffffffff0\r\n", TooLarge),
-            (b"zz\r\nab\r\n0\r\n\r\n", BadSize),
-            (b"-1\r\nab\r\n0\r\n\r\n", BadSize),
-            (b"\r\n", BadSize),
-            (b"2\r\nabc\r\n0\r\n\r\n", BadFraming),
-            (b"5\r\nab", Truncated),
-            (b"2\r\nab\r\n", Truncated),
-            (b"", Truncated),
-            (b"100001\r\n", TooLarge),
-        ];
-        for (body, want) in cases {
-            assert_eq!(dechunk(body, MAX_REFUSAL_BODY).as_ref(), Err(want), "{}", String::from_utf8_lossy(body));
-        }
     }
 }

@@ -4,8 +4,10 @@
 //! channels, and every upstream connection it releases to its pool spawns an idle-watch task on
 //! a random thread that the next checkout wakes again. For a request without a body none of that
 //! is needed: write the head, read the response head, copy the body until it ends. This module
-//! does that on Pingora's own HTTP/1 client session (its parser, framing and keep-alive rules),
-//! with a per-thread pool of idle upstream connections and no idle-watch task: a pooled
+//! does that with Pingora's request serializer and our own response reader ([`crate::h1`]:
+//! `httparse`, RFC 9112 framing and keep-alive rules; Pingora's client session measured a
+//! request-head copy, a response-head copy and its bookkeeping on every request), with a
+//! per-thread pool of idle upstream connections and no idle-watch task: a pooled
 //! connection that the upstream closed meanwhile is found when it is used, and the request (it
 //! has no body, so nothing was consumed) is sent again once on a new connection.
 //!
@@ -17,16 +19,19 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::{header, Method, Version};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::protocols::http::v1::client::HttpSession as ClientSession;
+use pingora::protocols::http::v1::client::http_req_header_to_wire;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::Session;
 use pingora::ErrorType;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::h1;
 
 /// Idle connections kept per upstream address, per thread. An HTTP/1.1 upstream connection
 /// carries one request at a time, so this is about the concurrency one thread keeps open to
@@ -166,69 +171,192 @@ fn client_gone(r: Result<Option<Bytes>>) -> Box<Error> {
     }
 }
 
-/// A failure on a reused connection that the upstream may have closed as we sent: worth one
-/// more try on a new connection, for a method that may be repeated (RFC 9110 9.2.2; Pingora
-/// does not retry others either).
-fn retriable(e: &Error, method: &Method) -> bool {
-    e.esource() == &ErrorSource::Upstream
-        && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError)
-        && method.is_idempotent()
+/// Reads into the buffer from this size on (a response head, or a body of unknown length).
+const READ_CHUNK: usize = 16 * 1024;
+/// At most this much of a body is read (and so held) at once, as Pingora's client.
+const BODY_CHUNK: usize = 64 * 1024;
+
+/// An upstream connection with the bytes read from it that are not used yet.
+struct Conn {
+    stream: Stream,
+    buf: BytesMut,
+    idle_timeout: Option<Duration>,
+}
+
+impl Conn {
+    /// One read of at most about `want` bytes into the buffer; 0 when the upstream closed.
+    async fn read_more(&mut self, want: usize) -> Result<usize> {
+        if self.buf.capacity() - self.buf.len() < want.min(READ_CHUNK) {
+            self.buf.reserve(want.clamp(1, BODY_CHUNK));
+        }
+        let read = self.stream.read_buf(&mut self.buf);
+        let r = match self.idle_timeout {
+            Some(t) => timeout(t, read)
+                .await
+                .map_err(|_| up_err(ErrorType::ReadTimedout, "waiting for the upstream's response"))?,
+            None => read.await,
+        };
+        r.map_err(|e| up_err(ErrorType::ReadError, format!("reading the upstream's response: {e}")))
+    }
+
+    async fn send(&mut self, wire: &[u8]) -> Result<()> {
+        let write = async {
+            self.stream.write_all(wire).await?;
+            self.stream.flush().await
+        };
+        let r = match self.idle_timeout {
+            Some(t) => {
+                timeout(t, write).await.map_err(|_| up_err(ErrorType::WriteTimedout, "sending the request upstream"))?
+            }
+            None => write.await,
+        };
+        r.map_err(|e| up_err(ErrorType::WriteError, format!("sending the request upstream: {e}")))
+    }
+}
+
+/// A response whose head has been read.
+struct Answer {
+    conn: Conn,
+    header: ResponseHeader,
+    framing: h1::Framing,
+}
+
+/// Why an exchange failed, and whether the request may go again on a new connection: only a
+/// reused connection that failed before any byte of the answer came (the upstream closed it as
+/// we sent), for a method that may be repeated (RFC 9110 9.2.2; Pingora does not retry others
+/// either).
+struct Failed {
+    error: Box<Error>,
+    retry: bool,
+}
+
+impl Failed {
+    fn fatal(error: Box<Error>) -> Failed {
+        Failed { error, retry: false }
+    }
 }
 
 /// Sends `req` (already rewritten for the upstream; the client sent no body) to `target` and
 /// relays the response, passing its head through `filter` first. Errors before the response
 /// head was written to the client are for the caller to answer (502/504).
+///
+/// The request is written by Pingora's serializer and the response read by [`h1`]: no copy of
+/// the request is kept for a retry but its bytes, and the response head is built once.
 pub async fn forward(
     session: &mut Session,
     req: RequestHeader,
     target: &Target,
     filter: impl FnOnce(&mut ResponseHeader) -> Result<()>,
 ) -> Result<()> {
+    let head_request = req.method == Method::HEAD;
+    let idempotent = req.method.is_idempotent();
+    let wire = http_req_header_to_wire(&req)
+        .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "the request cannot be written upstream"))?;
+    drop(req);
     if let Some(stream) = checkout(target.addr) {
-        match open(session, stream, req.clone(), target).await {
-            Ok(up) => return relay(session, up, target, filter).await,
-            // The upstream may have closed it as we sent: once more on a new connection, for a
-            // request that may be repeated. A request is sent at most twice.
-            Err(e) if retriable(&e, &req.method) => {
-                tracing::debug!(addr = %target.addr, "pooled upstream connection was closed; retrying on a new one");
+        match exchange(session, stream, &wire, target, head_request, true).await {
+            Ok(answer) => return relay(session, answer, target, filter).await,
+            Err(Failed { error, retry: true }) if idempotent => {
+                tracing::debug!(addr = %target.addr, "pooled upstream connection was closed ({error}); retrying on a new one");
             }
-            Err(e) => return Err(e),
+            Err(f) => return Err(f.error),
         }
     }
     let stream = Box::new(L4Stream::from(connect_tcp(target.addr, target.connect_timeout).await?));
-    let up = open(session, stream, req, target).await?;
-    relay(session, up, target, filter).await
+    let answer = exchange(session, stream, &wire, target, head_request, false).await.map_err(|f| f.error)?;
+    relay(session, answer, target, filter).await
 }
 
-/// A client session on `stream` that has sent `req` and read the response head.
-async fn open(session: &mut Session, stream: Stream, req: RequestHeader, target: &Target) -> Result<ClientSession> {
-    let mut up = ClientSession::new(stream);
-    up.read_timeout = target.idle_timeout;
-    up.write_timeout = target.idle_timeout;
-    send_and_read_head(session, &mut up, req).await?;
-    Ok(up)
+/// Writes the request on `stream` and waits for the final response head (informational ones
+/// skipped), or for the client to go away.
+async fn exchange(
+    session: &mut Session,
+    stream: Stream,
+    wire: &[u8],
+    target: &Target,
+    head_request: bool,
+    reused: bool,
+) -> std::result::Result<Answer, Failed> {
+    let mut conn = Conn { stream, buf: BytesMut::new(), idle_timeout: target.idle_timeout };
+    // Before any byte of the answer: the upstream may have closed a reused connection as we
+    // sent.
+    let early = |error: Box<Error>| {
+        let retry = reused
+            && matches!(error.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError);
+        Failed { error, retry }
+    };
+    conn.send(wire).await.map_err(early)?;
+    let mut informational = 0;
+    let mut scanned = 0;
+    loop {
+        if h1::head_may_end(&conn.buf, scanned) {
+            if let Some(head) = h1::parse_head(&conn.buf).map_err(Failed::fatal)? {
+                conn.buf.advance(head.len);
+                let mut header = head.header;
+                match header.status.as_u16() {
+                    // A plain request asked for no protocol switch.
+                    101 => {
+                        return Err(Failed::fatal(up_err(
+                            ErrorType::InvalidHTTPHeader,
+                            "101 answer to a request without Upgrade",
+                        )))
+                    }
+                    // 100 Continue, 103 Early Hints: not relayed. A 1xx ends at its head.
+                    100..=199 => {
+                        informational += 1;
+                        if informational > MAX_INFORMATIONAL {
+                            return Err(Failed::fatal(up_err(
+                                ErrorType::InvalidHTTPHeader,
+                                "too many informational responses",
+                            )));
+                        }
+                        scanned = 0;
+                        continue;
+                    }
+                    _ => {}
+                }
+                let framing = h1::framing(&mut header, head_request).map_err(Failed::fatal)?;
+                return Ok(Answer { conn, header, framing });
+            }
+        }
+        if conn.buf.len() > h1::MAX_HEAD {
+            return Err(Failed::fatal(up_err(ErrorType::InvalidHTTPHeader, "response head too large")));
+        }
+        scanned = conn.buf.len();
+        let read = tokio::select! {
+            biased;
+            r = conn.read_more(READ_CHUNK) => r,
+            r = session.read_body_or_idle(true) => return Err(Failed::fatal(client_gone(r))),
+        };
+        let nothing_yet = scanned == 0 && informational == 0;
+        match read {
+            Ok(0) => {
+                let error = up_err(ErrorType::ConnectionClosed, "upstream closed before its response head");
+                return Err(if nothing_yet { early(error) } else { Failed::fatal(error) });
+            }
+            Ok(_) => {}
+            Err(error) if nothing_yet => return Err(early(error)),
+            Err(error) => return Err(Failed::fatal(error)),
+        }
+    }
 }
 
-/// Relays the response whose head `up` has read, then pools the connection if it may be reused.
+/// Relays the response whose head has been read, then pools the connection if it may be
+/// reused.
 async fn relay(
     session: &mut Session,
-    mut up: ClientSession,
+    answer: Answer,
     target: &Target,
     filter: impl FnOnce(&mut ResponseHeader) -> Result<()>,
 ) -> Result<()> {
-    up.respect_keepalive();
-    let mut resp = match up.resp_header() {
-        Some(h) => h.clone(),
-        None => return Err(up_err(ErrorType::InvalidHTTPHeader, "no response head")),
-    };
-    let mut done = up.is_body_done();
+    let Answer { mut conn, header: mut resp, framing } = answer;
+    let reusable = h1::keepalive(&resp, framing);
+    let mut body = h1::Body::new(framing);
     if session.as_http1().is_some() {
         // A proxy sends its own HTTP version (RFC 9110 6.2): an HTTP/1.0 upstream's answer
         // must not end the client's keep-alive connection.
         resp.set_version(Version::HTTP_11);
-        let no_body = session.req_header().method == Method::HEAD || matches!(resp.status.as_u16(), 204 | 304);
-        if !done
-            && !no_body
+        if framing == h1::Framing::Close
             && !resp.headers.contains_key(header::TRANSFER_ENCODING)
             && !resp.headers.contains_key(header::CONTENT_LENGTH)
         {
@@ -238,41 +366,38 @@ async fn relay(
         }
     }
     filter(&mut resp)?;
+    let mut done = body.is_done();
     session.write_response_header(Box::new(resp), done).await.map_err(|e| e.into_down())?;
     while !done {
-        let chunk = tokio::select! {
-            biased;
-            r = up.read_body_bytes() => r.map_err(|e| e.into_up())?,
-            r = session.read_body_or_idle(true) => return Err(client_gone(r)),
-        };
-        done = chunk.is_none() || up.is_body_done();
-        session.write_response_body(chunk, done).await.map_err(|e| e.into_down())?;
+        match body.next(&mut conn.buf)? {
+            h1::Step::Data(data) => {
+                done = body.is_done();
+                session.write_response_body(Some(data), done).await.map_err(|e| e.into_down())?;
+            }
+            h1::Step::Done => {
+                done = true;
+                session.write_response_body(None, true).await.map_err(|e| e.into_down())?;
+            }
+            h1::Step::More => {
+                let n = tokio::select! {
+                    biased;
+                    r = conn.read_more(body.want(BODY_CHUNK)) => r?,
+                    r = session.read_body_or_idle(true) => return Err(client_gone(r)),
+                };
+                if n == 0 {
+                    body.closed()?;
+                    done = true;
+                    session.write_response_body(None, true).await.map_err(|e| e.into_down())?;
+                }
+            }
+        }
     }
-    if let Some(stream) = up.reuse().await {
-        release(target.addr, stream);
+    // Bytes past the response are a broken or hostile upstream's: never read as the next
+    // request's answer.
+    if reusable && conn.buf.is_empty() {
+        release(target.addr, conn.stream);
     }
     Ok(())
-}
-
-/// Writes the request head and waits for the response head (informational ones skipped), or
-/// for the client to go away.
-async fn send_and_read_head(session: &mut Session, up: &mut ClientSession, req: RequestHeader) -> Result<()> {
-    up.write_request_header(Box::new(req)).await.map_err(|e| e.into_up())?;
-    for _ in 0..MAX_INFORMATIONAL {
-        tokio::select! {
-            biased;
-            r = up.read_response() => { r.map_err(|e| e.into_up())?; }
-            r = session.read_body_or_idle(true) => return Err(client_gone(r)),
-        }
-        match up.resp_header().map(|h| h.status.as_u16()) {
-            // A plain request asked for no protocol switch.
-            Some(101) => return Err(up_err(ErrorType::InvalidHTTPHeader, "101 answer to a request without Upgrade")),
-            // 100 Continue, 103 Early Hints: not relayed.
-            Some(s) if (100..200).contains(&s) => continue,
-            _ => return Ok(()),
-        }
-    }
-    Err(up_err(ErrorType::InvalidHTTPHeader, "too many informational responses"))
 }
 
 #[cfg(test)]

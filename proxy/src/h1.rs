@@ -1,0 +1,456 @@
+//! An upstream's HTTP/1 response, read by us: its head (parsed by `httparse`), its framing
+//! (RFC 9112 6.3) and its chunked body. Used by [`crate::upstream`] for requests without a body,
+//! in place of Pingora's HTTP/1 client session, whose per-request work (a request head cloned
+//! for the retry, the response head copied out, its body reader and keep-alive bookkeeping)
+//! measured as much as the rest of the upstream side (benches/README.md).
+//!
+//! Everything here parses bytes from a user's runtime or editor, which run that user's code:
+//! sizes are bounded, arithmetic is checked, and each function is fuzzed
+//! (`fuzz/fuzz_targets/upstream_response.rs`).
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, HeaderValue, Version};
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::ErrorType;
+
+/// Header lines and bytes a response head may have (Pingora's own limits, so that nothing an
+/// upstream could send before is refused now).
+pub const MAX_HEADERS: usize = 256;
+pub const MAX_HEAD: usize = 1024 * 1024;
+/// A chunk-size line (with its extensions) or the trailer section longer than this is refused.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 64 * 1024;
+
+fn bad(why: impl Into<String>) -> Box<Error> {
+    crate::upstream::up_err(ErrorType::InvalidHTTPHeader, why)
+}
+
+/// How the body of a response ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: a HEAD's answer, 204, 304.
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding` ending in `chunked`.
+    Chunked,
+    /// Read until the upstream closes (the connection cannot be reused).
+    Close,
+}
+
+/// A parsed response head.
+pub struct Head {
+    pub header: ResponseHeader,
+    /// Bytes of `buf` the head took.
+    pub len: usize,
+}
+
+/// Parses a response head at the start of `buf`: `Ok(None)` if it is not complete yet (the
+/// caller reads more, up to [`MAX_HEAD`]).
+pub fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    // As lenient as Pingora's client: obsolete line folding is turned into spaces below
+    // (`header_value_from_slice`, RFC 9112 5.2), and a space before the colon is dropped.
+    let mut config = httparse::ParserConfig::default();
+    config.allow_spaces_after_header_name_in_responses(true);
+    config.allow_obsolete_multiline_headers_in_responses(true);
+    let len = match config.parse_response(&mut resp, buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(bad(format!("malformed response head: {e}"))),
+    };
+    let code = resp.code.ok_or_else(|| bad("response head without a status"))?;
+    let mut header = ResponseHeader::build(code, Some(resp.headers.len()))?;
+    header.set_version(if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 });
+    header.set_reason_phrase(resp.reason)?;
+    for h in resp.headers.iter() {
+        // Kept in the case the upstream wrote it (Pingora writes it back so); httparse checked
+        // that the name is a token.
+        let case = Bytes::copy_from_slice(h.name.as_bytes());
+        header.append_header(case, pingora::http::header_value_from_slice(h.value))?;
+    }
+    Ok(Some(Head { header, len }))
+}
+
+/// A blank line (the end of a head) may be in `buf` from `from` on, counting the line end
+/// before it. Parsing only then keeps an upstream that sends its head a byte at a time from
+/// making us parse it over and over.
+pub fn head_may_end(buf: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(3).min(buf.len());
+    buf[start..].windows(2).any(|w| w == b"\n\n") || buf[start..].windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// The values of every `name` line, split at commas, trimmed, empty ones skipped.
+fn tokens<'a>(h: &'a ResponseHeader, name: &'a header::HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+    h.headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v: &HeaderValue| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// The body's framing (RFC 9112 6.3). `head_request`: the request was a HEAD. A 1xx is not
+/// asked about (it has no body and is followed by the real answer).
+pub fn framing(h: &mut ResponseHeader, head_request: bool) -> Result<Framing> {
+    if head_request || matches!(h.status.as_u16(), 204 | 304) {
+        return Ok(Framing::Empty);
+    }
+    if h.headers.contains_key(header::TRANSFER_ENCODING) {
+        // A length beside a transfer coding is ignored and must not be passed on (6.3 item 3).
+        h.remove_header(&header::CONTENT_LENGTH);
+        let last = tokens(h, &header::TRANSFER_ENCODING).last();
+        return Ok(match last {
+            Some(t) if t.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
+            _ => Framing::Close,
+        });
+    }
+    let mut length: Option<u64> = None;
+    for t in tokens(h, &header::CONTENT_LENGTH) {
+        let n = parse_length(t).ok_or_else(|| bad("invalid Content-Length in the response"))?;
+        // Copies that agree are one length (RFC 9110 8.6); copies that differ are an attack or
+        // a broken upstream.
+        if length.is_some_and(|l| l != n) {
+            return Err(bad("differing Content-Length values in the response"));
+        }
+        length = Some(n);
+    }
+    if h.headers.contains_key(header::CONTENT_LENGTH) && length.is_none() {
+        return Err(bad("empty Content-Length in the response"));
+    }
+    Ok(length.map_or(Framing::Close, Framing::Length))
+}
+
+/// A decimal length: digits only, no sign, no overflow.
+fn parse_length(t: &[u8]) -> Option<u64> {
+    if t.is_empty() || t.len() > 19 {
+        return None;
+    }
+    t.iter().try_fold(0u64, |n, &b| {
+        let d = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
+}
+
+/// The upstream may keep the connection open after this response (RFC 9112 9.3): HTTP/1.1
+/// unless `Connection: close`, HTTP/1.0 only with `Connection: keep-alive` and no transfer
+/// coding (9112 6.1). A body read to the close, or bytes past the response, rule it out too
+/// (the caller checks those).
+pub fn keepalive(h: &ResponseHeader, framing: Framing) -> bool {
+    if framing == Framing::Close {
+        return false;
+    }
+    let mut close = false;
+    let mut keep = false;
+    for t in tokens(h, &header::CONNECTION) {
+        close |= t.eq_ignore_ascii_case(b"close");
+        keep |= t.eq_ignore_ascii_case(b"keep-alive");
+    }
+    match h.version {
+        Version::HTTP_11 => !close,
+        _ => keep && !close && !h.headers.contains_key(header::TRANSFER_ENCODING),
+    }
+}
+
+/// A body being read: how much of it is still to come.
+#[derive(Debug)]
+pub enum Body {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+    Done,
+}
+
+/// What [`Body::next`] found in the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Body bytes (taken from the buffer).
+    Data(Bytes),
+    /// Read more into the buffer (`Body::Close`: a read of 0 ends the body).
+    More,
+    /// The body is complete; what is left in the buffer came after it.
+    Done,
+}
+
+impl Body {
+    pub fn new(framing: Framing) -> Body {
+        match framing {
+            Framing::Empty | Framing::Length(0) => Body::Done,
+            Framing::Length(n) => Body::Length(n),
+            Framing::Chunked => Body::Chunked(Chunked::default()),
+            Framing::Close => Body::Close,
+        }
+    }
+
+    /// How much to read next at most: the rest of a known length, else `max`.
+    pub fn want(&self, max: usize) -> usize {
+        match self {
+            Body::Length(n) => usize::try_from(*n).unwrap_or(usize::MAX).min(max),
+            _ => max,
+        }
+    }
+
+    /// Takes the next piece of body from `buf`.
+    pub fn next(&mut self, buf: &mut BytesMut) -> Result<Step> {
+        match self {
+            Body::Done => Ok(Step::Done),
+            Body::Length(n) => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let take = usize::try_from(*n).unwrap_or(usize::MAX).min(buf.len());
+                let data = buf.split_to(take).freeze();
+                // `take` is at most `n`.
+                *n -= take as u64;
+                if *n == 0 {
+                    *self = Body::Done;
+                }
+                Ok(Step::Data(data))
+            }
+            Body::Close => {
+                if buf.is_empty() {
+                    Ok(Step::More)
+                } else {
+                    Ok(Step::Data(buf.split().freeze()))
+                }
+            }
+            Body::Chunked(c) => {
+                let step = c.next(buf)?;
+                if step == Step::Done {
+                    *self = Body::Done;
+                }
+                Ok(step)
+            }
+        }
+    }
+
+    /// The upstream closed the connection: fine for a body read to the close, an error for
+    /// any other unfinished one.
+    pub fn closed(&mut self) -> Result<()> {
+        match self {
+            Body::Close | Body::Done => {
+                *self = Body::Done;
+                Ok(())
+            }
+            _ => Err(crate::upstream::up_err(ErrorType::ConnectionClosed, "upstream closed inside its response body")),
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self, Body::Done)
+    }
+}
+
+/// A chunked body's decoder (RFC 9112 7.1). Extensions are skipped and trailers dropped (the
+/// client's answer is re-chunked by the server side, without them).
+#[derive(Debug, Default)]
+pub struct Chunked {
+    state: ChunkState,
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+enum ChunkState {
+    /// Before a chunk-size line.
+    #[default]
+    Size,
+    /// Inside a chunk's data, this many bytes to go.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: trailer lines up to an empty one.
+    Trailers,
+}
+
+impl Chunked {
+    fn next(&mut self, buf: &mut BytesMut) -> Result<Step> {
+        loop {
+            match self.state {
+                ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        self.state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() < MAX_CHUNK_LINE => return Ok(Step::More),
+                    Ok(httparse::Status::Partial) => return Err(bad("chunk-size line too long")),
+                    Err(_) => return Err(bad("malformed chunk size")),
+                },
+                ChunkState::Data(n) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+                    let data = buf.split_to(take).freeze();
+                    let rest = n - take as u64;
+                    self.state = if rest == 0 { ChunkState::DataEnd } else { ChunkState::Data(rest) };
+                    return Ok(Step::Data(data));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Step::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(bad("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                        if self.trailer_bytes.saturating_add(buf.len()) > MAX_TRAILERS {
+                            return Err(bad("response trailers too long"));
+                        }
+                        return Ok(Step::More);
+                    };
+                    let line = buf.split_to(end + 1);
+                    self.trailer_bytes = self.trailer_bytes.saturating_add(line.len());
+                    if self.trailer_bytes > MAX_TRAILERS {
+                        return Err(bad("response trailers too long"));
+                    }
+                    match &line[..] {
+                        b"\r\n" => return Ok(Step::Done),
+                        // A trailer field: dropped. A bare LF or a line without a colon is not
+                        // one.
+                        l if l.ends_with(b"\r\n") && l.contains(&b':') => {}
+                        _ => return Err(bad("malformed trailer line")),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &[u8]) -> ResponseHeader {
+        parse_head(raw).expect("parses").expect("complete").header
+    }
+
+    fn frame(raw: &[u8]) -> Result<Framing> {
+        framing(&mut head(raw), false)
+    }
+
+    /// The whole body of `raw` fed in pieces of `step` bytes, and what is left after it.
+    fn decode(framing: Framing, raw: &[u8], step: usize) -> Result<(Vec<u8>, Vec<u8>)> {
+        let mut body = Body::new(framing);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut input = raw.chunks(step);
+        loop {
+            match body.next(&mut buf)? {
+                Step::Data(d) => out.extend_from_slice(&d),
+                Step::Done => return Ok((out, buf.to_vec())),
+                Step::More => match input.next() {
+                    Some(piece) => buf.extend_from_slice(piece),
+                    None => {
+                        body.closed()?;
+                        return Ok((out, buf.to_vec()));
+                    }
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn heads_parse_in_pieces_and_keep_their_case() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Thing: a\r\n b\r\n\r\nhi";
+        for cut in 0..raw.len() - 2 {
+            assert!(parse_head(&raw[..cut]).expect("no error").is_none(), "cut {cut}");
+            // The end of the head is seen by the scan whatever the pieces were read in.
+            assert!(head_may_end(&raw[..raw.len() - 2], cut), "cut {cut}");
+        }
+        assert!(!head_may_end(&raw[..raw.len() - 3], 0));
+        let h = parse_head(raw).expect("parses").expect("complete");
+        assert_eq!(h.len, raw.len() - 2);
+        assert_eq!(h.header.status.as_u16(), 200);
+        // Obsolete folding becomes spaces, never a line break passed on.
+        let v = h.header.headers.get("x-thing").expect("kept").as_bytes();
+        assert!(!v.contains(&b'\r') && !v.contains(&b'\n'), "{v:?}");
+        let mut wire = BytesMut::new();
+        h.header.header_to_h1_wire(&mut wire);
+        assert!(wire.starts_with(b"Content-Length: 2\r\nX-Thing: "), "{wire:?}");
+    }
+
+    #[test]
+    fn bad_heads_are_refused() {
+        assert!(parse_head(b"HTTP/1.1 2000 OK\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n").is_err());
+        assert!(parse_head(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        assert_eq!(frame(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n").ok(), Some(Framing::Length(5)));
+        assert_eq!(
+            frame(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5, 5\r\n\r\n").ok(),
+            Some(Framing::Length(5))
+        );
+        assert!(frame(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n").is_err());
+        assert!(frame(b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n").is_err());
+        assert!(frame(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n").is_err());
+        assert!(frame(b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n").is_err());
+        assert_eq!(frame(b"HTTP/1.1 200 OK\r\n\r\n").ok(), Some(Framing::Close));
+        let mut te = head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert_eq!(framing(&mut te, false).ok(), Some(Framing::Chunked));
+        assert!(!te.headers.contains_key(header::CONTENT_LENGTH), "the length beside a coding is dropped");
+        assert_eq!(frame(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").ok(), Some(Framing::Close));
+        assert_eq!(frame(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").ok(), Some(Framing::Empty));
+        assert_eq!(
+            frame(b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n").ok(),
+            Some(Framing::Empty)
+        );
+        let mut h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(framing(&mut h, true).ok(), Some(Framing::Empty));
+    }
+
+    #[test]
+    fn keepalive_follows_version_and_connection() {
+        let ka = |raw: &[u8]| {
+            let mut h = head(raw);
+            let f = framing(&mut h, false).expect("framing");
+            keepalive(&h, f)
+        };
+        assert!(ka(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!ka(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: x, Close\r\n\r\n"));
+        assert!(!ka(b"HTTP/1.1 200 OK\r\n\r\n"), "a body read to the close");
+        assert!(!ka(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(ka(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"));
+        assert!(!ka(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"));
+    }
+
+    #[test]
+    fn bodies_decode_whatever_the_read_sizes() {
+        let chunked = b"5;ext=1\r\nhello\r\n1\r\n \r\n6\r\nworld!\r\n0\r\nX-Trailer: t\r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, 100] {
+            let (body, rest) = decode(Framing::Chunked, chunked, step).expect("decodes");
+            assert_eq!(body, b"hello world!", "step {step}");
+            // Bytes after the body stay for the caller, which then does not reuse the connection.
+            assert!(b"NEXT".starts_with(&rest), "step {step}: {rest:?}");
+            let (body, rest) = decode(Framing::Length(5), b"helloNEXT", step).expect("decodes");
+            assert_eq!(body, b"hello");
+            assert!(b"NEXT".starts_with(&rest));
+            let (body, _) = decode(Framing::Close, b"to the end", step).expect("decodes");
+            assert_eq!(body, b"to the end");
+        }
+        assert_eq!(decode(Framing::Empty, b"", 1).expect("empty").0, b"");
+    }
+
+    #[test]
+    fn broken_bodies_are_errors() {
+        assert!(decode(Framing::Length(10), b"short", 2).is_err(), "closed before its length");
+        assert!(decode(Framing::Chunked, b"5\r\nhello\r\n", 3).is_err(), "closed before the last chunk");
+        assert!(decode(Framing::Chunked, b"5\r\nhelloXX0\r\n\r\n", 3).is_err(), "no CRLF after data");
+        assert!(decode(Framing::Chunked, b"zz\r\n", 3).is_err());
+        assert!(decode(Framing::Chunked, b"fffffffffffffffffff\r\n", 3).is_err(), "size overflows");
+        assert!(decode(Framing::Chunked, b"0\r\nno colon\r\n\r\n", 3).is_err());
+        let long_ext = [b"1;".as_slice(), &[b'a'; MAX_CHUNK_LINE]].concat();
+        assert!(decode(Framing::Chunked, &long_ext, 512).is_err(), "endless chunk extension");
+        let long_trailer = [b"0\r\nX: ".as_slice(), &[b'a'; MAX_TRAILERS + 10]].concat();
+        assert!(decode(Framing::Chunked, &long_trailer, 4096).is_err(), "endless trailer");
+    }
+}
