@@ -15,6 +15,7 @@
 //!   on the raw stream.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -186,9 +187,12 @@ fn downcast(stream: Stream) -> Option<Box<EdgeStream>> {
 async fn look(edge: &mut EdgeStream, buf: &mut BytesMut) -> io::Result<Head> {
     loop {
         if !buf.is_empty() && !edge.armed() {
-            let mut headers = [httparse::EMPTY_HEADER; LOOK_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
-            return Ok(match req.parse(buf) {
+            // Uninitialised: httparse fills only the lines it finds.
+            let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; LOOK_HEADERS];
+            let mut req = httparse::Request::new(&mut []);
+            let parsed =
+                httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut headers);
+            return Ok(match parsed {
                 Ok(httparse::Status::Complete(_)) if plain(&req) => Head::Plain,
                 // The clock saw the end, httparse did not. It cannot happen today (every byte
                 // before the blank line the clock found is a line end or an httparse error),
