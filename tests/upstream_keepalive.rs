@@ -329,3 +329,31 @@ fn an_answer_followed_by_more_bytes_is_relayed_alone_and_its_connection_dropped(
     assert_eq!(get(), "conn-1 req-1");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+#[test]
+fn an_upstreams_keep_alive_timeout_is_honoured() {
+    // The upstream says how long it keeps an idle connection (`Keep-Alive: timeout=N`, as
+    // Node.js does), and here never closes one itself, so only markco decides: it reuses a
+    // connection for at most N - 1 seconds, and not at all when N is 1.
+    let (up, accepted) = scripted(|conn, mut s| {
+        let mut n = 0;
+        while read_head(&mut s).is_some() {
+            let body = format!("conn-{conn} req-{n}");
+            let timeout = if conn == 0 { 1 } else { 2 };
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nKeep-Alive: timeout={timeout}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(answer.as_bytes());
+            n += 1;
+        }
+    });
+    let m = Markco::start(&config(up));
+    let get = || http_get(m.http, "/", &[("Host", "a.test")]).expect("GET").body_text();
+    assert_eq!(get(), "conn-0 req-0");
+    assert_eq!(get(), "conn-1 req-0", "a connection the upstream keeps 1 s is not pooled");
+    assert_eq!(get(), "conn-1 req-1", "one kept 2 s is reused at once");
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(get(), "conn-2 req-0", "but not after 1 s idle");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}

@@ -9,6 +9,7 @@
 //! (`fuzz/fuzz_targets/upstream_response.rs`).
 
 use std::mem::MaybeUninit;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderValue, Version};
@@ -156,6 +157,22 @@ pub fn keepalive(h: &ResponseHeader, framing: Framing) -> bool {
         Version::HTTP_11 => !close,
         _ => keep && !close && !h.headers.contains_key(header::TRANSFER_ENCODING),
     }
+}
+
+/// How long the upstream says it keeps an idle connection open (`Keep-Alive: timeout=N`, a
+/// de-facto header that Node.js and Apache send): the least `timeout` given, if any.
+pub fn keepalive_timeout(h: &ResponseHeader) -> Option<Duration> {
+    let name = header::HeaderName::from_static("keep-alive");
+    tokens(h, &name)
+        .filter_map(|param| {
+            let (key, value) = param.split_at(param.iter().position(|&b| b == b'=')?);
+            if !key.trim_ascii().eq_ignore_ascii_case(b"timeout") {
+                return None;
+            }
+            parse_length(value.get(1..)?.trim_ascii())
+        })
+        .min()
+        .map(Duration::from_secs)
 }
 
 /// A body being read: how much of it is still to come.
@@ -425,6 +442,19 @@ mod tests {
         assert!(!ka(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
         assert!(ka(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"));
         assert!(!ka(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"));
+    }
+
+    #[test]
+    fn keepalive_timeout_is_the_least_given() {
+        let t = |raw: &[u8]| keepalive_timeout(&head(raw));
+        assert_eq!(t(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\n\r\n"), Some(Duration::from_secs(5)));
+        assert_eq!(
+            t(b"HTTP/1.1 200 OK\r\nKeep-Alive: max=100, Timeout = 7\r\nkeep-alive: timeout=3\r\n\r\n"),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(t(b"HTTP/1.1 200 OK\r\n\r\n"), None);
+        assert_eq!(t(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=-1, timeout, timeout=1e3, max=5\r\n\r\n"), None);
+        assert_eq!(t(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=99999999999999999999\r\n\r\n"), None);
     }
 
     #[test]

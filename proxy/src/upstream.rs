@@ -41,6 +41,9 @@ const MAX_IDLE_PER_ADDR: usize = 128;
 const MAX_IDLE: usize = 1024;
 /// An idle connection older than this is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
+/// An upstream's own keep-alive timeout is trusted for this much less (the request must reach
+/// it before it closes).
+const KEEPALIVE_MARGIN: Duration = Duration::from_secs(1);
 /// How often a thread's pool drops connections that outlived `IDLE_TIMEOUT` (also those of
 /// addresses no longer used, such as a moved runtime's).
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -71,7 +74,8 @@ pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStrea
 
 struct Idle {
     stream: Stream,
-    since: Instant,
+    /// Not reused from then on: `IDLE_TIMEOUT`, or sooner when the upstream said so.
+    expires: Instant,
 }
 
 /// One thread's idle upstream connections. Per thread, so checkout and release take no lock
@@ -91,14 +95,15 @@ impl Pool {
         let list = self.by_addr.get_mut(&addr)?;
         while let Some(mut idle) = list.pop() {
             self.total -= 1;
-            if now.duration_since(idle.since) < IDLE_TIMEOUT && quiet(&mut idle.stream) {
+            if now < idle.expires && quiet(&mut idle.stream) {
                 return Some(idle.stream);
             }
         }
         None
     }
 
-    fn put(&mut self, addr: SocketAddr, stream: Stream, now: Instant) {
+    /// Keeps `stream` for at most `keep` (at most `IDLE_TIMEOUT`).
+    fn put(&mut self, addr: SocketAddr, stream: Stream, now: Instant, keep: Duration) {
         self.sweep_due(now);
         if self.total >= MAX_IDLE {
             return; // dropped: closed
@@ -107,7 +112,7 @@ impl Pool {
         if list.len() >= MAX_IDLE_PER_ADDR {
             return;
         }
-        list.push(Idle { stream, since: now });
+        list.push(Idle { stream, expires: now + keep.min(IDLE_TIMEOUT) });
         self.total += 1;
     }
 
@@ -119,9 +124,7 @@ impl Pool {
         self.swept = Some(now);
         let mut total = 0;
         self.by_addr.retain(|_, list| {
-            // Oldest first: released in order.
-            let fresh = list.iter().position(|i| now.duration_since(i.since) < IDLE_TIMEOUT).unwrap_or(list.len());
-            list.drain(..fresh);
+            list.retain(|i| now < i.expires);
             total += list.len();
             !list.is_empty()
         });
@@ -148,8 +151,19 @@ fn checkout(addr: SocketAddr) -> Option<Stream> {
     POOL.with(|p| p.borrow_mut().take(addr, Instant::now()))
 }
 
-fn release(addr: SocketAddr, stream: Stream) {
-    POOL.with(|p| p.borrow_mut().put(addr, stream, Instant::now()));
+fn release(addr: SocketAddr, stream: Stream, keep: Duration) {
+    POOL.with(|p| p.borrow_mut().put(addr, stream, Instant::now(), keep));
+}
+
+/// How long a connection may wait in the pool after `resp`: `None` if the upstream may close
+/// it too soon to be worth keeping. An upstream that says `Keep-Alive: timeout=N` closes an
+/// idle connection after N seconds; a request sent on it just then fails, and only a repeatable
+/// one is sent again (a `POST` would get a 502). So it is reused for at most N - 1 seconds.
+fn pool_time(resp: &ResponseHeader) -> Option<Duration> {
+    match h1::keepalive_timeout(resp) {
+        None => Some(IDLE_TIMEOUT),
+        Some(t) => Some(t.saturating_sub(KEEPALIVE_MARGIN)).filter(|t| !t.is_zero()),
+    }
 }
 
 /// Where and how long to wait.
@@ -350,7 +364,7 @@ async fn relay(
     filter: impl FnOnce(&mut ResponseHeader) -> Result<()>,
 ) -> Result<()> {
     let Answer { mut conn, header: mut resp, framing } = answer;
-    let reusable = h1::keepalive(&resp, framing);
+    let keep = if h1::keepalive(&resp, framing) { pool_time(&resp) } else { None };
     let mut body = h1::Body::new(framing);
     if session.as_http1().is_some() {
         // A proxy sends its own HTTP version (RFC 9110 6.2): an HTTP/1.0 upstream's answer
@@ -394,8 +408,8 @@ async fn relay(
     }
     // Bytes past the response are a broken or hostile upstream's: never read as the next
     // request's answer.
-    if reusable && conn.buf.is_empty() {
-        release(target.addr, conn.stream);
+    if let (Some(keep), true) = (keep, conn.buf.is_empty()) {
+        release(target.addr, conn.stream, keep);
     }
     Ok(())
 }
@@ -423,9 +437,9 @@ mod tests {
         let (s4, _f4) = pair().await;
         let t0 = Instant::now();
         let mut p = Pool::default();
-        p.put(a, s1, t0);
-        p.put(a, s2, t0 + Duration::from_secs(1));
-        p.put(b, s3, t0);
+        p.put(a, s1, t0, IDLE_TIMEOUT);
+        p.put(a, s2, t0 + Duration::from_secs(1), IDLE_TIMEOUT);
+        p.put(b, s3, t0, IDLE_TIMEOUT);
         assert_eq!(p.total, 3);
         assert!(p.take(a, t0 + Duration::from_secs(2)).is_some());
         // The one left for `a` is older than the idle timeout by then, and the sweep that
@@ -433,7 +447,7 @@ mod tests {
         assert!(p.take(a, t0 + IDLE_TIMEOUT + Duration::from_secs(1)).is_none());
         assert_eq!(p.total, 0);
         assert!(!p.by_addr.contains_key(&b));
-        p.put(a, s4, t0 + IDLE_TIMEOUT + SWEEP_EVERY);
+        p.put(a, s4, t0 + IDLE_TIMEOUT + SWEEP_EVERY, IDLE_TIMEOUT);
         assert_eq!(p.total, 1);
     }
 
@@ -445,9 +459,9 @@ mod tests {
         let (quiet_one, _keep) = pair().await;
         let (closed, far_closed) = pair().await;
         let (chatty, mut far_chatty) = pair().await;
-        p.put(a, quiet_one, t0);
-        p.put(a, closed, t0);
-        p.put(a, chatty, t0);
+        p.put(a, quiet_one, t0, IDLE_TIMEOUT);
+        p.put(a, closed, t0, IDLE_TIMEOUT);
+        p.put(a, chatty, t0, IDLE_TIMEOUT);
         drop(far_closed);
         far_chatty.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.expect("write");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -466,7 +480,7 @@ mod tests {
         for _ in 0..MAX_IDLE_PER_ADDR + 5 {
             let (s, f) = pair().await;
             far.push(f);
-            p.put(a, s, t0);
+            p.put(a, s, t0, IDLE_TIMEOUT);
         }
         assert_eq!(p.total, MAX_IDLE_PER_ADDR);
     }
