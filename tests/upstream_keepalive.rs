@@ -265,14 +265,21 @@ fn every_framing_written_a_byte_at_a_time_reaches_the_client_whole() {
     // time, so every boundary of the head, the chunk lines and the trailers falls inside a
     // read. One upstream connection serves them all, in turn, so each answer must also end
     // exactly where its framing says.
-    let answers: [&[u8]; 4] = [
+    let answers: [&[u8]; 5] = [
         b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Case: Kept\r\n\r\nlength",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;name=\"a b\"\r\nchun\r\n3\r\nked\r\n0\r\nX-Trailer: dropped\r\n\r\n",
+        // `chunked,` is chunked (empty list elements do not count, RFC 9110 5.6.1): the client
+        // must get a body framed as chunked under a header that says so, not the decoded bytes
+        // under `chunked,` (which a client would parse as chunks: `0\r\n\r\n` in a body would
+        // end it early, and what follows would be read as the next answer).
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n7\r\n0\r\n\r\nX!\r\n0\r\n\r\n",
         // An HTTP/1.0 upstream that keeps the connection open when asked to, folding a header.
         b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nX-Folded: a\r\n b\r\nContent-Length: 4\r\n\r\n1.0!",
         b"HTTP/1.1 204 No Content\r\n\r\n",
     ];
     let (up, accepted) = scripted(move |_, mut s| {
+        // Each byte its own segment.
+        let _ = s.set_nodelay(true);
         for answer in answers {
             if read_head(&mut s).is_none() {
                 return;
@@ -298,12 +305,15 @@ fn every_framing_written_a_byte_at_a_time_reaches_the_client_whole() {
     let r = get();
     assert_eq!((r.status, r.body_text().as_str()), (200, "chunked"), "{:?}", r.headers);
     let r = get();
+    assert_eq!((r.status, r.body_text().as_str()), (200, "0\r\n\r\nX!"), "{:?}", r.headers);
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    let r = get();
     assert_eq!((r.status, r.body_text().as_str()), (200, "1.0!"));
     let folded = r.header("x-folded").expect("the folded header is relayed");
     assert!(folded.starts_with('a') && folded.ends_with('b') && !folded.contains('\n'), "{folded:?}");
     let r = get();
     assert_eq!((r.status, r.body_text().as_str()), (204, ""));
-    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one upstream connection carried all four");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one upstream connection carried all five");
 }
 
 #[test]

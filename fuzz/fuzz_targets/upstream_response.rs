@@ -73,6 +73,31 @@ fuzz_target!(|data: &[u8]| {
         }
         let mut header = head.header;
         if let Ok(framing) = h1::framing(&mut header, head_request) {
+            // The client side re-frames from these headers by the last element of the last
+            // `Transfer-Encoding` line as it stands, else by a `Content-Length`: they must say
+            // what we decode by.
+            let te: Vec<&[u8]> = header.headers.get_all("transfer-encoding").iter().map(|v| v.as_bytes()).collect();
+            let last_te = te.last().map(|v| v.rsplit(|&b| b == b',').next().unwrap_or(v).trim_ascii());
+            let cl: Vec<&[u8]> = header.headers.get_all("content-length").iter().map(|v| v.as_bytes()).collect();
+            match framing {
+                Framing::Chunked => {
+                    assert_eq!(te.len(), 1, "{te:?}");
+                    assert!(last_te.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")), "{te:?}");
+                    assert!(cl.is_empty());
+                }
+                Framing::Length(n) => {
+                    assert!(te.is_empty());
+                    assert_eq!(cl.len(), 1, "{cl:?}");
+                    assert!(cl[0].iter().all(u8::is_ascii_digit), "{cl:?}");
+                    assert_eq!(std::str::from_utf8(cl[0]).ok().and_then(|v| v.parse::<u64>().ok()), Some(n));
+                }
+                Framing::Close => {
+                    assert!(!last_te.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")), "{te:?}");
+                    assert!(cl.is_empty());
+                }
+                Framing::Empty if header.status.as_u16() == 204 => assert!(te.is_empty() && cl.is_empty()),
+                Framing::Empty => {}
+            }
             let _ = h1::keepalive(&header, framing);
             let rest = &data[head.len..];
             if let Some((body, left)) = decode(framing, rest, step) {

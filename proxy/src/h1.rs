@@ -24,6 +24,8 @@ pub const MAX_HEAD: usize = 1024 * 1024;
 /// A chunk-size line (with its extensions) or the trailer section longer than this is refused.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 64 * 1024;
+/// Line ends tolerated before the status line (httparse skips them; more is not an answer).
+const MAX_LEADING_BLANK: usize = 8;
 
 fn bad(why: impl Into<String>) -> Box<Error> {
     crate::upstream::up_err(ErrorType::InvalidHTTPHeader, why)
@@ -52,6 +54,9 @@ pub struct Head {
 /// Parses a response head at the start of `buf`: `Ok(None)` if it is not complete yet (the
 /// caller reads more, up to [`MAX_HEAD`]).
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
+    if leading_blank(buf) > MAX_LEADING_BLANK {
+        return Err(bad("blank lines before the response's status line"));
+    }
     // Uninitialised: filling 256 empty headers first cost more than the parse (8 KiB of
     // stores for every response).
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -67,14 +72,18 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
         Err(e) => return Err(bad(format!("malformed response head: {e}"))),
     };
     let code = resp.code.ok_or_else(|| bad("response head without a status"))?;
-    let mut header = ResponseHeader::build(code, Some(resp.headers.len()))?;
+    // httparse takes any three digits; `http` refuses those below 100.
+    let mut header = ResponseHeader::build(code, Some(resp.headers.len()))
+        .map_err(|e| bad(format!("response status {code}: {e}")))?;
     header.set_version(if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 });
-    header.set_reason_phrase(resp.reason)?;
+    header.set_reason_phrase(resp.reason).map_err(|e| bad(format!("response reason phrase: {e}")))?;
     for h in resp.headers.iter() {
         // Kept in the case the upstream wrote it (Pingora writes it back so); httparse checked
         // that the name is a token.
         let case = Bytes::copy_from_slice(h.name.as_bytes());
-        header.append_header(case, pingora::http::header_value_from_slice(h.value))?;
+        header
+            .append_header(case, pingora::http::header_value_from_slice(h.value))
+            .map_err(|e| bad(format!("response header {:?}: {e}", h.name)))?;
     }
     Ok(Some(Head { header, len }))
 }
@@ -83,8 +92,19 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
 /// before it. Parsing only then keeps an upstream that sends its head a byte at a time from
 /// making us parse it over and over.
 pub fn head_may_end(buf: &[u8], from: usize) -> bool {
-    let start = from.saturating_sub(3).min(buf.len());
+    // Blank lines before the status line are no end: without this, a stream of them would be
+    // parsed again on every read. Too many of them, and `parse_head` refuses the answer.
+    let lead = leading_blank(buf);
+    if lead > MAX_LEADING_BLANK {
+        return true;
+    }
+    let start = from.saturating_sub(3).max(lead).min(buf.len());
     buf[start..].windows(2).any(|w| w == b"\n\n") || buf[start..].windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// CR and LF bytes at the start of `buf`, counted up to one past the most tolerated.
+fn leading_blank(buf: &[u8]) -> usize {
+    buf.iter().take(MAX_LEADING_BLANK + 1).take_while(|&&b| matches!(b, b'\r' | b'\n')).count()
 }
 
 /// The values of every `name` line, split at commas, trimmed, empty ones skipped.
@@ -99,18 +119,30 @@ fn tokens<'a>(h: &'a ResponseHeader, name: &'a header::HeaderName) -> impl Itera
 
 /// The body's framing (RFC 9112 6.3). `head_request`: the request was a HEAD. A 1xx is not
 /// asked about (it has no body and is followed by the real answer).
+///
+/// The framing headers are left as the client side will read them: the client's answer is
+/// re-framed by Pingora from the header we hand it, so it must say what we decoded by.
 pub fn framing(h: &mut ResponseHeader, head_request: bool) -> Result<Framing> {
-    if head_request || matches!(h.status.as_u16(), 204 | 304) {
-        return Ok(Framing::Empty);
+    match h.status.as_u16() {
+        // No content, whatever the headers say (RFC 9110 15.3.5): a client that believed them
+        // would read the next answer as this one's body. A 304's length describes the
+        // representation, and stays.
+        204 => {
+            h.remove_header(&header::CONTENT_LENGTH);
+            h.remove_header(&header::TRANSFER_ENCODING);
+            return Ok(Framing::Empty);
+        }
+        304 => {
+            h.remove_header(&header::TRANSFER_ENCODING);
+            return Ok(Framing::Empty);
+        }
+        _ if head_request => return Ok(Framing::Empty),
+        _ => {}
     }
     if h.headers.contains_key(header::TRANSFER_ENCODING) {
         // A length beside a transfer coding is ignored and must not be passed on (6.3 item 3).
         h.remove_header(&header::CONTENT_LENGTH);
-        let last = tokens(h, &header::TRANSFER_ENCODING).last();
-        return Ok(match last {
-            Some(t) if t.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
-            _ => Framing::Close,
-        });
+        return transfer_coding(h);
     }
     let mut length: Option<u64> = None;
     for t in tokens(h, &header::CONTENT_LENGTH) {
@@ -122,10 +154,47 @@ pub fn framing(h: &mut ResponseHeader, head_request: bool) -> Result<Framing> {
         }
         length = Some(n);
     }
-    if h.headers.contains_key(header::CONTENT_LENGTH) && length.is_none() {
-        return Err(bad("empty Content-Length in the response"));
+    let Some(n) = length else {
+        if h.headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(bad("empty Content-Length in the response"));
+        }
+        return Ok(Framing::Close);
+    };
+    // `5, 5` or two lines are one length to us, and to the client they must be too.
+    let mut lines = h.headers.get_all(header::CONTENT_LENGTH).iter();
+    let canonical = matches!((lines.next(), lines.next()), (Some(v), None) if parse_length(v.as_bytes()).is_some());
+    if !canonical {
+        h.insert_header(header::CONTENT_LENGTH, n.to_string())?;
     }
-    Ok(length.map_or(Framing::Close, Framing::Length))
+    Ok(Framing::Length(n))
+}
+
+/// The framing a `Transfer-Encoding` gives (chunked last: chunked; else to the close), with the
+/// header rewritten as one line without empty elements when it was not. Pingora's client side
+/// takes the last element of the last line as it stands (`chunked,` is not chunked to it), where
+/// we, as RFC 9110 5.6.1 says, skip empty ones: the two must agree.
+fn transfer_coding(h: &mut ResponseHeader) -> Result<Framing> {
+    let mut lines = h.headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let (Some(v), None) = (lines.next(), lines.next()) {
+        if v.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Ok(Framing::Chunked);
+        }
+    }
+    let mut codings = Vec::new();
+    let mut chunked = false;
+    for t in tokens(h, &header::TRANSFER_ENCODING) {
+        if !codings.is_empty() {
+            codings.extend_from_slice(b", ");
+        }
+        codings.extend_from_slice(t);
+        chunked = t.eq_ignore_ascii_case(b"chunked");
+    }
+    if codings.is_empty() {
+        return Err(bad("empty Transfer-Encoding in the response"));
+    }
+    let value = HeaderValue::from_bytes(&codings).map_err(|_| bad("invalid Transfer-Encoding in the response"))?;
+    h.insert_header(header::TRANSFER_ENCODING, value)?;
+    Ok(if chunked { Framing::Chunked } else { Framing::Close })
 }
 
 /// A decimal length: digits only, no sign, no overflow.
@@ -270,6 +339,9 @@ impl Body {
 pub struct Chunked {
     state: ChunkState,
     trailer_bytes: usize,
+    /// Bytes of the buffer already searched for the end of the current line, so that a line
+    /// trickled a byte at a time is not searched again from its start on every read.
+    scanned: usize,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -286,18 +358,38 @@ enum ChunkState {
 }
 
 impl Chunked {
+    /// Where the current line ends (its LF), searching only what was not searched before.
+    fn line_end(&mut self, buf: &[u8]) -> Option<usize> {
+        let from = self.scanned.min(buf.len());
+        match buf[from..].iter().position(|&b| b == b'\n') {
+            Some(i) => Some(from + i),
+            None => {
+                self.scanned = buf.len();
+                None
+            }
+        }
+    }
+
     fn next(&mut self, buf: &mut BytesMut) -> Result<Step> {
         loop {
             match self.state {
-                ChunkState::Size => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        buf.advance(used);
-                        self.state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
+                ChunkState::Size => {
+                    if self.line_end(buf).is_none() {
+                        if buf.len() >= MAX_CHUNK_LINE {
+                            return Err(bad("chunk-size line too long"));
+                        }
+                        return Ok(Step::More);
                     }
-                    Ok(httparse::Status::Partial) if buf.len() < MAX_CHUNK_LINE => return Ok(Step::More),
-                    Ok(httparse::Status::Partial) => return Err(bad("chunk-size line too long")),
-                    Err(_) => return Err(bad("malformed chunk size")),
-                },
+                    match httparse::parse_chunk_size(buf) {
+                        Ok(httparse::Status::Complete((used, size))) => {
+                            buf.advance(used);
+                            self.scanned = 0;
+                            self.state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
+                        }
+                        // The line is complete, so anything else is malformed.
+                        _ => return Err(bad("malformed chunk size")),
+                    }
+                }
                 ChunkState::Data(n) => {
                     if buf.is_empty() {
                         return Ok(Step::More);
@@ -319,13 +411,14 @@ impl Chunked {
                     self.state = ChunkState::Size;
                 }
                 ChunkState::Trailers => {
-                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                    let Some(end) = self.line_end(buf) else {
                         if self.trailer_bytes.saturating_add(buf.len()) > MAX_TRAILERS {
                             return Err(bad("response trailers too long"));
                         }
                         return Ok(Step::More);
                     };
                     let line = buf.split_to(end + 1);
+                    self.scanned = 0;
                     self.trailer_bytes = self.trailer_bytes.saturating_add(line.len());
                     if self.trailer_bytes > MAX_TRAILERS {
                         return Err(bad("response trailers too long"));
@@ -427,6 +520,57 @@ mod tests {
         );
         let mut h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
         assert_eq!(framing(&mut h, true).ok(), Some(Framing::Empty));
+    }
+
+    #[test]
+    fn framing_headers_say_what_we_decode_by() {
+        let te = |h: &ResponseHeader| {
+            let v: Vec<_> =
+                h.headers.get_all(header::TRANSFER_ENCODING).iter().map(|v| v.as_bytes().to_vec()).collect();
+            v
+        };
+        // Empty elements are skipped by us and would not be by the client side: one clean line.
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: , Chunked ,,\r\n\r\n",
+        ] {
+            let mut h = head(raw);
+            assert_eq!(framing(&mut h, false).ok(), Some(Framing::Chunked));
+            let v = te(&h);
+            assert_eq!(v.len(), 1, "{v:?}");
+            assert!(v[0].eq_ignore_ascii_case(b"chunked"), "{v:?}");
+        }
+        let mut h = head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked, \r\n\r\n");
+        assert_eq!(framing(&mut h, false).ok(), Some(Framing::Chunked));
+        assert_eq!(te(&h), vec![b"gzip, chunked".to_vec()]);
+        let mut h = head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip,\r\n\r\n");
+        assert_eq!(framing(&mut h, false).ok(), Some(Framing::Close));
+        assert_eq!(te(&h), vec![b"chunked, gzip".to_vec()]);
+        assert!(frame(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: ,\r\n\r\n").is_err());
+        // Agreeing lengths become one.
+        let mut h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 5,\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(framing(&mut h, false).ok(), Some(Framing::Length(5)));
+        let v: Vec<_> = h.headers.get_all(header::CONTENT_LENGTH).iter().map(|v| v.as_bytes().to_vec()).collect();
+        assert_eq!(v, vec![b"5".to_vec()]);
+        // No content: no framing headers passed on (a 304 keeps its length).
+        let mut h = head(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(framing(&mut h, false).ok(), Some(Framing::Empty));
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH) && te(&h).is_empty());
+        let mut h = head(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(framing(&mut h, false).ok(), Some(Framing::Empty));
+        assert!(h.headers.contains_key(header::CONTENT_LENGTH) && te(&h).is_empty());
+    }
+
+    #[test]
+    fn blank_lines_and_odd_statuses() {
+        assert_eq!(head(b"\r\n\r\nHTTP/1.1 200 OK\r\n\r\n").status.as_u16(), 200);
+        let many = [&[b'\r', b'\n'].repeat(5)[..], b"HTTP/1.1 200 OK\r\n\r\n"].concat();
+        assert!(head_may_end(&many, 0), "the parser gets to refuse it");
+        assert!(parse_head(&many).is_err());
+        assert!(!head_may_end(b"\r\n\r\n", 0), "no end of a head yet");
+        let e = parse_head(b"HTTP/1.1 099 Odd\r\n\r\n").err().expect("refused");
+        assert_eq!(e.esource(), &ErrorSource::Upstream, "a 502, counted against the upstream");
     }
 
     #[test]
