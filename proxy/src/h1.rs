@@ -238,7 +238,10 @@ pub fn keepalive_timeout(h: &ResponseHeader) -> Option<Duration> {
             if !key.trim_ascii().eq_ignore_ascii_case(b"timeout") {
                 return None;
             }
-            parse_length(value.get(1..)?.trim_ascii())
+            let value = value.get(1..)?.trim_ascii();
+            // `timeout="5"` is seen too.
+            let value = value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value);
+            parse_length(value)
         })
         .min()
         .map(Duration::from_secs)
@@ -374,13 +377,19 @@ impl Chunked {
         loop {
             match self.state {
                 ChunkState::Size => {
-                    if self.line_end(buf).is_none() {
+                    let Some(end) = self.line_end(buf) else {
                         if buf.len() >= MAX_CHUNK_LINE {
                             return Err(bad("chunk-size line too long"));
                         }
                         return Ok(Step::More);
+                    };
+                    // At least one hex digit (httparse reads an empty line as a last chunk).
+                    if end >= MAX_CHUNK_LINE || !buf[0].is_ascii_hexdigit() {
+                        return Err(bad("malformed chunk-size line"));
                     }
-                    match httparse::parse_chunk_size(buf) {
+                    // The line alone: httparse reads past a bare LF inside an extension, which
+                    // would make the outcome depend on how the reads were split.
+                    match httparse::parse_chunk_size(&buf[..=end]) {
                         Ok(httparse::Status::Complete((used, size))) => {
                             buf.advance(used);
                             self.scanned = 0;
@@ -596,6 +605,7 @@ mod tests {
             t(b"HTTP/1.1 200 OK\r\nKeep-Alive: max=100, Timeout = 7\r\nkeep-alive: timeout=3\r\n\r\n"),
             Some(Duration::from_secs(3))
         );
+        assert_eq!(t(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=\"4\"\r\n\r\n"), Some(Duration::from_secs(4)));
         assert_eq!(t(b"HTTP/1.1 200 OK\r\n\r\n"), None);
         assert_eq!(t(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=-1, timeout, timeout=1e3, max=5\r\n\r\n"), None);
         assert_eq!(t(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=99999999999999999999\r\n\r\n"), None);
@@ -626,6 +636,19 @@ mod tests {
         assert!(decode(Framing::Chunked, b"zz\r\n", 3).is_err());
         assert!(decode(Framing::Chunked, b"fffffffffffffffffff\r\n", 3).is_err(), "size overflows");
         assert!(decode(Framing::Chunked, b"0\r\nno colon\r\n\r\n", 3).is_err());
+        assert!(
+            decode(Framing::Chunked, b"5\r\nhello\r\n\r\nT: 1\r\n\r\n", 3).is_err(),
+            "an empty size line is no last chunk"
+        );
+        assert!(decode(Framing::Chunked, b";ext\r\n", 3).is_err());
+        for step in [1, 2, 3, 5, 100] {
+            assert!(
+                decode(Framing::Chunked, b"5;a\nb\r\nhello\r\n0\r\n\r\n", step).is_err(),
+                "a bare LF in an extension, step {step}"
+            );
+        }
+        let long_line = [b"1;".as_slice(), &[b'a'; MAX_CHUNK_LINE], b"\r\nx\r\n0\r\n\r\n"].concat();
+        assert!(decode(Framing::Chunked, &long_line, 100_000).is_err(), "a long line read at once");
         let long_ext = [b"1;".as_slice(), &[b'a'; MAX_CHUNK_LINE]].concat();
         assert!(decode(Framing::Chunked, &long_ext, 512).is_err(), "endless chunk extension");
         let long_trailer = [b"0\r\nX: ".as_slice(), &[b'a'; MAX_TRAILERS + 10]].concat();

@@ -44,8 +44,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
 /// An upstream's own keep-alive timeout is trusted for this much less (the request must reach
 /// it before it closes).
 const KEEPALIVE_MARGIN: Duration = Duration::from_secs(1);
-/// How often a thread's pool drops connections that outlived `IDLE_TIMEOUT` (also those of
-/// addresses no longer used, such as a moved runtime's).
+/// How often a thread's pool drops connections past their expiry (also those of addresses no
+/// longer used, such as a moved runtime's).
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// Informational (1xx) answers skipped before the final one; an upstream sending more is
 /// broken or hostile.
@@ -102,9 +102,13 @@ impl Pool {
         None
     }
 
-    /// Keeps `stream` for at most `keep` (at most `IDLE_TIMEOUT`).
-    fn put(&mut self, addr: SocketAddr, stream: Stream, now: Instant, keep: Duration) {
+    /// Keeps `stream` until `expires` (at most `IDLE_TIMEOUT` from now).
+    fn put(&mut self, addr: SocketAddr, stream: Stream, now: Instant, expires: Instant) {
         self.sweep_due(now);
+        let expires = expires.min(now + IDLE_TIMEOUT);
+        if expires <= now {
+            return;
+        }
         if self.total >= MAX_IDLE {
             return; // dropped: closed
         }
@@ -112,7 +116,7 @@ impl Pool {
         if list.len() >= MAX_IDLE_PER_ADDR {
             return;
         }
-        list.push(Idle { stream, expires: now + keep.min(IDLE_TIMEOUT) });
+        list.push(Idle { stream, expires });
         self.total += 1;
     }
 
@@ -151,14 +155,16 @@ fn checkout(addr: SocketAddr) -> Option<Stream> {
     POOL.with(|p| p.borrow_mut().take(addr, Instant::now()))
 }
 
-fn release(addr: SocketAddr, stream: Stream, keep: Duration) {
-    POOL.with(|p| p.borrow_mut().put(addr, stream, Instant::now(), keep));
+fn release(addr: SocketAddr, stream: Stream, expires: Instant) {
+    POOL.with(|p| p.borrow_mut().put(addr, stream, Instant::now(), expires));
 }
 
-/// How long a connection may wait in the pool after `resp`: `None` if the upstream may close
+/// How long after its answer began a connection may be reused: `None` if the upstream may close
 /// it too soon to be worth keeping. An upstream that says `Keep-Alive: timeout=N` closes an
-/// idle connection after N seconds; a request sent on it just then fails, and only a repeatable
-/// one is sent again (a `POST` would get a 502). So it is reused for at most N - 1 seconds.
+/// idle connection N seconds after it wrote its answer; a request sent on it just then fails,
+/// and only a repeatable one is sent again (a `POST` would get a 502). So it is reused for at
+/// most N - 1 seconds, counted from when its answer's head arrived (the last moment known to
+/// come before the upstream's clock started: a slow client can hold the body for longer).
 fn pool_time(resp: &ResponseHeader) -> Option<Duration> {
     match h1::keepalive_timeout(resp) {
         None => Some(IDLE_TIMEOUT),
@@ -233,6 +239,8 @@ struct Answer {
     conn: Conn,
     header: ResponseHeader,
     framing: h1::Framing,
+    /// When the head was parsed: the pool's expiry counts from here.
+    at: Instant,
 }
 
 /// Why an exchange failed, and whether the request may go again on a new connection: only a
@@ -330,7 +338,7 @@ async fn exchange(
                     _ => {}
                 }
                 let framing = h1::framing(&mut header, head_request).map_err(Failed::fatal)?;
-                return Ok(Answer { conn, header, framing });
+                return Ok(Answer { conn, header, framing, at: Instant::now() });
             }
         }
         if conn.buf.len() > h1::MAX_HEAD {
@@ -363,8 +371,8 @@ async fn relay(
     target: &Target,
     filter: impl FnOnce(&mut ResponseHeader) -> Result<()>,
 ) -> Result<()> {
-    let Answer { mut conn, header: mut resp, framing } = answer;
-    let keep = if h1::keepalive(&resp, framing) { pool_time(&resp) } else { None };
+    let Answer { mut conn, header: mut resp, framing, at } = answer;
+    let expires = if h1::keepalive(&resp, framing) { pool_time(&resp).map(|keep| at + keep) } else { None };
     let mut body = h1::Body::new(framing);
     if session.as_http1().is_some() {
         // A proxy sends its own HTTP version (RFC 9110 6.2): an HTTP/1.0 upstream's answer
@@ -408,8 +416,8 @@ async fn relay(
     }
     // Bytes past the response are a broken or hostile upstream's: never read as the next
     // request's answer.
-    if let (Some(keep), true) = (keep, conn.buf.is_empty()) {
-        release(target.addr, conn.stream, keep);
+    if let (Some(expires), true) = (expires, conn.buf.is_empty()) {
+        release(target.addr, conn.stream, expires);
     }
     Ok(())
 }
@@ -437,9 +445,9 @@ mod tests {
         let (s4, _f4) = pair().await;
         let t0 = Instant::now();
         let mut p = Pool::default();
-        p.put(a, s1, t0, IDLE_TIMEOUT);
-        p.put(a, s2, t0 + Duration::from_secs(1), IDLE_TIMEOUT);
-        p.put(b, s3, t0, IDLE_TIMEOUT);
+        p.put(a, s1, t0, t0 + IDLE_TIMEOUT);
+        p.put(a, s2, t0 + Duration::from_secs(1), t0 + Duration::from_secs(1) + IDLE_TIMEOUT);
+        p.put(b, s3, t0, t0 + IDLE_TIMEOUT);
         assert_eq!(p.total, 3);
         assert!(p.take(a, t0 + Duration::from_secs(2)).is_some());
         // The one left for `a` is older than the idle timeout by then, and the sweep that
@@ -447,7 +455,7 @@ mod tests {
         assert!(p.take(a, t0 + IDLE_TIMEOUT + Duration::from_secs(1)).is_none());
         assert_eq!(p.total, 0);
         assert!(!p.by_addr.contains_key(&b));
-        p.put(a, s4, t0 + IDLE_TIMEOUT + SWEEP_EVERY, IDLE_TIMEOUT);
+        p.put(a, s4, t0 + IDLE_TIMEOUT + SWEEP_EVERY, t0 + 2 * IDLE_TIMEOUT + SWEEP_EVERY);
         assert_eq!(p.total, 1);
     }
 
@@ -459,9 +467,9 @@ mod tests {
         let (quiet_one, _keep) = pair().await;
         let (closed, far_closed) = pair().await;
         let (chatty, mut far_chatty) = pair().await;
-        p.put(a, quiet_one, t0, IDLE_TIMEOUT);
-        p.put(a, closed, t0, IDLE_TIMEOUT);
-        p.put(a, chatty, t0, IDLE_TIMEOUT);
+        p.put(a, quiet_one, t0, t0 + IDLE_TIMEOUT);
+        p.put(a, closed, t0, t0 + IDLE_TIMEOUT);
+        p.put(a, chatty, t0, t0 + IDLE_TIMEOUT);
         drop(far_closed);
         far_chatty.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.expect("write");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -469,6 +477,25 @@ mod tests {
         assert!(p.take(a, t0).is_some());
         assert_eq!(p.total, 0);
         assert!(p.take(a, t0).is_none());
+    }
+
+    #[tokio::test]
+    async fn pool_keeps_a_connection_until_its_expiry_and_never_past_the_idle_timeout() {
+        let a: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let t0 = Instant::now();
+        let mut p = Pool::default();
+        let (past, _f1) = pair().await;
+        p.put(a, past, t0, t0);
+        assert_eq!(p.total, 0, "already expired: not kept");
+        let (short, _f2) = pair().await;
+        p.put(a, short, t0, t0 + Duration::from_secs(3));
+        assert!(p.take(a, t0 + Duration::from_secs(4)).is_none(), "kept past the upstream's own timeout");
+        let (long, _f3) = pair().await;
+        p.put(a, long, t0, t0 + 10 * IDLE_TIMEOUT);
+        assert!(p.take(a, t0 + IDLE_TIMEOUT).is_none(), "kept past IDLE_TIMEOUT");
+        let (fresh, _f4) = pair().await;
+        p.put(a, fresh, t0, t0 + Duration::from_secs(3));
+        assert!(p.take(a, t0 + Duration::from_secs(2)).is_some());
     }
 
     #[tokio::test]
@@ -480,7 +507,7 @@ mod tests {
         for _ in 0..MAX_IDLE_PER_ADDR + 5 {
             let (s, f) = pair().await;
             far.push(f);
-            p.put(a, s, t0, IDLE_TIMEOUT);
+            p.put(a, s, t0, t0 + IDLE_TIMEOUT);
         }
         assert_eq!(p.total, MAX_IDLE_PER_ADDR);
     }
