@@ -77,15 +77,29 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
         .map_err(|e| bad(format!("response status {code}: {e}")))?;
     header.set_version(if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 });
     header.set_reason_phrase(resp.reason).map_err(|e| bad(format!("response reason phrase: {e}")))?;
+    // One copy of the head, which every name and value shares (no allocation for each).
+    let shared = Bytes::copy_from_slice(buf.get(..len).unwrap_or_default());
     for h in resp.headers.iter() {
         // Kept in the case the upstream wrote it (Pingora writes it back so); httparse checked
-        // that the name is a token.
-        let case = Bytes::copy_from_slice(h.name.as_bytes());
-        header
-            .append_header(case, pingora::http::header_value_from_slice(h.value))
-            .map_err(|e| bad(format!("response header {:?}: {e}", h.name)))?;
+        // that the name is a token. Obsolete folding in a value becomes spaces.
+        let (Some(case), Some(value)) = (share(&shared, buf, h.name.as_bytes()), share(&shared, buf, h.value)) else {
+            return Err(bad("response header outside its head"));
+        };
+        let value = pingora::http::header_value_from_raw(value);
+        header.append_header(case, value).map_err(|e| bad(format!("response header {:?}: {e}", h.name)))?;
     }
     Ok(Some(Head { header, len }))
+}
+
+/// `part`, a slice httparse took from `buf`, as the same bytes of `shared` (the copy of `buf`'s
+/// head): `None` if it is not inside it, which httparse never does.
+fn share(shared: &Bytes, buf: &[u8], part: &[u8]) -> Option<Bytes> {
+    if part.is_empty() {
+        return Some(Bytes::new());
+    }
+    let start = (part.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= shared.len()).then(|| shared.slice(start..end))
 }
 
 /// A blank line (the end of a head) may be in `buf` from `from` on, counting the line end
@@ -98,8 +112,16 @@ pub fn head_may_end(buf: &[u8], from: usize) -> bool {
     if lead > MAX_LEADING_BLANK {
         return true;
     }
-    let start = from.saturating_sub(3).max(lead).min(buf.len());
-    buf[start..].windows(2).any(|w| w == b"\n\n") || buf[start..].windows(3).any(|w| w == b"\n\r\n")
+    let mut at = from.saturating_sub(3).max(lead).min(buf.len());
+    // One pass from LF to LF: a line end followed by a line end.
+    while let Some(i) = buf[at..].iter().position(|&b| b == b'\n') {
+        let lf = at + i;
+        match buf.get(lf + 1..) {
+            Some([b'\n', ..] | [b'\r', b'\n', ..]) => return true,
+            _ => at = lf + 1,
+        }
+    }
+    false
 }
 
 /// CR and LF bytes at the start of `buf`, counted up to one past the most tolerated.
