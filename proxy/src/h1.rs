@@ -2,7 +2,7 @@
 //! (RFC 9112 6.3) and its chunked body. Used by [`crate::upstream`] for requests without a body,
 //! in place of Pingora's HTTP/1 client session, whose per-request work (a request head cloned
 //! for the retry, the response head copied out, its body reader and keep-alive bookkeeping)
-//! measured as much as the rest of the upstream side (benches/README.md).
+//! cost 2.6 to 3.1 µs of CPU a request (benches/README.md, "The upstream's answer read by us").
 //!
 //! Everything here parses bytes from a user's runtime or editor, which run that user's code:
 //! sizes are bounded, arithmetic is checked, and each function is fuzzed
@@ -24,7 +24,8 @@ pub const MAX_HEAD: usize = 1024 * 1024;
 /// A chunk-size line (with its extensions) or the trailer section longer than this is refused.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 64 * 1024;
-/// Line ends tolerated before the status line (httparse skips them; more is not an answer).
+/// Bytes of blank lines tolerated before the status line (httparse skips them; more is not an
+/// answer).
 const MAX_LEADING_BLANK: usize = 8;
 
 fn bad(why: impl Into<String>) -> Box<Error> {
