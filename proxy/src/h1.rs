@@ -63,7 +63,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     // As lenient as Pingora's client: obsolete line folding is turned into spaces below
-    // (`header_value_from_slice`, RFC 9112 5.2), and a space before the colon is dropped.
+    // (`header_value_from_raw`, RFC 9112 5.2), and a space before the colon is dropped.
     let mut config = httparse::ParserConfig::default();
     config.allow_spaces_after_header_name_in_responses(true);
     config.allow_obsolete_multiline_headers_in_responses(true);
@@ -103,10 +103,37 @@ fn share(shared: &Bytes, buf: &[u8], part: &[u8]) -> Option<Bytes> {
     (end <= shared.len()).then(|| shared.slice(start..end))
 }
 
+/// Finds the response head at the start of a buffer that grows read by read, parsing it only
+/// once its end may have arrived ([`head_may_end`]).
+#[derive(Debug, Default)]
+pub struct HeadScan {
+    /// Bytes of the buffer already searched for the end of a head.
+    scanned: usize,
+}
+
+impl HeadScan {
+    /// The head, once complete (the scan then starts afresh, for the answer after a 1xx);
+    /// `Ok(None)`: read more. An error when it is malformed, or when `buf` holds more than
+    /// `limit` bytes without one.
+    pub fn head(&mut self, buf: &[u8], limit: usize) -> Result<Option<Head>> {
+        if head_may_end(buf, self.scanned) {
+            if let Some(head) = parse_head(buf)? {
+                self.scanned = 0;
+                return Ok(Some(head));
+            }
+        }
+        if buf.len() > limit {
+            return Err(bad(format!("response head over {limit} bytes")));
+        }
+        self.scanned = buf.len();
+        Ok(None)
+    }
+}
+
 /// A blank line (the end of a head) may be in `buf` from `from` on, counting the line end
 /// before it. Parsing only then keeps an upstream that sends its head a byte at a time from
 /// making us parse it over and over.
-pub fn head_may_end(buf: &[u8], from: usize) -> bool {
+fn head_may_end(buf: &[u8], from: usize) -> bool {
     // Blank lines before the status line are no end: without this, a stream of them would be
     // parsed again on every read. Too many of them, and `parse_head` refuses the answer.
     let lead = leading_blank(buf);

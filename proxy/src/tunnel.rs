@@ -52,23 +52,17 @@ fn head_bytes(req: &RequestHeader) -> Vec<u8> {
     out
 }
 
-/// Reads the upstream's response head ([`h1::parse_head`]). Returns it and any bytes read past
+/// Reads the upstream's response head ([`h1::HeadScan`]). Returns it and any bytes read past
 /// it.
 async fn read_head(up: &mut TcpStream, timeout: Duration) -> Result<(ResponseHeader, BytesMut)> {
     let mut buf = BytesMut::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut scanned = 0;
+    let mut scan = h1::HeadScan::default();
     loop {
-        if h1::head_may_end(&buf, scanned) {
-            if let Some(head) = h1::parse_head(&buf)? {
-                let rest = buf.split_off(head.len);
-                return Ok((head.header, rest));
-            }
+        if let Some(head) = scan.head(&buf, MAX_HEAD)? {
+            let rest = buf.split_off(head.len);
+            return Ok((head.header, rest));
         }
-        if buf.len() >= MAX_HEAD {
-            return Err(up_err(ErrorType::InvalidHTTPHeader, "upgrade answer head too large"));
-        }
-        scanned = buf.len();
         buf.reserve(4096);
         match tokio::time::timeout_at(deadline, up.read_buf(&mut buf)).await {
             Ok(Ok(0)) => {

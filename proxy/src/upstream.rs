@@ -309,48 +309,41 @@ async fn exchange(
     };
     conn.send(wire).await.map_err(early)?;
     let mut informational = 0;
-    let mut scanned = 0;
+    let mut scan = h1::HeadScan::default();
     loop {
-        if h1::head_may_end(&conn.buf, scanned) {
-            if let Some(head) = h1::parse_head(&conn.buf).map_err(Failed::fatal)? {
-                conn.buf.advance(head.len);
-                let mut header = head.header;
-                match header.status.as_u16() {
-                    // A plain request asked for no protocol switch.
-                    101 => {
+        if let Some(head) = scan.head(&conn.buf, h1::MAX_HEAD).map_err(Failed::fatal)? {
+            conn.buf.advance(head.len);
+            let mut header = head.header;
+            match header.status.as_u16() {
+                // A plain request asked for no protocol switch.
+                101 => {
+                    return Err(Failed::fatal(up_err(
+                        ErrorType::InvalidHTTPHeader,
+                        "101 answer to a request without Upgrade",
+                    )))
+                }
+                // 100 Continue, 103 Early Hints: not relayed. A 1xx ends at its head.
+                100..=199 => {
+                    informational += 1;
+                    if informational > MAX_INFORMATIONAL {
                         return Err(Failed::fatal(up_err(
                             ErrorType::InvalidHTTPHeader,
-                            "101 answer to a request without Upgrade",
-                        )))
+                            "too many informational responses",
+                        )));
                     }
-                    // 100 Continue, 103 Early Hints: not relayed. A 1xx ends at its head.
-                    100..=199 => {
-                        informational += 1;
-                        if informational > MAX_INFORMATIONAL {
-                            return Err(Failed::fatal(up_err(
-                                ErrorType::InvalidHTTPHeader,
-                                "too many informational responses",
-                            )));
-                        }
-                        scanned = 0;
-                        continue;
-                    }
-                    _ => {}
+                    continue;
                 }
-                let framing = h1::framing(&mut header, head_request).map_err(Failed::fatal)?;
-                return Ok(Answer { conn, header, framing, at: Instant::now() });
+                _ => {}
             }
+            let framing = h1::framing(&mut header, head_request).map_err(Failed::fatal)?;
+            return Ok(Answer { conn, header, framing, at: Instant::now() });
         }
-        if conn.buf.len() > h1::MAX_HEAD {
-            return Err(Failed::fatal(up_err(ErrorType::InvalidHTTPHeader, "response head too large")));
-        }
-        scanned = conn.buf.len();
+        let nothing_yet = conn.buf.is_empty() && informational == 0;
         let read = tokio::select! {
             biased;
             r = conn.read_more(READ_CHUNK) => r,
             r = session.read_body_or_idle(true) => return Err(Failed::fatal(client_gone(r))),
         };
-        let nothing_yet = scanned == 0 && informational == 0;
         match read {
             Ok(0) => {
                 let error = up_err(ErrorType::ConnectionClosed, "upstream closed before its response head");
