@@ -348,11 +348,23 @@ fn an_unresponsive_runtime_is_replaced_after_three_failed_probes_and_the_editor_
     // the move is stored first, then the editor is told).
     let told = || {
         let r = http_get(m.http, &format!("/u/{user}/_test/runtime-updates"), &[("Authorization", &auth)]);
-        r.ok().map(|r| r.json()).unwrap_or_default()
+        match r {
+            Ok(r) if r.status == 200 => r.json(),
+            Ok(r) => serde_json::json!(format!("{}: {}", r.status, r.body_text())),
+            Err(e) => serde_json::json!(format!("request failed: {e}")),
+        }
     };
-    eventually(Duration::from_secs(10), "the editor is told the new runtime port", || {
-        told().as_array().and_then(|a| a.last()).map(|u| u["port"].clone()) == Some(serde_json::json!(new_port))
-    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = told();
+    while last.as_array().and_then(|a| a.last()).map(|u| u["port"].clone()) != Some(serde_json::json!(new_port)) {
+        assert!(
+            Instant::now() < deadline,
+            "the editor was not told the new runtime port {new_port} within 10 s; it last said {last}\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+        last = told();
+    }
     assert!(m.log().contains("runtime health probe failed"), "{}", m.log());
 }
 
