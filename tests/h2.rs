@@ -1,0 +1,215 @@
+//! HTTP/2 over TLS, driven by a real HTTP/2 client (the `h2` crate over rustls, ALPN `h2`):
+//! markco runs its own accept loop over Pingora's HTTP/2 sessions, answering streams without a
+//! request body itself and handing the others to Pingora's proxy. These tests hold that loop to
+//! what a client sees: many streams of both kinds on one connection, an idle connection closed
+//! (but never one with a stream in flight), and a graceful shutdown that finishes open streams.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use rustls::pki_types::ServerName;
+
+const STEP: Duration = Duration::from_secs(20);
+
+struct Site {
+    m: Markco,
+    cfg: Arc<rustls::ClientConfig>,
+}
+
+/// markco with a self-signed certificate for `localhost`, a fixed answer at `/fixed` and the
+/// test upstream behind everything else.
+fn start(up: SocketAddr, server_extra: &str) -> Site {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    std::fs::write(dir.path().join("site.pem"), cert.pem()).expect("write cert");
+    std::fs::write(dir.path().join("site.key"), key.serialize_pem()).expect("write key");
+    let template = format!(
+        r#"[server]
+http = "{{http}}"
+https = "{{https}}"
+admin = "{{admin}}"
+upgrade_sock = "{{dir}}/upgrade.sock"
+pid_file = "{{dir}}/markco.pid"
+{server_extra}
+
+[[site]]
+hosts = ["localhost"]
+tls = {{ cert = "{{dir}}/site.pem", key = "{{dir}}/site.key" }}
+
+  [[site.route]]
+  name = "fixed"
+  match = ["/fixed"]
+  respond = "fixed\n"
+
+  [[site.route]]
+  name = "app"
+  match = ["/*"]
+  proxy = "{up}"
+"#
+    );
+    let m = Markco::start_in(dir, Ports::free(), &template, &[]);
+    let mut store = rustls::RootCertStore::empty();
+    store.add(cert.der().clone()).expect("add the root");
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Site { m, cfg: Arc::new(cfg) }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
+}
+
+/// An HTTP/2 connection: the request sender, and the task driving the connection, which ends
+/// when the server closes it.
+async fn connect(site: &Site) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let tcp = tokio::net::TcpStream::connect(site.m.https).await.expect("connect to the HTTPS port");
+    let name = ServerName::try_from("localhost").expect("server name");
+    let tls = tokio::time::timeout(STEP, tokio_rustls::TlsConnector::from(site.cfg.clone()).connect(name, tcp))
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "h2 negotiated by ALPN");
+    let (send, conn) = tokio::time::timeout(STEP, h2::client::handshake(tls))
+        .await
+        .expect("HTTP/2 handshake in time")
+        .expect("HTTP/2 handshake");
+    (send, tokio::spawn(conn))
+}
+
+/// Sends one request (with `body`, if any) and reads the whole answer: status and body.
+async fn exchange(
+    send: &h2::client::SendRequest<Bytes>,
+    method: &str,
+    path: &str,
+    body: Option<Bytes>,
+) -> Result<(u16, Bytes), h2::Error> {
+    let req =
+        http::Request::builder().method(method).uri(format!("https://localhost{path}")).body(()).expect("request");
+    let mut send = send.clone().ready().await?;
+    let (resp, mut stream) = send.send_request(req, body.is_none())?;
+    if let Some(body) = body {
+        stream.send_data(body, true)?;
+    }
+    let resp = resp.await?;
+    let status = resp.status().as_u16();
+    let mut recv = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk?;
+        recv.flow_control().release_capacity(chunk.len())?;
+        out.extend_from_slice(&chunk);
+    }
+    Ok((status, Bytes::from(out)))
+}
+
+fn echoed(body: &Bytes) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not the upstream's echo ({e}): {body:?}"))
+}
+
+#[test]
+fn streams_with_and_without_bodies_share_one_connection() {
+    let up = Upstream::start("app");
+    let site = start(up.addr, "");
+    let rt = runtime();
+    rt.block_on(async {
+        let (send, _conn) = connect(&site).await;
+        let mut tasks = Vec::new();
+        // Without a body: answered by markco's own loop. With one: by Pingora's proxy. All at
+        // once, interleaved on the one connection.
+        for i in 0..40 {
+            let send = send.clone();
+            tasks.push(tokio::spawn(async move {
+                let (path, body) = if i % 5 == 0 {
+                    (format!("/post/{i}"), Some(Bytes::from(vec![b'x'; 100_000 + i])))
+                } else {
+                    (format!("/get/{i}"), None)
+                };
+                let method = if body.is_some() { "POST" } else { "GET" };
+                let sent = body.as_ref().map_or(0, |b| b.len());
+                let got = exchange(&send, method, &path, body).await;
+                (path, sent, got)
+            }));
+        }
+        for t in tasks {
+            let (path, sent, got) = t.await.expect("request task");
+            let (status, body) = got.unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(status, 200, "{path}: {body:?}");
+            let echo = echoed(&body);
+            assert_eq!(echo["path"], path.as_str(), "{path}: the upstream got the stream's own request");
+            assert_eq!(echo["body_bytes"], sent as u64, "{path}: the whole body reached the upstream");
+            assert_eq!(echo["headers"]["x-forwarded-proto"], "https", "{path}: forwarded headers are set");
+        }
+        let (status, body) = exchange(&send, "GET", "/fixed", None).await.expect("GET /fixed");
+        assert_eq!((status, &body[..]), (200, &b"fixed\n"[..]), "a reply markco writes itself");
+        let (status, _) = exchange(&send, "HEAD", "/get/head", None).await.expect("HEAD");
+        assert_eq!(status, 200);
+    });
+    let handshakes = metric_value(&site.m.metrics(), "markco_tls_handshakes_total", &[("result", "ok")]);
+    assert_eq!(handshakes, Some(1.0), "every stream went over the one connection");
+}
+
+#[test]
+fn an_idle_connection_is_closed_but_never_one_with_a_stream_in_flight() {
+    let up = Upstream::start("app");
+    let site = start(up.addr, "header_timeout = \"1s\"");
+    let rt = runtime();
+    rt.block_on(async {
+        let (send, conn) = connect(&site).await;
+        assert_eq!(exchange(&send, "GET", "/first", None).await.expect("GET").0, 200);
+        // A stream that stays open for 2.5 idle timeouts: the connection is busy, not idle.
+        let (status, body) = exchange(&send, "GET", "/slow?ms=2500", None).await.expect("a slow stream");
+        assert_eq!((status, &body[..]), (200, &b"slow done"[..]), "the slow stream finished");
+        let quiet = Instant::now();
+        // Now idle: GOAWAY after 1 s, then the connection closes.
+        let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        let after = quiet.elapsed();
+        let ended = ended.unwrap_or_else(|_| panic!("the idle connection was still open after 10 s"));
+        println!("idle connection closed {after:?} after its last stream: {ended:?}");
+        assert!(after >= Duration::from_millis(900), "closed before the idle timeout: {after:?}");
+        assert!(ended.expect("connection task").is_ok(), "a graceful close (GOAWAY), not an error");
+        assert!(exchange(&send, "GET", "/late", None).await.is_err(), "no stream on a closed connection");
+    });
+}
+
+#[test]
+fn sigterm_finishes_open_streams_then_closes_the_connection() {
+    let up = Upstream::start("app");
+    let mut site = start(up.addr, "grace_period = \"3s\"\nshutdown_timeout = \"5s\"");
+    let rt = runtime();
+    rt.block_on(async {
+        let (send, conn) = connect(&site).await;
+        assert_eq!(exchange(&send, "GET", "/first", None).await.expect("GET").0, 200);
+        let slow = {
+            let send = send.clone();
+            tokio::spawn(async move { exchange(&send, "GET", "/slow?ms=1500", None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        site.m.sigterm();
+        // The stream in flight ends within the grace period (3 s); at its end the connection
+        // gets GOAWAY and closes (an error here, had the runtime's shutdown cut it).
+        let (status, body) = tokio::time::timeout(STEP, slow)
+            .await
+            .expect("the slow stream ends in time")
+            .expect("request task")
+            .expect("the stream in flight is finished, not reset");
+        assert_eq!((status, &body[..]), (200, &b"slow done"[..]));
+        let ended =
+            tokio::time::timeout(STEP, conn).await.expect("the connection closes at the end of the grace period");
+        assert!(ended.expect("connection task").is_ok(), "a graceful close (GOAWAY), not an error");
+    });
+    let status = site.m.wait_exit(STEP).unwrap_or_else(|| panic!("markco still runs; log:\n{}", site.m.log()));
+    assert!(status.success(), "markco exits cleanly: {status}; log:\n{}", site.m.log());
+}
