@@ -18,7 +18,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -189,24 +189,33 @@ impl EdgeApp {
     /// `HttpProxy` per-request machinery measured about 2 µs a request); the others go to
     /// `HttpProxy`. The loop is Pingora's (`accept_downstream_sessions`, not public in 0.9):
     /// a shutdown sends GOAWAY and serves the streams the client had already opened; a
-    /// connection sending too many malformed streams is closed. Unlike Pingora's default,
-    /// a connection with no stream in flight for `header_timeout` is sent GOAWAY, as an idle
-    /// HTTP/1 connection is closed, and dropped if it stays idle as long again.
-    async fn serve_h2(self: &Arc<Self>, edge: Box<EdgeStream>, shutdown: &ShutdownWatch) -> Option<Stream> {
+    /// connection sending too many malformed streams is closed. Unlike Pingora's, it bounds
+    /// the time a client may stay quiet (no stream in flight, no byte either way) by
+    /// `header_timeout`, as on HTTP/1: before its preface, GOAWAY after it, and a drop once it
+    /// has been told GOAWAY. Streams run on the connection's thread (Pingora's loop spread
+    /// them over threads at random).
+    async fn serve_h2(self: &Arc<Self>, mut edge: Box<EdgeStream>, shutdown: &ShutdownWatch) -> Option<Stream> {
+        // Streams write through the codec, whose buffers may still be sending an answer after
+        // the stream's task ended: the bytes moved tell a quiet connection from a busy one.
+        let moved = edge.count_bytes();
         let digest = Arc::new(Digest {
             ssl_digest: edge.get_ssl_digest(),
             timing_digest: edge.get_timing_digest(),
             proxy_digest: edge.get_proxy_digest(),
             socket_digest: edge.get_socket_digest(),
         });
-        let mut conn = match h2_server::handshake(edge, None).await {
-            Ok(c) => c,
-            Err(e) => {
+        let mut conn = match tokio::time::timeout(self.header_timeout, h2_server::handshake(edge, None)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 tracing::debug!("HTTP/2 handshake: {e}");
                 return None;
             }
+            Err(_) => {
+                tracing::debug!("HTTP/2 handshake: no client preface within the header timeout");
+                return None;
+            }
         };
-        let active = Arc::new(InFlight::default());
+        let active = Arc::new(InFlight { count: AtomicUsize::new(0), idle: Notify::new(), moved });
         let mut shutdown_rx = shutdown.clone();
         let stop = shutdown_rx.wait_for(|s| *s);
         tokio::pin!(stop);
@@ -217,7 +226,7 @@ impl EdgeApp {
                 tokio::select! {
                     a = H2Session::from_h2_conn(&mut conn, digest.clone()) => a,
                     // A peer that neither opens streams nor closes after GOAWAY.
-                    _ = active.idle_for(self.header_timeout) => return None,
+                    _ = active.quiet_for(self.header_timeout) => return None,
                 }
             } else {
                 tokio::select! {
@@ -228,7 +237,7 @@ impl EdgeApp {
                         continue;
                     }
                     a = H2Session::from_h2_conn(&mut conn, digest.clone()) => a,
-                    _ = active.idle_for(self.header_timeout) => {
+                    _ = active.quiet_for(self.header_timeout) => {
                         conn.graceful_shutdown();
                         draining = true;
                         continue;
@@ -246,7 +255,7 @@ impl EdgeApp {
                 Ok(Some(H2Accept::Rejected)) => {
                     malformed += 1;
                     if malformed >= MAX_MALFORMED_H2_STREAMS {
-                        tracing::debug!("HTTP/2 connection closed: {malformed} malformed streams");
+                        tracing::warn!("HTTP/2 connection closed after {malformed} malformed streams");
                         return None;
                     }
                 }
@@ -272,11 +281,10 @@ impl EdgeApp {
         // no socket, and the stream's session put in its place.
         let mut session = Session::new_h1(Box::new(std::io::Cursor::new(Vec::new())));
         *session.downstream_session = server;
+        // Ends the stream if the answer did not (an empty final DATA frame). A stream that
+        // cannot go on is dropped instead, which resets it (CANCEL), as HttpProxy does.
         if self.answer(&mut session).await {
-            // Ends the stream if the answer did not (an empty final DATA frame).
             let _ = session.downstream_session.finish().await;
-        } else {
-            session.downstream_session.shutdown().await;
         }
     }
 }
@@ -284,11 +292,11 @@ impl EdgeApp {
 /// Pingora's own limit for its HTTP/2 accept loop.
 const MAX_MALFORMED_H2_STREAMS: usize = 32;
 
-/// The streams of one HTTP/2 connection being served.
-#[derive(Default)]
+/// The streams of one HTTP/2 connection being served, and its bytes moved.
 struct InFlight {
     count: AtomicUsize,
     idle: Notify,
+    moved: Arc<AtomicU64>,
 }
 
 /// Held by a stream's task; counts it out when dropped.
@@ -308,12 +316,19 @@ impl InFlight {
         StreamGuard(self.clone())
     }
 
-    /// Completes once no stream has been in flight for `d`.
-    async fn idle_for(&self, d: Duration) {
-        while self.count.load(Ordering::Acquire) != 0 {
-            self.idle.notified().await;
+    /// Completes once the connection has been quiet for `d`: no stream in flight and no byte
+    /// read or written.
+    async fn quiet_for(&self, d: Duration) {
+        loop {
+            while self.count.load(Ordering::Acquire) != 0 {
+                self.idle.notified().await;
+            }
+            let before = self.moved.load(Ordering::Relaxed);
+            tokio::time::sleep(d).await;
+            if self.count.load(Ordering::Acquire) == 0 && self.moved.load(Ordering::Relaxed) == before {
+                return;
+            }
         }
-        tokio::time::sleep(d).await;
     }
 }
 

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -211,6 +211,8 @@ pub struct EdgeStream {
     served: bool,
     _slot: Option<ConnSlot>,
     timeouts: Option<prometheus::IntCounter>,
+    /// Bytes read and written, when someone asked ([`EdgeStream::count_bytes`]).
+    moved: Option<Arc<AtomicU64>>,
 }
 
 impl fmt::Debug for EdgeStream {
@@ -221,7 +223,20 @@ impl fmt::Debug for EdgeStream {
 
 impl EdgeStream {
     pub fn new(inner: Stream, slot: Option<ConnSlot>, timeouts: Option<prometheus::IntCounter>) -> EdgeStream {
-        EdgeStream { inner, clock: None, served: false, _slot: slot, timeouts }
+        EdgeStream { inner, clock: None, served: false, _slot: slot, timeouts, moved: None }
+    }
+
+    /// From now on, counts the bytes read and written in the returned counter (an HTTP/2
+    /// connection's loop, whose streams write through the h2 codec, uses it to tell a quiet
+    /// connection from one still sending an answer).
+    pub fn count_bytes(&mut self) -> Arc<AtomicU64> {
+        self.moved.get_or_insert_with(|| Arc::new(AtomicU64::new(0))).clone()
+    }
+
+    fn count(&self, n: usize) {
+        if let Some(m) = &self.moved {
+            m.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     /// Starts the clock for the next request header: it must begin within `timeout` and, once
@@ -281,7 +296,13 @@ impl AsyncRead for EdgeStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let Some(clock) = this.clock.as_mut() else {
-            return Pin::new(&mut *this.inner).poll_read(cx, buf);
+            if this.moved.is_none() {
+                return Pin::new(&mut *this.inner).poll_read(cx, buf);
+            }
+            let before = buf.filled().len();
+            let read = Pin::new(&mut *this.inner).poll_read(cx, buf);
+            this.count(buf.filled().len().saturating_sub(before));
+            return read;
         };
         if clock.sleep.is_elapsed() {
             return Poll::Ready(Err(this.expire(cx)));
@@ -316,7 +337,12 @@ impl AsyncRead for EdgeStream {
 
 impl AsyncWrite for EdgeStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let written = Pin::new(&mut *this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            this.count(n);
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -324,7 +350,12 @@ impl AsyncWrite for EdgeStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = Pin::new(&mut *this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            this.count(n);
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
