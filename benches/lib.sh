@@ -168,6 +168,17 @@ cpu_ticks() {
 	echo "$sum"
 }
 
+# sys_ticks PID : the system (kernel) part of cpu_ticks alone.
+sys_ticks() {
+	local sum=0 p stat f
+	for p in $(members "$1"); do
+		stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+		read -r -a f <<<"${stat##*) }"
+		sum=$((sum + ${f[12]:-0}))
+	done
+	echo "$sum"
+}
+
 # cpu_us_per_req TICKS_BEFORE TICKS_AFTER REQUESTS -> microseconds of server CPU per request
 cpu_us_per_req() {
 	if [[ $3 == NA ]] || (($3 == 0)); then

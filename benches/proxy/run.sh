@@ -413,7 +413,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
 		out=$RAW/round$r-$t.txt
 		if ! is_alive "$pid"; then
 			log "  $t: server $server (pid $pid) is not running; recording the run as failed"
-			printf '%s\t%s\tNA\tNA\tNA\tNA\tNA\tdown\tNA\n' "$r" "$t" >>"$RESULTS"
+			printf '%s\t%s\tNA\tNA\tNA\tNA\tNA\tdown\tNA\tNA\n' "$r" "$t" >>"$RESULTS"
 			continue
 		fi
 		run_client "$RAW/round$r-$t.warmup.txt" $((WARMUP + 30)) \
@@ -421,16 +421,19 @@ for ((r = 1; r <= ROUNDS; r++)); do
 			log "  $t: warm-up wrk exited non-zero (see $RAW/round$r-$t.warmup.txt)"
 		status=ok
 		ticks=$(cpu_ticks "$pid")
+		sys=$(sys_ticks "$pid")
 		run_client "$out" $((DURATION + 30)) \
 			wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$url" || status=wrk-failed
 		ticks_after=$(cpu_ticks "$pid")
+		sys_after=$(sys_ticks "$pid")
 		is_alive "$pid" || status=died
 		hwm=$(mem_kb VmHWM "$pid")
 		if ((hwm > PEAK[$t])); then PEAK[$t]=$hwm; fi
 		read -r rps p50 p99 non2xx sockerr requests < <(parse_wrk "$out")
 		if [[ $rps == NA && $status == ok ]]; then status=unparsed; fi
 		cpu=$(cpu_us_per_req "$ticks" "$ticks_after" "$requests")
-		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$t" "$rps" "$p50" "$p99" "$non2xx" "$sockerr" "$status" "$cpu" >>"$RESULTS"
+		sys_cpu=$(cpu_us_per_req "$sys" "$sys_after" "$requests")
+		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$t" "$rps" "$p50" "$p99" "$non2xx" "$sockerr" "$status" "$cpu" "$sys_cpu" >>"$RESULTS"
 		log "  $t: $(fmt '%.0f' "$rps") req/s, p50 $(fmt '%.2f' "$p50") ms, p99 $(fmt '%.2f' "$p99") ms, $cpu us CPU/req, non-2xx $non2xx, socket errors $sockerr [$status]"
 	done
 done
@@ -469,8 +472,8 @@ REPORT=$TMP/report.md
 	echo
 	echo "## Summary (medians over $ROUNDS round(s))"
 	echo
-	echo "| target | req/s | p50 ms | p99 ms | req/s vs direct | CPU µs/req | RSS idle MB | RSS peak MB | errors |"
-	echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+	echo "| target | req/s | p50 ms | p99 ms | req/s vs direct | CPU µs/req | of which system | RSS idle MB | RSS peak MB | errors |"
+	echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 	for t in "${TARGETS[@]}"; do
 		rps=${MED_RPS[$t]}
 		p50=$(col "$t" 4 | median)
@@ -483,22 +486,23 @@ REPORT=$TMP/report.md
 		errors=$(awk -F'\t' -v t="$t" '$2 == t { e += ($6 == "NA" ? 0 : $6) + ($7 == "NA" ? 0 : $7); if ($8 != "ok") f++ }
 			END { s = e + 0; if (f) s = s " (" f " failed run" (f > 1 ? "s" : "") ")"; print s }' "$RESULTS")
 		cpu=$(col "$t" 9 | median)
-		printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$t]}" \
-			"$(fmt '%.0f' "$rps")" "$(fmt '%.2f' "$p50")" "$(fmt '%.2f' "$p99")" "$ratio" "$(fmt '%.1f' "$cpu")" \
+		sys_cpu=$(col "$t" 10 | median)
+		printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$t]}" \
+			"$(fmt '%.0f' "$rps")" "$(fmt '%.2f' "$p50")" "$(fmt '%.2f' "$p99")" "$ratio" "$(fmt '%.1f' "$cpu")" "$(fmt '%.1f' "$sys_cpu")" \
 			"$(mb "${IDLE[$t]}")" "$(mb "${PEAK[$t]}")" "$errors"
 	done
 	echo
 	echo "errors = non-2xx/3xx responses + socket errors (connect/read/write/timeout) summed over rounds; runs that failed are left out of the medians."
 	echo
-	echo "CPU µs/req = the server's own user + system CPU time during the measured run (all its processes and threads, from /proc/<pid>/stat) divided by the requests wrk completed. For direct it is the upstream nginx alone; for a proxy it excludes the upstream. It holds steadier than req/s on shared cores."
+	echo "CPU µs/req = the server's own user + system CPU time during the measured run (all its processes and threads, from /proc/<pid>/stat) divided by the requests wrk completed. For direct it is the upstream nginx alone; for a proxy it excludes the upstream. It holds steadier than req/s on shared cores. *of which system*: the part of it spent in the kernel (stime alone); the clock-tick sampling behind both makes it a few tenths of a µs coarse."
 	echo
 	echo "## Raw per-round results"
 	echo
-	echo "| round | target | req/s | p50 ms | p99 ms | CPU µs/req | non-2xx | socket errors | status |"
-	echo "|---:|---|---:|---:|---:|---:|---:|---:|---|"
-	while IFS=$'\t' read -r r t rps p50 p99 non2xx sockerr status cpu; do
-		printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$r" "${LABEL[$t]}" \
-			"$(fmt '%.0f' "$rps")" "$(fmt '%.2f' "$p50")" "$(fmt '%.2f' "$p99")" "$(fmt '%.1f' "$cpu")" "$non2xx" "$sockerr" "$status"
+	echo "| round | target | req/s | p50 ms | p99 ms | CPU µs/req | of which system | non-2xx | socket errors | status |"
+	echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
+	while IFS=$'\t' read -r r t rps p50 p99 non2xx sockerr status cpu sys_cpu; do
+		printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$r" "${LABEL[$t]}" \
+			"$(fmt '%.0f' "$rps")" "$(fmt '%.2f' "$p50")" "$(fmt '%.2f' "$p99")" "$(fmt '%.1f' "$cpu")" "$(fmt '%.1f' "$sys_cpu")" "$non2xx" "$sockerr" "$status"
 	done <"$RESULTS"
 } >"$REPORT"
 
