@@ -152,6 +152,64 @@ fn a_close_delimited_body_is_chunked_and_the_client_connection_stays_open() {
 }
 
 #[test]
+fn an_http10_client_gets_no_transfer_coding_and_its_body_ends_with_the_connection() {
+    // Chunked, and to the close: markco reads both; an HTTP/1.0 client can read neither
+    // a chunked body nor a Transfer-Encoding header (RFC 9112 6.1).
+    let (up, _) = scripted(|_, mut s| {
+        let Some(head) = read_head(&mut s) else { return };
+        if head.starts_with("POST ") {
+            let mut body = [0u8; 2]; // the tests' POST body: read before answering
+            let _ = s.read_exact(&mut body);
+        }
+        if head.starts_with("GET /gzip ") {
+            // A transfer coding other than chunked: the body runs to the close (RFC 9112 6.3).
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n(gzip bytes)");
+        } else if head.starts_with("GET /chunked ") || head.starts_with("POST /chunked ") {
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+            );
+        } else {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello to the close");
+        }
+    });
+    let m = Markco::start(&config(up));
+    for (request, body) in [
+        ("GET /chunked HTTP/1.0\r\nHost: a.test\r\n\r\n", "hello world"),
+        ("GET /close HTTP/1.0\r\nHost: a.test\r\n\r\n", "hello to the close"),
+        // With a body: Pingora's proxy loop, which takes the same rule.
+        ("POST /chunked HTTP/1.0\r\nHost: a.test\r\nContent-Length: 2\r\n\r\nhi", "hello world"),
+        // Keep-alive asked for, but a body of unknown length can only end with the connection.
+        ("GET /chunked HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\n\r\n", "hello world"),
+    ] {
+        let what = request.lines().next().unwrap_or_default();
+        let mut c = TcpStream::connect(m.http).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        c.write_all(request.as_bytes()).expect("send");
+        let raw =
+            read_to_close(&mut c).unwrap_or_else(|e| panic!("{what}: the body must end with the connection: {e}"));
+        let text = String::from_utf8_lossy(&raw);
+        let (head, got) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{what}: no head: {text:?}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{what}: {head}");
+        assert!(!head.to_ascii_lowercase().contains("transfer-encoding"), "{what}: {head}");
+        assert!(head.to_ascii_lowercase().contains("connection: close"), "{what}: {head}");
+        assert_eq!(got, body, "{what}: the body as it is, no chunk sizes");
+    }
+    // A coding an HTTP/1.0 client cannot be sent, and cannot be taken off: 502.
+    let r = raw_exchange_one(m.http, b"GET /gzip HTTP/1.0\r\nHost: a.test\r\n\r\n", Duration::from_secs(10))
+        .expect("GET /gzip");
+    assert_eq!(r.status, 502, "{:?}", r.body_text());
+    // HTTP/1.1 on the same routes: chunked (on top of another coding), and the connection
+    // stays open.
+    let mut c = TcpStream::connect(m.http).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    for (path, coding) in [("/chunked", "chunked"), ("/close", "chunked"), ("/gzip", "gzip, chunked")] {
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes()).expect("send");
+        let r = read_one(&mut c);
+        assert_eq!(r.header("transfer-encoding"), Some(coding), "{path}: {:?}", r.headers);
+    }
+}
+
+#[test]
 fn a_client_that_leaves_frees_its_upstream_connection() {
     // The upstream never answers; it reports how long until markco closed its connection.
     let (closed_tx, closed_rx) = mpsc::channel::<Duration>();

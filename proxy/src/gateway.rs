@@ -906,10 +906,11 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        crate::upstream::frame_for_client(session, upstream_response)?;
         response_head(upstream_response, ctx.hsts.as_deref())?;
         if upstream_response.status == 101 && !ctx.upgraded {
             ctx.upgraded = true;

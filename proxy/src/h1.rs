@@ -158,7 +158,7 @@ fn leading_blank(buf: &[u8]) -> usize {
 }
 
 /// The values of every `name` line, split at commas, trimmed, empty ones skipped.
-fn tokens<'a>(h: &'a ResponseHeader, name: &'a header::HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+pub(crate) fn tokens<'a>(h: &'a ResponseHeader, name: &'a header::HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
     h.headers
         .get_all(name)
         .iter()

@@ -356,6 +356,49 @@ async fn exchange(
     }
 }
 
+/// How an HTTP/1 client gets a body whose length the answer does not give (no
+/// `Content-Length`; its framing is chunked, or ends with the upstream's close). To HTTP/1.1:
+/// chunked, so that its connection can stay open. To HTTP/1.0, which cannot read a transfer
+/// coding (RFC 9112 6.1): as it is, ended by closing the connection. Only the chunked coding,
+/// which the body was read by, can be taken off; a body in another one cannot reach an
+/// HTTP/1.0 client (502). Pingora's server side frames the client's body from these headers.
+pub(crate) fn frame_for_client(session: &mut Session, resp: &mut ResponseHeader) -> Result<()> {
+    let status = resp.status.as_u16();
+    if session.as_http1().is_none()
+        || resp.headers.contains_key(header::CONTENT_LENGTH)
+        || status < 200
+        || status == 204
+        || status == 304
+        || session.req_header().method == Method::HEAD
+    {
+        return Ok(());
+    }
+    let te = header::TRANSFER_ENCODING;
+    if session.req_header().version >= Version::HTTP_11 {
+        let last_chunked = h1::tokens(resp, &te).last().map(|t| t.eq_ignore_ascii_case(b"chunked"));
+        match last_chunked {
+            Some(true) => {}
+            None => resp.insert_header(te, "chunked")?,
+            // Another coding, read to the close: chunked on top of it.
+            Some(false) => {
+                let codings: Vec<String> =
+                    h1::tokens(resp, &te).map(|t| String::from_utf8_lossy(t).into_owned()).collect();
+                resp.insert_header(te, format!("{}, chunked", codings.join(", ")))?;
+            }
+        }
+    } else {
+        if h1::tokens(resp, &te).any(|t| !t.eq_ignore_ascii_case(b"chunked")) {
+            return Err(up_err(
+                ErrorType::InvalidHTTPHeader,
+                "a transfer coding other than chunked cannot be relayed to an HTTP/1.0 client",
+            ));
+        }
+        resp.remove_header(&te);
+        session.set_keepalive(None);
+    }
+    Ok(())
+}
+
 /// Relays the response whose head has been read, then pools the connection if it may be
 /// reused.
 async fn relay(
@@ -371,15 +414,8 @@ async fn relay(
         // A proxy sends its own HTTP version (RFC 9110 6.2): an HTTP/1.0 upstream's answer
         // must not end the client's keep-alive connection.
         resp.set_version(Version::HTTP_11);
-        if framing == h1::Framing::Close
-            && !resp.headers.contains_key(header::TRANSFER_ENCODING)
-            && !resp.headers.contains_key(header::CONTENT_LENGTH)
-        {
-            // An upstream that ends its body by closing: chunk it, so the client's connection
-            // can stay open.
-            resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
-        }
     }
+    frame_for_client(session, &mut resp)?;
     filter(&mut resp)?;
     let mut done = body.is_done();
     session.write_response_header(Box::new(resp), done).await.map_err(|e| e.into_down())?;
