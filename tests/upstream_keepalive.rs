@@ -161,10 +161,17 @@ fn an_http10_client_gets_no_transfer_coding_and_its_body_ends_with_the_connectio
             let mut body = [0u8; 2]; // the tests' POST body: read before answering
             let _ = s.read_exact(&mut body);
         }
-        if head.starts_with("GET /gzip ") {
+        let path = head.split(' ').nth(1).unwrap_or_default();
+        if path == "/gzip" {
             // A transfer coding other than chunked: the body runs to the close (RFC 9112 6.3).
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n(gzip bytes)");
-        } else if head.starts_with("GET /chunked ") || head.starts_with("POST /chunked ") {
+            // `Connection` names it too, which must not make it hop-by-hop.
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: gzip\r\n\r\n(gzip bytes)",
+            );
+        } else if path == "/chunked-comma" {
+            // Chunked to us (empty elements are skipped), not to Pingora's proxy loop.
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+        } else if path == "/chunked" {
             let _ = s.write_all(
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
             );
@@ -176,8 +183,10 @@ fn an_http10_client_gets_no_transfer_coding_and_its_body_ends_with_the_connectio
     for (request, body) in [
         ("GET /chunked HTTP/1.0\r\nHost: a.test\r\n\r\n", "hello world"),
         ("GET /close HTTP/1.0\r\nHost: a.test\r\n\r\n", "hello to the close"),
-        // With a body: Pingora's proxy loop, which takes the same rule.
+        // With a body: Pingora's proxy loop, which takes the same rule (and itself chunks a
+        // body that ends at the close, before the gateway sees the answer).
         ("POST /chunked HTTP/1.0\r\nHost: a.test\r\nContent-Length: 2\r\n\r\nhi", "hello world"),
+        ("POST /close HTTP/1.0\r\nHost: a.test\r\nContent-Length: 2\r\n\r\nhi", "hello to the close"),
         // Keep-alive asked for, but a body of unknown length can only end with the connection.
         ("GET /chunked HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\n\r\n", "hello world"),
     ] {
@@ -194,19 +203,59 @@ fn an_http10_client_gets_no_transfer_coding_and_its_body_ends_with_the_connectio
         assert!(head.to_ascii_lowercase().contains("connection: close"), "{what}: {head}");
         assert_eq!(got, body, "{what}: the body as it is, no chunk sizes");
     }
-    // A coding an HTTP/1.0 client cannot be sent, and cannot be taken off: 502.
-    let r = raw_exchange_one(m.http, b"GET /gzip HTTP/1.0\r\nHost: a.test\r\n\r\n", Duration::from_secs(10))
-        .expect("GET /gzip");
+    // A coding an HTTP/1.0 client cannot be sent, and cannot be taken off: 502, on both loops.
+    for request in [
+        &b"GET /gzip HTTP/1.0\r\nHost: a.test\r\n\r\n"[..],
+        &b"POST /gzip HTTP/1.0\r\nHost: a.test\r\nContent-Length: 2\r\n\r\nhi"[..],
+    ] {
+        let r = raw_exchange_one(m.http, request, Duration::from_secs(10)).expect("a gzip-coded answer");
+        assert_eq!(r.status, 502, "{:?}: {:?}", String::from_utf8_lossy(request), r.body_text());
+    }
+    // An answer Pingora's loop would read one way and frame the other: 502.
+    let r = raw_exchange_one(
+        m.http,
+        b"POST /chunked-comma HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        Duration::from_secs(10),
+    )
+    .expect("POST /chunked-comma");
     assert_eq!(r.status, 502, "{:?}", r.body_text());
-    // HTTP/1.1 on the same routes: chunked (on top of another coding), and the connection
-    // stays open.
+    // HTTP/1.1 on the same routes, on both loops: chunked, and the connection stays open.
     let mut c = TcpStream::connect(m.http).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    for (path, coding) in [("/chunked", "chunked"), ("/close", "chunked"), ("/gzip", "gzip, chunked")] {
-        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes()).expect("send");
+    for (method, path, body) in [
+        ("GET", "/chunked", "hello world"),
+        ("GET", "/close", "hello to the close"),
+        ("POST", "/chunked", "hello world"),
+        ("POST", "/close", "hello to the close"),
+    ] {
+        let request = match method {
+            "POST" => format!("POST {path} HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\nhi"),
+            _ => format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n"),
+        };
+        c.write_all(request.as_bytes()).expect("send");
         let r = read_one(&mut c);
-        assert_eq!(r.header("transfer-encoding"), Some(coding), "{path}: {:?}", r.headers);
+        assert_eq!(r.header("transfer-encoding"), Some("chunked"), "{method} {path}: {:?}", r.headers);
+        assert_eq!(r.body_text(), body, "{method} {path}");
     }
+    // Another coding: chunked on top of it, then the next answer on the same connection.
+    c.write_all(b"GET /gzip HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("send");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.ends_with(b"\r\n0\r\n\r\n") {
+        let n =
+            c.read(&mut buf).unwrap_or_else(|e| panic!("GET /gzip: {e}; so far {:?}", String::from_utf8_lossy(&raw)));
+        assert!(n > 0, "GET /gzip: closed: {:?}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.to_ascii_lowercase().contains("transfer-encoding: gzip, chunked\r\n"), "{text}");
+    // (Chunk sizes are hexadecimal, in either case.)
+    assert!(
+        text.to_ascii_lowercase().ends_with("\r\n\r\nc\r\n(gzip bytes)\r\n0\r\n\r\n"),
+        "the coded bytes in one chunk: {text:?}"
+    );
+    c.write_all(b"GET /chunked HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("send");
+    assert_eq!(read_one(&mut c).body_text(), "hello world", "the connection went on after it");
 }
 
 #[test]

@@ -13,8 +13,17 @@ use pingora::prelude::*;
 const HOP_BY_HOP: [&str; 5] = ["keep-alive", "proxy-connection", "te", "trailer", "proxy-authorization"];
 
 /// Headers a `Connection` line cannot remove: the host and what we say about the client.
-const PROTECTED: [&str; 6] =
-    ["host", "x-user-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"];
+const PROTECTED: [&str; 8] = [
+    "host",
+    "x-user-id",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    // The message's framing: never dropped as hop-by-hop, or the body would be misread.
+    "transfer-encoding",
+    "content-length",
+];
 
 const FORWARDED: [&str; 5] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"];
 

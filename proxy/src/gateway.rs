@@ -910,8 +910,8 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        crate::upstream::frame_for_client(session, upstream_response)?;
         response_head(upstream_response, ctx.hsts.as_deref())?;
+        crate::upstream::frame_for_client(session, upstream_response)?;
         if upstream_response.status == 101 && !ctx.upgraded {
             ctx.upgraded = true;
             if let Some(r) = &ctx.route {

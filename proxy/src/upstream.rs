@@ -363,18 +363,34 @@ async fn exchange(
 /// which the body was read by, can be taken off; a body in another one cannot reach an
 /// HTTP/1.0 client (502). Pingora's server side frames the client's body from these headers.
 pub(crate) fn frame_for_client(session: &mut Session, resp: &mut ResponseHeader) -> Result<()> {
-    let status = resp.status.as_u16();
-    if session.as_http1().is_none()
-        || resp.headers.contains_key(header::CONTENT_LENGTH)
-        || status < 200
-        || status == 204
-        || status == 304
-        || session.req_header().method == Method::HEAD
-    {
+    if session.as_http1().is_none() {
         return Ok(());
     }
     let te = header::TRANSFER_ENCODING;
-    if session.req_header().version >= Version::HTTP_11 {
+    let status = resp.status.as_u16();
+    let bodiless = status < 200 || status == 204 || status == 304 || session.req_header().method == Method::HEAD;
+    let http11 = session.req_header().version >= Version::HTTP_11;
+    if resp.headers.contains_key(&te) {
+        // Pingora's sides take the last element of the last line as it stands (`chunked,` is
+        // not chunked to them); we skip empty elements (RFC 9110 5.6.1). Our own loop hands on
+        // one clean line; an answer read by Pingora's loop where the two disagree would be
+        // read one way and framed the other.
+        let literal = resp.headers.get_all(&te).iter().next_back().is_some_and(|v| {
+            let last = v.as_bytes().rsplit(|&b| b == b',').next().unwrap_or_default();
+            last.trim_ascii().eq_ignore_ascii_case(b"chunked")
+        });
+        let tokens = h1::tokens(resp, &te).last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+        if literal != tokens {
+            return Err(up_err(ErrorType::InvalidHTTPHeader, "an ambiguous Transfer-Encoding in the response"));
+        }
+        if bodiless && !http11 && status >= 200 {
+            resp.remove_header(&te);
+        }
+    }
+    if bodiless || resp.headers.contains_key(header::CONTENT_LENGTH) {
+        return Ok(());
+    }
+    if http11 {
         let last_chunked = h1::tokens(resp, &te).last().map(|t| t.eq_ignore_ascii_case(b"chunked"));
         match last_chunked {
             Some(true) => {}
@@ -415,8 +431,8 @@ async fn relay(
         // must not end the client's keep-alive connection.
         resp.set_version(Version::HTTP_11);
     }
-    frame_for_client(session, &mut resp)?;
     filter(&mut resp)?;
+    frame_for_client(session, &mut resp)?;
     let mut done = body.is_done();
     session.write_response_header(Box::new(resp), done).await.map_err(|e| e.into_down())?;
     while !done {
