@@ -162,6 +162,48 @@ fn streams_with_and_without_bodies_share_one_connection() {
 }
 
 #[test]
+fn a_stalled_request_body_ends_its_stream_but_a_slow_one_does_not() {
+    let up = Upstream::start("app");
+    let site = start(up.addr, "client_idle_timeout = \"1s\"");
+    let rt = runtime();
+    rt.block_on(async {
+        let (send, _conn) = connect(&site).await;
+        let post = |path: &str| {
+            http::Request::builder().method("POST").uri(format!("https://localhost{path}")).body(()).expect("request")
+        };
+        // Slow but steady: a piece every 400 ms for 2.4 s, longer than the idle timeout in all.
+        let mut ready = send.clone().ready().await.expect("ready");
+        let (resp, mut body) = ready.send_request(post("/slow-upload"), false).expect("send");
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            body.send_data(Bytes::from(vec![b'x'; 100]), i == 5).expect("a piece of the body");
+        }
+        let resp = tokio::time::timeout(STEP, resp).await.expect("an answer in time").expect("an answer");
+        assert_eq!(resp.status(), 200);
+        let mut recv = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = recv.data().await {
+            got.extend_from_slice(&chunk.expect("body"));
+        }
+        assert_eq!(echoed(&Bytes::from(got))["body_bytes"], 600, "the whole slow body reached the upstream");
+
+        // Stalled: 10 bytes, then nothing. The stream ends (reset) after the idle timeout.
+        let mut ready = send.clone().ready().await.expect("ready");
+        let (resp, mut body) = ready.send_request(post("/stalled-upload"), false).expect("send");
+        body.send_data(Bytes::from_static(b"0123456789"), false).expect("the first piece");
+        let started = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(10), resp).await;
+        let after = started.elapsed();
+        let ended = ended.unwrap_or_else(|_| panic!("a stalled request body still held its stream after 10 s"));
+        println!("stalled body ended after {after:?}: {:?}", ended.as_ref().map(|r| r.status()));
+        assert!(ended.is_err(), "the stream is reset, not answered: {:?}", ended.map(|r| r.status()));
+        assert!(after >= Duration::from_millis(900), "ended before the idle timeout: {after:?}");
+        // The connection itself is fine.
+        assert_eq!(exchange(&send, "GET", "/after", None).await.expect("GET after").0, 200);
+    });
+}
+
+#[test]
 fn an_idle_connection_is_closed_but_never_one_with_a_stream_in_flight() {
     let up = Upstream::start("app");
     let site = start(up.addr, "header_timeout = \"1s\"");

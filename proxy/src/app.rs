@@ -274,7 +274,19 @@ impl EdgeApp {
         let plain = h2.req_header().method != http::Method::CONNECT && h2.is_body_empty();
         let server = ServerSession::new_http2(h2);
         if !plain {
-            self.inner.process_new_http(server, shutdown).await;
+            // Pingora's HTTP/2 session has no read timeout (`set_read_timeout` does nothing for
+            // it), so a client could hold a stream, and the upstream connection behind it, by
+            // never finishing its body. The gateway reports each piece of body it is handed;
+            // a body idle for `client_idle_timeout` ends the stream (dropped: RST_STREAM).
+            let progress = Arc::new(BodyProgress::new());
+            let idle = self.gateway.client_idle_timeout();
+            let serve = BODY_PROGRESS.scope(progress.clone(), self.inner.process_new_http(server, shutdown));
+            tokio::select! {
+                _ = serve => {}
+                _ = progress.stalled(idle) => {
+                    tracing::debug!("an HTTP/2 request body was idle for {idle:?}: its stream is reset");
+                }
+            }
             return;
         }
         // Pingora's proxy `Session` has a public constructor for HTTP/1 only: one is made on
@@ -285,6 +297,58 @@ impl EdgeApp {
         // cannot go on is dropped instead, which resets it (CANCEL), as HttpProxy does.
         if self.answer(&mut session).await {
             let _ = session.downstream_session.finish().await;
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The request-body progress of the HTTP/2 stream this task serves, if any.
+    static BODY_PROGRESS: Arc<BodyProgress>;
+}
+
+/// Called for every piece of a request body handed to the gateway (`end`: the last one). Only
+/// an HTTP/2 stream's task watches it ([`EdgeApp::serve_h2_stream`]); HTTP/1 bodies have
+/// Pingora's read timeout.
+pub(crate) fn request_body_progress(end: bool) {
+    let _ = BODY_PROGRESS.try_with(|p| p.seen(end));
+}
+
+/// When a request body last moved, and whether it has ended.
+struct BodyProgress {
+    start: tokio::time::Instant,
+    /// Milliseconds from `start` to the last piece.
+    last_ms: AtomicU64,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl BodyProgress {
+    fn new() -> BodyProgress {
+        BodyProgress {
+            start: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            done: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn seen(&self, end: bool) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+        if end {
+            self.done.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Completes once the body has been idle for `idle` before its end; never once it ended.
+    async fn stalled(&self, idle: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            tokio::time::sleep_until(self.start + last + idle).await;
+            if self.done.load(Ordering::Relaxed) {
+                return std::future::pending().await;
+            }
+            if Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) == last {
+                return;
+            }
         }
     }
 }

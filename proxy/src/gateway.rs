@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -80,6 +80,12 @@ impl Gateway {
             runtime_label: Arc::from("workspace:runtime"),
             drain: None,
         }
+    }
+
+    /// The longest a client may leave a request body idle (the routes' `client_idle_timeout`,
+    /// as of now).
+    pub fn client_idle_timeout(&self) -> Duration {
+        self.table.load().settings.client_idle_timeout
     }
 
     /// Websockets end with a Close frame just before a graceful shutdown would cut them.
@@ -882,6 +888,18 @@ impl ProxyHttp for Gateway {
             }
         }
         self.run_action(session, ctx, &route).await
+    }
+
+    /// Reports progress to the HTTP/2 stream's idle watch ([`crate::app::request_body_progress`]).
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        crate::app::request_body_progress(end_of_stream);
+        Ok(())
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
