@@ -198,8 +198,16 @@ fn a_stalled_request_body_ends_its_stream_but_a_slow_one_does_not() {
         println!("stalled body ended after {after:?}: {:?}", ended.as_ref().map(|r| r.status()));
         assert!(ended.is_err(), "the stream is reset, not answered: {:?}", ended.map(|r| r.status()));
         assert!(after >= Duration::from_millis(900), "ended before the idle timeout: {after:?}");
+        assert!(after < Duration::from_secs(4), "ended long after the idle timeout: {after:?}");
         // The connection itself is fine.
         assert_eq!(exchange(&send, "GET", "/after", None).await.expect("GET after").0, 200);
+
+        // Once the body has ended, a long answer is never cut: 15 pieces over 1.5 s.
+        let (status, got) = exchange(&send, "POST", "/drip?chunks=15&interval_ms=100", Some(Bytes::from_static(b"x")))
+            .await
+            .expect("a long answer to a POST");
+        assert_eq!(status, 200);
+        assert_eq!(got.iter().filter(|&&b| b == b'\n').count(), 15, "every piece: {got:?}");
     });
 }
 

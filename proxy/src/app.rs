@@ -278,13 +278,17 @@ impl EdgeApp {
             // it), so a client could hold a stream, and the upstream connection behind it, by
             // never finishing its body. The gateway reports each piece of body it is handed;
             // a body idle for `client_idle_timeout` ends the stream (dropped: RST_STREAM).
+            // (It also counts time the upstream takes to accept the body: Pingora reads no more
+            // while its pipe to the upstream is full.)
             let progress = Arc::new(BodyProgress::new());
             let idle = self.gateway.client_idle_timeout();
+            // For the log line: this request is not logged by the gateway once it is dropped.
+            let what = format!("{} {}", server.req_header().method, server.req_header().uri.path());
             let serve = BODY_PROGRESS.scope(progress.clone(), self.inner.process_new_http(server, shutdown));
             tokio::select! {
                 _ = serve => {}
                 _ = progress.stalled(idle) => {
-                    tracing::debug!("an HTTP/2 request body was idle for {idle:?}: its stream is reset");
+                    tracing::info!(request = %what, "an HTTP/2 request body was idle for {idle:?}: its stream is reset");
                 }
             }
             return;
@@ -311,6 +315,12 @@ tokio::task_local! {
 /// Pingora's read timeout.
 pub(crate) fn request_body_progress(end: bool) {
     let _ = BODY_PROGRESS.try_with(|p| p.seen(end));
+}
+
+/// Called when the body is about to be read (the upstream is connected): the idle time counts
+/// from here, not from the stream's start.
+pub(crate) fn request_body_reading() {
+    let _ = BODY_PROGRESS.try_with(|p| p.seen(false));
 }
 
 /// When a request body last moved, and whether it has ended.

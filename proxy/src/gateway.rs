@@ -453,6 +453,149 @@ fn classify(e: &Error) -> UpstreamErrorKind {
 }
 
 impl Gateway {
+    /// The request's route and action (`request_filter`, for both of Pingora's loops and ours).
+    async fn filter_request(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.client = peer_ip(session);
+        let table = self.table.load_full();
+        let settings = &table.settings;
+        if has_cl_and_te(session) {
+            ctx.table = Some(table);
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    400,
+                    "content_length_and_transfer_encoding",
+                    "bad request: both Content-Length and Transfer-Encoding\n",
+                )
+                .await;
+        }
+        if header_too_large(session.req_header(), settings.max_header_bytes) {
+            ctx.table = Some(table);
+            return self.refuse(session, ctx, 431, "header_too_large", "request header fields too large\n").await;
+        }
+        // Pingora reads only the first `Connection` line; honour a `close` on any of them.
+        if session.req_header().headers.get_all(header::CONNECTION).iter().count() > 1
+            && wants_close(session.req_header())
+        {
+            session.set_keepalive(None);
+        }
+        let form = {
+            let req = session.req_header();
+            target::classify(req.method.as_str().as_bytes(), req.raw_path())
+        };
+        let form = match form {
+            Ok(f) => f,
+            Err(e) => {
+                ctx.table = Some(table);
+                return self.refuse(session, ctx, 400, e.reason(), "bad request: malformed request target\n").await;
+            }
+        };
+        if session.req_header().version == http::Version::HTTP_11
+            && !session.req_header().headers.contains_key(header::HOST)
+        {
+            // RFC 9112 3.2: a 1.1 request without Host is malformed, whatever its target.
+            ctx.table = Some(table);
+            return self.refuse(session, ctx, 400, "missing_host", "bad request: no Host header\n").await;
+        }
+        if let Some(len) = duplicate_content_length(session.req_header()) {
+            // Pingora checked that the copies agree (and refuses differing ones); the upstream
+            // gets exactly one.
+            session.req_header_mut().insert_header(header::CONTENT_LENGTH, len)?;
+        }
+        if form == TargetForm::Asterisk {
+            ctx.table = Some(table);
+            let allow = [(header::ALLOW, "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")];
+            reply(session, 200, "text/plain; charset=utf-8", Bytes::new(), &allow).await?;
+            ctx.status = 200;
+            return Ok(true);
+        }
+        ctx.trusted_peer = forwarded::is_trusted(ctx.client, &settings.trusted_proxies);
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri.host())
+            .map(canonical_host)
+            .unwrap_or_default();
+        let normalized = path::normalize(req.uri.path());
+        let site = table.site(&host).cloned();
+        ctx.table = Some(table);
+        let path = match normalized {
+            Ok(p) => p,
+            Err(_) => return self.refuse(session, ctx, 400, "bad_path", "bad request: malformed path\n").await,
+        };
+        ctx.path = path;
+        let tls = is_tls(session);
+        if !tls && ctx.path.starts_with(ACME_CHALLENGE_PREFIX) {
+            // HTTP-01 validation comes before any route or redirect.
+            let token = &ctx.path[ACME_CHALLENGE_PREFIX.len()..];
+            let mut answer = self.acme_tokens.load().get(token).cloned();
+            if answer.is_none() && plausible_acme_token(token) {
+                if let Some(lookup) = &self.acme_lookup {
+                    answer = lookup.answer(token).await;
+                }
+            }
+            if let Some(answer) = answer {
+                let mut h = ResponseHeader::build(200, Some(2))?;
+                h.insert_header(header::CONTENT_TYPE, "application/octet-stream")?;
+                h.insert_header(header::CONTENT_LENGTH, answer.len().to_string())?;
+                session.write_response_header(Box::new(h), false).await?;
+                session.write_response_body(Some(Bytes::from(answer)), true).await?;
+                ctx.status = 200;
+                tracing::info!(token, "answered an HTTP-01 validation");
+                return Ok(true);
+            }
+        }
+        let Some(site) = site else {
+            respond_text(session, 404, "no site is configured for this host\n").await?;
+            ctx.status = 404;
+            return Ok(true);
+        };
+        let settings = &ctx.table.as_ref().expect("table loaded").settings;
+        if site.tls {
+            if tls {
+                ctx.hsts = settings.hsts.as_deref().map(Arc::from);
+            } else if let (true, Some(port), false) =
+                (settings.redirect_to_https, settings.https_port, ctx.path.starts_with(ACME_CHALLENGE_PREFIX))
+            {
+                // (An ACME challenge we do not know is not redirected: another client may be
+                // validating this name through the site's own routes.)
+                let req = session.req_header();
+                let authority = if port == 443 { host.clone() } else { format!("{host}:{port}") };
+                let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                let mut h = ResponseHeader::build(308, Some(2))?;
+                h.insert_header(header::LOCATION, format!("https://{authority}{pq}"))?;
+                h.insert_header(header::CONTENT_LENGTH, "0")?;
+                session.write_response_header(Box::new(h), true).await?;
+                ctx.status = 308;
+                return Ok(true);
+            }
+        }
+        let Some(route) = site.find(&ctx.path).cloned() else {
+            respond_text(session, 404, "not found\n").await?;
+            ctx.status = 404;
+            return Ok(true);
+        };
+        ctx.route = Some(route.clone());
+        if ctx.table.as_ref().is_some_and(|t| t.is_disabled(&route.name)) {
+            return self
+                .json(session, ctx, 503, r#"{"error":"This service is temporarily disabled; retry later"}"#)
+                .await;
+        }
+        if session.is_upgrade_req() {
+            restrict_upgrade(session.req_header_mut(), &route);
+        }
+        if !route.action.is_identity() {
+            let client = client_ip(session, ctx.client, ctx.trusted_peer);
+            if self.rate_limited(session, ctx, &route, &client).await? {
+                return Ok(true);
+            }
+        }
+        self.run_action(session, ctx, &route).await
+    }
+
     async fn run_action(&self, session: &mut Session, ctx: &mut Ctx, route: &Route) -> Result<bool> {
         match &route.action {
             Action::Proxy(p) => {
@@ -749,145 +892,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        ctx.client = peer_ip(session);
-        let table = self.table.load_full();
-        let settings = &table.settings;
-        if has_cl_and_te(session) {
-            ctx.table = Some(table);
-            return self
-                .refuse(
-                    session,
-                    ctx,
-                    400,
-                    "content_length_and_transfer_encoding",
-                    "bad request: both Content-Length and Transfer-Encoding\n",
-                )
-                .await;
+        let answered = self.filter_request(session, ctx).await;
+        if matches!(answered, Ok(true)) {
+            // Answered here: no body will be read, so an HTTP/2 stream's idle watch stops.
+            crate::app::request_body_progress(true);
         }
-        if header_too_large(session.req_header(), settings.max_header_bytes) {
-            ctx.table = Some(table);
-            return self.refuse(session, ctx, 431, "header_too_large", "request header fields too large\n").await;
-        }
-        // Pingora reads only the first `Connection` line; honour a `close` on any of them.
-        if session.req_header().headers.get_all(header::CONNECTION).iter().count() > 1
-            && wants_close(session.req_header())
-        {
-            session.set_keepalive(None);
-        }
-        let form = {
-            let req = session.req_header();
-            target::classify(req.method.as_str().as_bytes(), req.raw_path())
-        };
-        let form = match form {
-            Ok(f) => f,
-            Err(e) => {
-                ctx.table = Some(table);
-                return self.refuse(session, ctx, 400, e.reason(), "bad request: malformed request target\n").await;
-            }
-        };
-        if session.req_header().version == http::Version::HTTP_11
-            && !session.req_header().headers.contains_key(header::HOST)
-        {
-            // RFC 9112 3.2: a 1.1 request without Host is malformed, whatever its target.
-            ctx.table = Some(table);
-            return self.refuse(session, ctx, 400, "missing_host", "bad request: no Host header\n").await;
-        }
-        if let Some(len) = duplicate_content_length(session.req_header()) {
-            // Pingora checked that the copies agree (and refuses differing ones); the upstream
-            // gets exactly one.
-            session.req_header_mut().insert_header(header::CONTENT_LENGTH, len)?;
-        }
-        if form == TargetForm::Asterisk {
-            ctx.table = Some(table);
-            let allow = [(header::ALLOW, "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")];
-            reply(session, 200, "text/plain; charset=utf-8", Bytes::new(), &allow).await?;
-            ctx.status = 200;
-            return Ok(true);
-        }
-        ctx.trusted_peer = forwarded::is_trusted(ctx.client, &settings.trusted_proxies);
-        let req = session.req_header();
-        let host = req
-            .headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri.host())
-            .map(canonical_host)
-            .unwrap_or_default();
-        let normalized = path::normalize(req.uri.path());
-        let site = table.site(&host).cloned();
-        ctx.table = Some(table);
-        let path = match normalized {
-            Ok(p) => p,
-            Err(_) => return self.refuse(session, ctx, 400, "bad_path", "bad request: malformed path\n").await,
-        };
-        ctx.path = path;
-        let tls = is_tls(session);
-        if !tls && ctx.path.starts_with(ACME_CHALLENGE_PREFIX) {
-            // HTTP-01 validation comes before any route or redirect.
-            let token = &ctx.path[ACME_CHALLENGE_PREFIX.len()..];
-            let mut answer = self.acme_tokens.load().get(token).cloned();
-            if answer.is_none() && plausible_acme_token(token) {
-                if let Some(lookup) = &self.acme_lookup {
-                    answer = lookup.answer(token).await;
-                }
-            }
-            if let Some(answer) = answer {
-                let mut h = ResponseHeader::build(200, Some(2))?;
-                h.insert_header(header::CONTENT_TYPE, "application/octet-stream")?;
-                h.insert_header(header::CONTENT_LENGTH, answer.len().to_string())?;
-                session.write_response_header(Box::new(h), false).await?;
-                session.write_response_body(Some(Bytes::from(answer)), true).await?;
-                ctx.status = 200;
-                tracing::info!(token, "answered an HTTP-01 validation");
-                return Ok(true);
-            }
-        }
-        let Some(site) = site else {
-            respond_text(session, 404, "no site is configured for this host\n").await?;
-            ctx.status = 404;
-            return Ok(true);
-        };
-        let settings = &ctx.table.as_ref().expect("table loaded").settings;
-        if site.tls {
-            if tls {
-                ctx.hsts = settings.hsts.as_deref().map(Arc::from);
-            } else if let (true, Some(port), false) =
-                (settings.redirect_to_https, settings.https_port, ctx.path.starts_with(ACME_CHALLENGE_PREFIX))
-            {
-                // (An ACME challenge we do not know is not redirected: another client may be
-                // validating this name through the site's own routes.)
-                let req = session.req_header();
-                let authority = if port == 443 { host.clone() } else { format!("{host}:{port}") };
-                let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                let mut h = ResponseHeader::build(308, Some(2))?;
-                h.insert_header(header::LOCATION, format!("https://{authority}{pq}"))?;
-                h.insert_header(header::CONTENT_LENGTH, "0")?;
-                session.write_response_header(Box::new(h), true).await?;
-                ctx.status = 308;
-                return Ok(true);
-            }
-        }
-        let Some(route) = site.find(&ctx.path).cloned() else {
-            respond_text(session, 404, "not found\n").await?;
-            ctx.status = 404;
-            return Ok(true);
-        };
-        ctx.route = Some(route.clone());
-        if ctx.table.as_ref().is_some_and(|t| t.is_disabled(&route.name)) {
-            return self
-                .json(session, ctx, 503, r#"{"error":"This service is temporarily disabled; retry later"}"#)
-                .await;
-        }
-        if session.is_upgrade_req() {
-            restrict_upgrade(session.req_header_mut(), &route);
-        }
-        if !route.action.is_identity() {
-            let client = client_ip(session, ctx.client, ctx.trusted_peer);
-            if self.rate_limited(session, ctx, &route, &client).await? {
-                return Ok(true);
-            }
-        }
-        self.run_action(session, ctx, &route).await
+        answered
     }
 
     /// Reports progress to the HTTP/2 stream's idle watch ([`crate::app::request_body_progress`]).
@@ -919,6 +929,9 @@ impl ProxyHttp for Gateway {
         let Some(f) = &ctx.forward else {
             return Ok(());
         };
+        // The body is read from here on: an HTTP/2 stream's idle watch starts now, not while
+        // the workspace started or the upstream was connected.
+        crate::app::request_body_reading();
         rewrite_request(session, f, ctx.trusted_peer, upstream)
     }
 

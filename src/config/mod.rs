@@ -134,6 +134,24 @@ impl Ctx<'_> {
         }
     }
 
+    /// A duration that must be more than zero (zero would cut every connection at once).
+    fn positive_duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let d = self.duration(v, key, default)?;
+        if d.is_zero() {
+            return self.err(
+                v.as_ref().map(|s| s.span()).unwrap_or(0..0),
+                format!("`{key}` must be more than 0s"),
+                Some(format!("leave it out for the default ({})", humantime::format_duration(default))),
+            );
+        }
+        Ok(d)
+    }
+
     fn addr(&self, v: &Option<Spanned<String>>, key: &str, default: &str) -> Result<SocketAddr, ConfigError> {
         match v {
             None => default.parse().or_else(|_| self.err(0..0, format!("bad built-in default for `{key}`"), None)),
@@ -255,7 +273,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         admin_token,
         threads,
         work_stealing: s.work_stealing.unwrap_or(WORK_STEALING_DEFAULT),
-        header_timeout: cx.duration(&s.header_timeout, "header_timeout", Duration::from_secs(10))?,
+        header_timeout: cx.positive_duration(&s.header_timeout, "header_timeout", Duration::from_secs(10))?,
         max_connections_per_ip,
         max_connections,
         grace_period: cx.duration(&s.grace_period, "grace_period", Duration::from_secs(10))?,
@@ -293,7 +311,11 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
             Duration::from_secs(1),
         )?,
         upstream_idle_timeout: (!upstream_idle.is_zero()).then_some(upstream_idle),
-        client_idle_timeout: cx.duration(&s.client_idle_timeout, "client_idle_timeout", Duration::from_secs(60))?,
+        client_idle_timeout: cx.positive_duration(
+            &s.client_idle_timeout,
+            "client_idle_timeout",
+            Duration::from_secs(60),
+        )?,
         websocket_idle_timeout: (!websocket_idle.is_zero()).then_some(websocket_idle),
         max_header_bytes,
         access_log: raw.log.access_log.unwrap_or(true),

@@ -77,6 +77,14 @@ fn errors_point_at_line_and_column() {
     let e = err_of("[server]\nheader_timeout = \"ten seconds\"\n");
     assert!(e.help.as_deref().unwrap_or("").contains("duration"), "{e}");
 
+    // Zero would cut every connection (or body) at once.
+    for key in ["header_timeout", "client_idle_timeout"] {
+        let e = err_of(&format!("[server]\n{key} = \"0s\"\n"));
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.message.contains(&format!("`{key}` must be more than 0s")), "{e}");
+        assert!(e.help.as_deref().unwrap_or("").contains("default"), "{e}");
+    }
+
     let e = err_of("[[site]]\nhosts = [\"a.test\"]\n[[site]]\nhosts = [\"A.test\"]\n");
     assert_eq!(e.line, 4, "{e}");
     assert!(e.message.contains("two sites"), "{e}");

@@ -63,7 +63,8 @@ pub async fn handle(req: Request<Incoming>, state: Arc<State>, peer: SocketAddr)
             h.insert(CONTENT_LENGTH, HeaderValue::from(n));
             resp
         }
-        "/drip" if get => {
+        // POST too: a long answer to a request with a body (tests/h2.rs).
+        "/drip" if get || is_post => {
             let n = query_u64(query, "chunks", 5, MAX_COUNT);
             let interval = Duration::from_millis(query_u64(query, "interval_ms", 100, MAX_MS));
             let mut resp = Response::new(ticking(n, interval, |i| format!("chunk {i}\n")));
