@@ -71,20 +71,6 @@ tls = "acme"
     )
 }
 
-fn client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).expect("add a root");
-    }
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(store)
-            .with_no_client_auth(),
-    )
-}
-
 /// The leaf a fresh handshake with SNI `localhost` gets; the client verifies the chain against
 /// `cfg`'s roots (pebble's), so an `Ok` is a certificate pebble issued.
 fn served_leaf(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> std::io::Result<Vec<u8>> {
@@ -178,7 +164,7 @@ fn three_gateways_one_order(challenge: &str) {
     let root = pebble.root_pem();
     let roots: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(root.as_bytes()).collect::<Result<_, _>>().expect("pebble's root");
-    let cfg = client_config(&roots);
+    let cfg = tls::client_config(&roots, &[]);
     let first = wait_same_leaf(&[a, b, c], &cfg, None, Duration::from_secs(40), &pebble);
     eprintln!("all three serve the first certificate {:?} after start", started.elapsed());
 
@@ -488,7 +474,7 @@ tls = "acme"
     let ca_pem = std::fs::read_to_string(&ca.ca_pem).expect("ca");
     let roots: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(ca_pem.as_bytes()).collect::<Result<_, _>>().expect("CA");
-    let cfg = client_config(&roots);
+    let cfg = tls::client_config(&roots, &[]);
 
     // Sealed with another secret: never served (and said so in the log).
     let stranger = SecretKey::from_secret(b"not the fleet's secret, but long enough", Path::new("/elsewhere"));

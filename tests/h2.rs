@@ -25,13 +25,7 @@ struct Site {
 /// test upstream behind everything else.
 fn start(up: SocketAddr, server_extra: &str) -> Site {
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .expect("params")
-        .self_signed(&key)
-        .expect("certificate");
-    std::fs::write(dir.path().join("site.pem"), cert.pem()).expect("write cert");
-    std::fs::write(dir.path().join("site.key"), key.serialize_pem()).expect("write key");
+    let cert = tls::write_localhost_cert(dir.path());
     let template = format!(
         r#"[server]
 http = "{{http}}"
@@ -57,15 +51,7 @@ tls = {{ cert = "{{dir}}/site.pem", key = "{{dir}}/site.key" }}
 "#
     );
     let m = Markco::start_in(dir, Ports::free(), &template, &[]);
-    let mut store = rustls::RootCertStore::empty();
-    store.add(cert.der().clone()).expect("add the root");
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Site { m, cfg: Arc::new(cfg) }
+    Site { m, cfg: tls::client_config(&[cert], &[b"h2"]) }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

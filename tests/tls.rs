@@ -61,20 +61,6 @@ tls = "acme"
 // ---------------------------------------------------------------------------------------------
 // TLS clients
 
-fn client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).expect("add a root");
-    }
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(store)
-            .with_no_client_auth(),
-    )
-}
-
 fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
     CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>().expect("PEM certificates")
 }
@@ -280,7 +266,7 @@ fn http01_from_empty_storage_serves_h2_and_restart_reuses_it() {
     assert_eq!(json["headers"]["cookie"], "a=1; b=2", "{body}");
 
     // Our own client, trusting only pebble's root, sees the same certificate.
-    let cfg = client_config(&pem_certs(&pebble.root_pem()));
+    let cfg = tls::client_config(&pem_certs(&pebble.root_pem()), &[]);
     assert_eq!(served_serial(m.https, &cfg).expect("handshake"), serial);
 
     // The key is private.
@@ -315,7 +301,7 @@ fn tls_alpn01_issuance() {
     let cert = wait_for_acme_cert(&m, &pebble, Duration::from_secs(20));
     assert!(m.log().contains("answered a TLS-ALPN-01 validation"), "{}", m.log());
     assert!(!m.log().contains("answered an HTTP-01 validation"), "{}", m.log());
-    let cfg = client_config(&pem_certs(&pebble.root_pem()));
+    let cfg = tls::client_config(&pem_certs(&pebble.root_pem()), &[]);
     assert_eq!(served_serial(m.https, &cfg).expect("handshake"), cert["serial"].as_str().expect("serial"));
     let r = https_get(m.https, &cfg, "/over-tls").expect("HTTPS request");
     assert_eq!(r.status, 200, "{}", r.body_text());
@@ -355,7 +341,7 @@ fn second_challenge_is_tried_when_the_first_fails() {
     assert!(orders(&m, "error") >= 1.0, "the TLS-ALPN-01 attempt counts as an error");
     assert_eq!(orders(&m, "ok"), 1.0);
     assert_eq!(pebble.order_count(), 2, "one order per challenge:\n{}", pebble.log());
-    let cfg = client_config(&pem_certs(&pebble.root_pem()));
+    let cfg = tls::client_config(&pem_certs(&pebble.root_pem()), &[]);
     assert_eq!(served_serial(m.https, &cfg).expect("handshake"), cert["serial"].as_str().expect("serial"));
     // Nothing more is ordered once a certificate is served.
     std::thread::sleep(Duration::from_millis(500));
@@ -375,7 +361,7 @@ fn forced_renewal_serves_new_serial_while_websocket_stays_open() {
     );
     let cert = wait_for_acme_cert(&m, &pebble, Duration::from_secs(20));
     let s1 = cert["serial"].as_str().expect("serial").to_string();
-    let cfg = client_config(&pem_certs(&pebble.root_pem()));
+    let cfg = tls::client_config(&pem_certs(&pebble.root_pem()), &[]);
     assert_eq!(served_serial(m.https, &cfg).expect("handshake"), s1);
     // The gauge is set just after the certificate is installed: it may lag the handshake a little.
     eventually(Duration::from_secs(5), "markco_acme_last_success_timestamp_seconds > 0", || {
@@ -440,7 +426,7 @@ fn acme_server_down_stored_cert_served_and_retries_counted() {
     );
     let cert = wait_for_acme_cert(&m, &pebble, Duration::from_secs(20));
     let serial = cert["serial"].as_str().expect("serial").to_string();
-    let cfg = client_config(&pem_certs(&pebble.root_pem()));
+    let cfg = tls::client_config(&pem_certs(&pebble.root_pem()), &[]);
 
     let (dir, ports) = m.stop();
     pebble.kill();
@@ -592,13 +578,7 @@ fn is_server_hello(b: &[u8]) -> bool {
 #[test]
 fn tls_listener_refuses_bad_input_and_keeps_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .expect("params")
-        .self_signed(&key)
-        .expect("certificate");
-    std::fs::write(dir.path().join("site.pem"), cert.pem()).expect("write cert");
-    std::fs::write(dir.path().join("site.key"), key.serialize_pem()).expect("write key");
+    let cert = tls::write_localhost_cert(dir.path());
     let template = format!(
         r#"{}
 [[site]]
@@ -613,8 +593,8 @@ tls = {{ cert = "{{dir}}/site.pem", key = "{{dir}}/site.key" }}
         server_section("header_timeout = \"1s\"")
     );
     let m = Markco::start_in(dir, Ports::free(), &template, &[]);
-    let cfg = client_config(&[cert.der().clone()]);
-    let expected_serial = serial_of(cert.der());
+    let cfg = tls::client_config(std::slice::from_ref(&cert), &[]);
+    let expected_serial = serial_of(&cert);
     let serves = |after: &str| {
         assert_eq!(
             served_serial(m.https, &cfg).unwrap_or_else(|e| panic!("handshake after {after}: {e}")),
@@ -688,13 +668,7 @@ fn tls12_client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientC
 fn hsts_only_over_tls_and_tls12_is_accepted() {
     let up = Upstream::start("app");
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .expect("params")
-        .self_signed(&key)
-        .expect("certificate");
-    std::fs::write(dir.path().join("site.pem"), cert.pem()).expect("write cert");
-    std::fs::write(dir.path().join("site.key"), key.serialize_pem()).expect("write key");
+    let cert = tls::write_localhost_cert(dir.path());
     const HSTS: &str = "max-age=63072000; includeSubDomains";
     // Plain HTTP is served here (no redirect), so its responses can show they carry no HSTS.
     let template = format!(
@@ -717,9 +691,11 @@ tls = {{ cert = "{{dir}}/site.pem", key = "{{dir}}/site.key" }}
         up.addr
     );
     let m = Markco::start_in(dir, Ports::free(), &template, &[]);
-    let roots = [cert.der().clone()];
+    let roots = [cert.clone()];
 
-    for (version, cfg) in [("TLS 1.3 or 1.2", client_config(&roots)), ("TLS 1.2 only", tls12_client_config(&roots))] {
+    for (version, cfg) in
+        [("TLS 1.3 or 1.2", tls::client_config(&roots, &[])), ("TLS 1.2 only", tls12_client_config(&roots))]
+    {
         let s = tls_connect(m.https, localhost(), &cfg).unwrap_or_else(|e| panic!("{version}: handshake: {e}"));
         if version == "TLS 1.2 only" {
             assert_eq!(s.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2), "negotiated version");
@@ -825,7 +801,7 @@ tls = "acme"
         );
     }
     assert!(m.log().contains("handshakes for its hosts fail until one is obtained"), "{}", m.log());
-    let e = tls_connect(m.https, localhost(), &client_config(&[])).expect_err("no certificate yet");
+    let e = tls_connect(m.https, localhost(), &tls::client_config(&[], &[])).expect_err("no certificate yet");
     assert!(refused_by_server(&e), "the handshake is refused while there is no certificate: {e}");
 
     // The CA comes up (at a new address, told by a reload): a certificate is obtained.
@@ -834,7 +810,7 @@ tls = "acme"
     let r = request(m.admin, "POST", "/reload", &[], b"").expect("POST /reload");
     assert_eq!(r.status, 200, "{}", r.body_text());
     let cert = wait_for_acme_cert(&m, &pebble, Duration::from_secs(60));
-    let cfg = client_config(&pem_certs(&pebble.root_pem()));
+    let cfg = tls::client_config(&pem_certs(&pebble.root_pem()), &[]);
     assert_eq!(served_serial(m.https, &cfg).expect("handshake"), cert["serial"].as_str().expect("serial"));
     assert_eq!(orders(&m, "ok"), 1.0);
     assert!(orders(&m, "error") >= 5.0);

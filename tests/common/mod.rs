@@ -5,6 +5,7 @@
 pub mod pebble;
 pub mod pg;
 pub mod podman;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
