@@ -109,6 +109,34 @@ fn hundred_moves_under_load_lose_no_request() {
 }
 
 #[test]
+fn an_editor_restarting_during_a_move_is_told_once_it_listens_again() {
+    let m = Markco::start(&config(10));
+    let (user, _token) = add_user(&m, "restarting-editor@example.com");
+    let one = Upstream::start("one");
+    let two = Upstream::start("two");
+    // The editor's port is closed when the move is made (the editor is restarting), and
+    // listens again 300 ms later.
+    let editor_port = free_port();
+    let editor_addr: std::net::SocketAddr = format!("127.0.0.1:{editor_port}").parse().expect("address");
+    put_workspace(&m, &user, editor_addr, one.addr);
+    let back = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        Upstream::start_on("editor", &editor_addr.to_string())
+    });
+    let started = Instant::now();
+    let r = move_to(&m, &user, two.addr.port());
+    let took = started.elapsed();
+    let editor = back.join().expect("editor thread");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(r.json()["editor_notified"], true, "told after {took:?}: {}", r.body_text());
+    let r = http_get(editor.addr, "/_test/runtime-updates", &[]).expect("updates");
+    let updates = r.json();
+    assert_eq!(updates.as_array().map(|a| a.len()), Some(1), "told once: {updates}");
+    assert_eq!(updates[0]["port"], two.addr.port());
+    println!("the editor was told {took:?} after the move began");
+}
+
+#[test]
 fn dead_target_is_refused_and_nothing_changes_and_moves_survive_restart() {
     let m = Markco::start(&config(3));
     let (user, token) = add_user(&m, "stay@example.com");

@@ -929,19 +929,10 @@ impl ControlPlane {
         self.state.commit(moved, persist).await?;
         let notify_start = Instant::now();
         let body = serde_json::json!({"port": m.port, "host": m.host}).to_string();
-        let notified =
-            match resolve(&row.editor_host, row.editor_port) {
-                Some(e) => http_client::call(e, "POST", "/api/runtime/update-port", Some(&body), limits.notify_timeout)
-                    .await
-                    .and_then(|r| {
-                        if r.is_success() {
-                            Ok(())
-                        } else {
-                            Err(anyhow::anyhow!("editor answered {}", r.status))
-                        }
-                    }),
-                None => Err(anyhow::anyhow!("editor address does not resolve")),
-            };
+        let notified = match resolve(&row.editor_host, row.editor_port) {
+            Some(e) => notify_editor(e, &body, limits.notify_timeout).await,
+            None => Err(anyhow::anyhow!("editor address does not resolve")),
+        };
         let notify_ms = notify_start.elapsed().as_millis() as u64;
         let editor_error = notified.err().map(|e| format!("{e:#}"));
         let rec = MoveRecord {
@@ -1038,6 +1029,49 @@ impl ControlPlane {
             }
         }
     }
+}
+
+/// Retries of an editor notification whose connection was refused or reset (an editor
+/// restarting), and the waits before them.
+const NOTIFY_RETRIES: [Duration; 3] = [Duration::from_millis(250), Duration::from_secs(1), Duration::from_secs(2)];
+
+/// Tells the editor its runtime moved (`POST /api/runtime/update-port`). A refused or reset
+/// connection is tried again ([`NOTIFY_RETRIES`]): the move is already stored, and an editor
+/// that never hears of it talks to the old runtime. A timeout or an answer is final (the call
+/// already waited, or the editor decided).
+async fn notify_editor(editor: std::net::SocketAddr, body: &str, timeout: Duration) -> anyhow::Result<()> {
+    let mut waits = NOTIFY_RETRIES.iter();
+    loop {
+        let told =
+            http_client::call(editor, "POST", "/api/runtime/update-port", Some(body), timeout).await.and_then(|r| {
+                if r.is_success() {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("editor answered {}", r.status))
+                }
+            });
+        match (told, waits.next()) {
+            (Err(e), Some(wait)) if refused(&e) => {
+                tracing::debug!("telling the editor at {editor} failed ({e:#}); again in {wait:?}");
+                tokio::time::sleep(*wait).await;
+            }
+            (told, _) => return told,
+        }
+    }
+}
+
+/// The connection was refused, reset or aborted: nothing was processed.
+fn refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            )
+        })
+    })
 }
 
 #[cfg(test)]
