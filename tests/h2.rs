@@ -75,6 +75,10 @@ async fn connect(site: &Site) -> (h2::client::SendRequest<Bytes>, tokio::task::J
     (send, tokio::spawn(conn))
 }
 
+fn request(method: &str, path: &str) -> http::Request<()> {
+    http::Request::builder().method(method).uri(format!("https://localhost{path}")).body(()).expect("request")
+}
+
 /// Sends one request (with `body`, if any) and reads the whole answer: status and body.
 async fn exchange(
     send: &h2::client::SendRequest<Bytes>,
@@ -82,14 +86,16 @@ async fn exchange(
     path: &str,
     body: Option<Bytes>,
 ) -> Result<(u16, Bytes), h2::Error> {
-    let req =
-        http::Request::builder().method(method).uri(format!("https://localhost{path}")).body(()).expect("request");
     let mut send = send.clone().ready().await?;
-    let (resp, mut stream) = send.send_request(req, body.is_none())?;
+    let (resp, mut stream) = send.send_request(request(method, path), body.is_none())?;
     if let Some(body) = body {
         stream.send_data(body, true)?;
     }
-    let resp = resp.await?;
+    read_answer(resp.await?).await
+}
+
+/// The status and whole body of an answer.
+async fn read_answer(resp: http::Response<h2::RecvStream>) -> Result<(u16, Bytes), h2::Error> {
     let status = resp.status().as_u16();
     let mut recv = resp.into_body();
     let mut out = Vec::new();
@@ -154,28 +160,21 @@ fn a_stalled_request_body_ends_its_stream_but_a_slow_one_does_not() {
     let rt = runtime();
     rt.block_on(async {
         let (send, _conn) = connect(&site).await;
-        let post = |path: &str| {
-            http::Request::builder().method("POST").uri(format!("https://localhost{path}")).body(()).expect("request")
-        };
         // Slow but steady: a piece every 400 ms for 2.4 s, longer than the idle timeout in all.
         let mut ready = send.clone().ready().await.expect("ready");
-        let (resp, mut body) = ready.send_request(post("/slow-upload"), false).expect("send");
+        let (resp, mut body) = ready.send_request(request("POST", "/slow-upload"), false).expect("send");
         for i in 0..6 {
             tokio::time::sleep(Duration::from_millis(400)).await;
             body.send_data(Bytes::from(vec![b'x'; 100]), i == 5).expect("a piece of the body");
         }
         let resp = tokio::time::timeout(STEP, resp).await.expect("an answer in time").expect("an answer");
-        assert_eq!(resp.status(), 200);
-        let mut recv = resp.into_body();
-        let mut got = Vec::new();
-        while let Some(chunk) = recv.data().await {
-            got.extend_from_slice(&chunk.expect("body"));
-        }
-        assert_eq!(echoed(&Bytes::from(got))["body_bytes"], 600, "the whole slow body reached the upstream");
+        let (status, got) = read_answer(resp).await.expect("the answer's body");
+        assert_eq!(status, 200);
+        assert_eq!(echoed(&got)["body_bytes"], 600, "the whole slow body reached the upstream");
 
         // Stalled: 10 bytes, then nothing. The stream ends (reset) after the idle timeout.
         let mut ready = send.clone().ready().await.expect("ready");
-        let (resp, mut body) = ready.send_request(post("/stalled-upload"), false).expect("send");
+        let (resp, mut body) = ready.send_request(request("POST", "/stalled-upload"), false).expect("send");
         body.send_data(Bytes::from_static(b"0123456789"), false).expect("the first piece");
         let started = Instant::now();
         let ended = tokio::time::timeout(Duration::from_secs(10), resp).await;

@@ -18,7 +18,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -310,17 +310,12 @@ tokio::task_local! {
     static BODY_PROGRESS: Arc<BodyProgress>;
 }
 
-/// Called for every piece of a request body handed to the gateway (`end`: the last one). Only
-/// an HTTP/2 stream's task watches it ([`EdgeApp::serve_h2_stream`]); HTTP/1 bodies have
+/// Called for every piece of a request body handed to the gateway (`end`: the last one), and
+/// with `false` when the body is about to be read, so that the idle time counts from there.
+/// Only an HTTP/2 stream's task watches it ([`EdgeApp::serve_h2_stream`]); HTTP/1 bodies have
 /// Pingora's read timeout.
 pub(crate) fn request_body_progress(end: bool) {
     let _ = BODY_PROGRESS.try_with(|p| p.seen(end));
-}
-
-/// Called when the body is about to be read (the upstream is connected): the idle time counts
-/// from here, not from the stream's start.
-pub(crate) fn request_body_reading() {
-    let _ = BODY_PROGRESS.try_with(|p| p.seen(false));
 }
 
 /// When a request body last moved, and whether it has ended.
@@ -328,16 +323,12 @@ struct BodyProgress {
     start: tokio::time::Instant,
     /// Milliseconds from `start` to the last piece.
     last_ms: AtomicU64,
-    done: std::sync::atomic::AtomicBool,
+    done: AtomicBool,
 }
 
 impl BodyProgress {
     fn new() -> BodyProgress {
-        BodyProgress {
-            start: tokio::time::Instant::now(),
-            last_ms: AtomicU64::new(0),
-            done: std::sync::atomic::AtomicBool::new(false),
-        }
+        BodyProgress { start: tokio::time::Instant::now(), last_ms: AtomicU64::new(0), done: AtomicBool::new(false) }
     }
 
     fn seen(&self, end: bool) {

@@ -931,7 +931,7 @@ impl ProxyHttp for Gateway {
         };
         // The body is read from here on: an HTTP/2 stream's idle watch starts now, not while
         // the workspace started or the upstream was connected.
-        crate::app::request_body_reading();
+        crate::app::request_body_progress(false);
         rewrite_request(session, f, ctx.trusted_peer, upstream)
     }
 

@@ -370,17 +370,18 @@ pub(crate) fn frame_for_client(session: &mut Session, resp: &mut ResponseHeader)
     let status = resp.status.as_u16();
     let bodiless = status < 200 || status == 204 || status == 304 || session.req_header().method == Method::HEAD;
     let http11 = session.req_header().version >= Version::HTTP_11;
-    if resp.headers.contains_key(&te) {
+    // Whether the last transfer coding is chunked, as we read it (empty elements skipped, RFC
+    // 9110 5.6.1); `None`: no `Transfer-Encoding`.
+    let last_chunked = h1::tokens(resp, &te).last().map(|t| t.eq_ignore_ascii_case(b"chunked"));
+    if let Some(chunked) = last_chunked {
         // Pingora's sides take the last element of the last line as it stands (`chunked,` is
-        // not chunked to them); we skip empty elements (RFC 9110 5.6.1). Our own loop hands on
-        // one clean line; an answer read by Pingora's loop where the two disagree would be
-        // read one way and framed the other.
+        // not chunked to them). Our own loop hands on one clean line; an answer read by
+        // Pingora's loop where the two disagree would be read one way and framed the other.
         let literal = resp.headers.get_all(&te).iter().next_back().is_some_and(|v| {
             let last = v.as_bytes().rsplit(|&b| b == b',').next().unwrap_or_default();
             last.trim_ascii().eq_ignore_ascii_case(b"chunked")
         });
-        let tokens = h1::tokens(resp, &te).last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-        if literal != tokens {
+        if literal != chunked {
             return Err(up_err(ErrorType::InvalidHTTPHeader, "an ambiguous Transfer-Encoding in the response"));
         }
         if bodiless && !http11 && status >= 200 {
@@ -390,27 +391,26 @@ pub(crate) fn frame_for_client(session: &mut Session, resp: &mut ResponseHeader)
     if bodiless || resp.headers.contains_key(header::CONTENT_LENGTH) {
         return Ok(());
     }
-    if http11 {
-        let last_chunked = h1::tokens(resp, &te).last().map(|t| t.eq_ignore_ascii_case(b"chunked"));
-        match last_chunked {
-            Some(true) => {}
-            None => resp.insert_header(te, "chunked")?,
-            // Another coding, read to the close: chunked on top of it.
-            Some(false) => {
-                let codings: Vec<String> =
-                    h1::tokens(resp, &te).map(|t| String::from_utf8_lossy(t).into_owned()).collect();
-                resp.insert_header(te, format!("{}, chunked", codings.join(", ")))?;
+    match (http11, last_chunked) {
+        (true, Some(true)) => {}
+        (true, None) => {
+            resp.insert_header(te, "chunked")?;
+        }
+        // Another coding, read to the close: chunked on top of it.
+        (true, Some(false)) => {
+            let codings: Vec<String> = h1::tokens(resp, &te).map(|t| String::from_utf8_lossy(t).into_owned()).collect();
+            resp.insert_header(te, format!("{}, chunked", codings.join(", ")))?;
+        }
+        (false, _) => {
+            if h1::tokens(resp, &te).any(|t| !t.eq_ignore_ascii_case(b"chunked")) {
+                return Err(up_err(
+                    ErrorType::InvalidHTTPHeader,
+                    "a transfer coding other than chunked cannot be relayed to an HTTP/1.0 client",
+                ));
             }
+            resp.remove_header(&te);
+            session.set_keepalive(None);
         }
-    } else {
-        if h1::tokens(resp, &te).any(|t| !t.eq_ignore_ascii_case(b"chunked")) {
-            return Err(up_err(
-                ErrorType::InvalidHTTPHeader,
-                "a transfer coding other than chunked cannot be relayed to an HTTP/1.0 client",
-            ));
-        }
-        resp.remove_header(&te);
-        session.set_keepalive(None);
     }
     Ok(())
 }
