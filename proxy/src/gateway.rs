@@ -17,7 +17,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
-use crate::forwarded;
+use crate::forwarded::{self, UpstreamHead};
 use crate::identity::{self, ControlApi, Identity, IdentityError, NoIdentity, WorkspaceStarter};
 use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
 use crate::path;
@@ -277,71 +277,79 @@ fn redacted_uri(req: &RequestHeader) -> String {
     }
 }
 
-/// The request as the upstream gets it: our path, no `token` on identity routes, our
-/// `X-User-Id`, forwarded headers, no hop-by-hop headers.
-fn rewrite_request(session: &Session, f: &Forward, trusted_peer: bool, upstream: &mut RequestHeader) -> Result<()> {
-    let query = if f.drop_token {
-        identity::query_without_token(session.req_header().uri.query())
-    } else {
-        session.req_header().uri.query().map(str::to_owned)
-    };
-    let pq = match query {
-        Some(q) => format!("{}?{q}", f.path),
-        None => f.path.clone(),
-    };
+/// How the request the upstream gets differs from the client's `req`: our path, no `token` on
+/// identity routes, our `X-User-Id`, forwarded headers, no hop-by-hop headers.
+fn upstream_head(session: &Session, req: &RequestHeader, f: &Forward, trusted_peer: bool) -> Result<UpstreamHead> {
+    let mut head = UpstreamHead::default();
+    let query = req.uri.query();
     // Compared with the raw target, not the parsed URI: an absolute-form target keeps its raw
-    // bytes, which Pingora would otherwise send upstream as they came.
-    if upstream.raw_path() != pq.as_bytes() {
-        let uri = http::Uri::builder()
-            .path_and_query(pq)
-            .build()
-            .or_err(ErrorType::InvalidHTTPHeader, "rebuilding the upstream URI")?;
-        upstream.set_uri(uri);
-    }
+    // bytes, which would otherwise go upstream as they came.
     if f.drop_token {
+        let target = match identity::query_without_token(query) {
+            Some(q) => format!("{}?{q}", f.path),
+            None => f.path.clone(),
+        };
+        if req.raw_path() != target.as_bytes() {
+            head.target(target);
+        }
         // Identity routes: only we say who the user is.
-        upstream.remove_header("x-user-id");
+        head.drop(req, "x-user-id");
+    } else if !is_target(req.raw_path(), &f.path, query) {
+        head.target(match query {
+            Some(q) => format!("{}?{q}", f.path),
+            None => f.path.clone(),
+        });
     }
     if session.req_header().version == http::Version::HTTP_2 {
-        join_cookies(upstream)?;
-    }
-    if !upstream.headers.contains_key(header::HOST) {
-        // HTTP/2 carries the host in `:authority` (the URI was rebuilt without it above); the
-        // HTTP/1.1 upstream gets it as `Host`, never with a `user@` part (RFC 9113 8.3.1).
-        if let Some(a) = session.req_header().uri.authority().map(|a| a.as_str()) {
-            let host = http::HeaderValue::from_str(a.rsplit('@').next().unwrap_or(a))
-                .or_err(ErrorType::InvalidHTTPHeader, "the request's authority as Host")?;
-            upstream.insert_header(header::HOST, host)?;
+        if let Some(cookie) = joined_cookies(req)? {
+            head.set("Cookie", cookie);
         }
     }
-    forwarded::prepare_upstream_request(
-        upstream,
-        peer_ip(session),
-        trusted_peer,
-        is_tls(session),
-        session.is_upgrade_req(),
-    )?;
-    // After the hop-by-hop headers are gone, so that no `Connection` line can name it away.
+    let host = match req.headers.get(header::HOST) {
+        Some(v) if v.to_str().is_ok() => Some(v.clone()),
+        Some(_) => req.uri.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()),
+        None => match req.uri.authority().map(|a| a.as_str()) {
+            // HTTP/2 carries the host in `:authority`; the HTTP/1.1 upstream gets it as `Host`,
+            // never with a `user@` part (RFC 9113 8.3.1).
+            Some(a) => {
+                let host = http::HeaderValue::from_str(a.rsplit('@').next().unwrap_or(a))
+                    .or_err(ErrorType::InvalidHTTPHeader, "the request's authority as Host")?;
+                head.set("Host", host.clone());
+                Some(host)
+            }
+            None => None,
+        },
+    };
+    head.forwarding(req, host, peer_ip(session), trusted_peer, is_tls(session), session.is_upgrade_req());
     if let Some(user) = &f.user_header {
-        upstream.insert_header("X-User-Id", &**user)?;
+        let user = http::HeaderValue::from_str(user).or_err(ErrorType::InternalError, "the user id as X-User-Id")?;
+        head.set("X-User-Id", user);
     }
-    Ok(())
+    Ok(head)
+}
+
+/// `raw` (a request target) is `path`, then `?query` when there is a query.
+fn is_target(raw: &[u8], path: &str, query: Option<&str>) -> bool {
+    match (raw.strip_prefix(path.as_bytes()), query) {
+        (Some(rest), None) => rest.is_empty(),
+        (Some(rest), Some(q)) => rest.strip_prefix(b"?") == Some(q.as_bytes()),
+        (None, _) => false,
+    }
 }
 
 /// HTTP/2 may split `Cookie` into several fields; an HTTP/1.1 upstream must get one, joined
-/// with "; " (RFC 9113 8.2.3).
-fn join_cookies(req: &mut RequestHeader) -> Result<()> {
+/// with "; " (RFC 9113 8.2.3). `None`: there is at most one.
+fn joined_cookies(req: &RequestHeader) -> Result<Option<http::HeaderValue>> {
     let mut values = req.headers.get_all(header::COOKIE).iter();
     let (Some(first), Some(_)) = (values.next(), values.next()) else {
-        return Ok(());
+        return Ok(None);
     };
     let mut joined = first.as_bytes().to_vec();
     for v in req.headers.get_all(header::COOKIE).iter().skip(1) {
         joined.extend_from_slice(b"; ");
         joined.extend_from_slice(v.as_bytes());
     }
-    let value = http::HeaderValue::from_bytes(&joined).or_err(ErrorType::InvalidHTTPHeader, "joining cookies")?;
-    req.insert_header(header::COOKIE, value)
+    http::HeaderValue::from_bytes(&joined).or_err(ErrorType::InvalidHTTPHeader, "joining cookies").map(Some)
 }
 
 /// The `Content-Length` to send when the client sent it more than once or as a list
@@ -819,9 +827,10 @@ impl Gateway {
         let Some(f) = &ctx.forward else {
             return Error::e_explain(ErrorType::InternalError, "proxy without a forward target");
         };
-        let mut req = session.req_header().clone();
-        req.set_version(http::Version::HTTP_11);
-        rewrite_request(session, f, ctx.trusted_peer, &mut req)?;
+        // Written straight from the client's head: no copy of it (see `UpstreamHead`).
+        let wire = upstream_head(session, session.req_header(), f, ctx.trusted_peer)?
+            .to_wire(session.req_header())
+            .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "the request cannot be written upstream"))?;
         let settings = &ctx.table.as_ref().expect("table loaded").settings;
         let target = upstream::Target {
             addr: f.addr,
@@ -829,7 +838,7 @@ impl Gateway {
             idle_timeout: settings.upstream_idle_timeout,
         };
         let hsts = ctx.hsts.as_deref();
-        upstream::forward(session, req, &target, |resp| response_head(resp, hsts)).await?;
+        upstream::forward(session, &wire, &target, |resp| response_head(resp, hsts)).await?;
         Ok(true)
     }
 
@@ -839,7 +848,7 @@ impl Gateway {
             return Error::e_explain(ErrorType::InternalError, "upgrade without a forward target");
         };
         let mut req = session.req_header().clone();
-        rewrite_request(session, f, ctx.trusted_peer, &mut req)?;
+        upstream_head(session, &req, f, ctx.trusted_peer)?.apply(&mut req)?;
         let settings = &ctx.table.as_ref().expect("table loaded").settings;
         let (connect, idle, addr) = (settings.upstream_connect_timeout, settings.websocket_idle_timeout, f.addr);
         let (route, activity) = (ctx.route.clone(), ctx.activity.clone());
@@ -932,7 +941,7 @@ impl ProxyHttp for Gateway {
         // The body is read from here on: an HTTP/2 stream's idle watch starts now, not while
         // the workspace started or the upstream was connected.
         crate::app::request_body_progress(false);
-        rewrite_request(session, f, ctx.trusted_peer, upstream)
+        upstream_head(session, upstream, f, ctx.trusted_peer)?.apply(upstream)
     }
 
     async fn response_filter(

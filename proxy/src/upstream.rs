@@ -16,14 +16,14 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, Method, Version};
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use pingora::protocols::http::v1::client::http_req_header_to_wire;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::Session;
@@ -224,11 +224,16 @@ impl Conn {
             self.stream.write_all(wire).await?;
             self.stream.flush().await
         };
-        let r = match self.idle_timeout {
-            Some(t) => {
+        let mut write = std::pin::pin!(write);
+        // A head nearly always fits the socket's buffer at once: the timer (a clock read and a
+        // registration) is armed only when the write has to wait.
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+        let r = match (first, self.idle_timeout) {
+            (std::task::Poll::Ready(r), _) => r,
+            (std::task::Poll::Pending, Some(t)) => {
                 timeout(t, write).await.map_err(|_| up_err(ErrorType::WriteTimedout, "sending the request upstream"))?
             }
-            None => write.await,
+            (std::task::Poll::Pending, None) => write.await,
         };
         r.map_err(|e| up_err(ErrorType::WriteError, format!("sending the request upstream: {e}")))
     }
@@ -258,25 +263,22 @@ impl Failed {
     }
 }
 
-/// Sends `req` (already rewritten for the upstream; the client sent no body) to `target` and
-/// relays the response, passing its head through `filter` first. Errors before the response
-/// head was written to the client are for the caller to answer (502/504).
+/// Sends `wire` (the request head as the upstream gets it; the client sent no body) to
+/// `target` and relays the response, passing its head through `filter` first. Errors before
+/// the response head was written to the client are for the caller to answer (502/504).
 ///
-/// The request is written by Pingora's serializer and the response read by [`h1`]: no copy of
-/// the request is kept for a retry but its bytes, and the response head is built once.
+/// No copy of the request is kept for a retry but its bytes, and the response head is built
+/// once.
 pub async fn forward(
     session: &mut Session,
-    req: RequestHeader,
+    wire: &[u8],
     target: &Target,
     filter: impl FnOnce(&mut ResponseHeader) -> Result<()>,
 ) -> Result<()> {
-    let head_request = req.method == Method::HEAD;
-    let idempotent = req.method.is_idempotent();
-    let wire = http_req_header_to_wire(&req)
-        .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "the request cannot be written upstream"))?;
-    drop(req);
+    let method = &session.req_header().method;
+    let (head_request, idempotent) = (*method == Method::HEAD, method.is_idempotent());
     if let Some(stream) = checkout(target.addr) {
-        match exchange(session, stream, &wire, target, head_request, true).await {
+        match exchange(session, stream, wire, target, head_request, true).await {
             Ok(answer) => return relay(session, answer, target, filter).await,
             Err(Failed { error, retry: true }) if idempotent => {
                 tracing::debug!(addr = %target.addr, "pooled upstream connection was closed ({error}); retrying on a new one");
@@ -285,7 +287,7 @@ pub async fn forward(
         }
     }
     let stream = Box::new(L4Stream::from(connect_tcp(target.addr, target.connect_timeout).await?));
-    let answer = exchange(session, stream, &wire, target, head_request, false).await.map_err(|f| f.error)?;
+    let answer = exchange(session, stream, wire, target, head_request, false).await.map_err(|f| f.error)?;
     relay(session, answer, target, filter).await
 }
 

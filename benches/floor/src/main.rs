@@ -247,7 +247,11 @@ impl ProxyHttp for Floor {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(60)),
         };
-        markco_proxy::upstream::forward(session, req, &target, |_| Ok(())).await?;
+        // Pingora's serialiser, as markco's loop used before it wrote heads itself: the floors
+        // stay comparable with their earlier figures.
+        let wire = pingora::protocols::http::v1::client::http_req_header_to_wire(&req)
+            .ok_or_else(|| pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "unwritable request"))?;
+        markco_proxy::upstream::forward(session, &wire, &target, |_| Ok(())).await?;
         Ok(true)
     }
 
