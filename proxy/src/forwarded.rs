@@ -192,9 +192,11 @@ impl UpstreamHead {
     }
 
     /// The HTTP/1.1 request head the upstream gets, written from the client's `req` with these
-    /// changes: the same bytes [`UpstreamHead::apply`] and Pingora's serialiser give (the
-    /// client's own spelling of each name, or Pingora's for a head without one), except that
-    /// our fields come last. `None` for a target no HTTP/1 request line can carry.
+    /// changes: the request line and fields that [`UpstreamHead::apply`] and Pingora's
+    /// serialiser give, each client field in its own spelling (or Pingora's for a head without
+    /// spellings, an HTTP/2 one), except that our fields come last and keep ours (Pingora
+    /// lowercases them in a head without spellings; names are case-insensitive, RFC 9110 5.1).
+    /// `None` for a target no HTTP/1 request line can carry.
     pub fn to_wire(&self, req: &RequestHeader) -> Option<BytesMut> {
         let target = self.target.as_deref().map(str::as_bytes).unwrap_or_else(|| req.raw_path());
         // RFC 9112 3.2: no whitespace or control line breaks in a request line (Pingora checks
@@ -259,13 +261,19 @@ mod tests {
         r.headers.get(k).and_then(|v| v.to_str().ok())
     }
 
-    /// The request line and header lines of a head on the wire, header lines sorted.
+    /// The request line and header lines of a head on the wire, header lines sorted and their
+    /// names lowercased (our fields may be spelled otherwise than Pingora's, and come last).
     fn lines(wire: &[u8]) -> (String, Vec<String>) {
         let text = std::str::from_utf8(wire).expect("ASCII head");
         let body = text.strip_suffix("\r\n\r\n").expect("a head ends with a blank line");
         let mut lines = body.split("\r\n");
         let first = lines.next().expect("a request line").to_string();
-        let mut fields: Vec<String> = lines.map(str::to_string).collect();
+        let mut fields: Vec<String> = lines
+            .map(|l| match l.split_once(':') {
+                Some((name, value)) => format!("{}:{value}", name.to_ascii_lowercase()),
+                None => l.to_string(),
+            })
+            .collect();
         fields.sort();
         (first, fields)
     }
@@ -382,6 +390,7 @@ mod tests {
         r.append_header("x-custom", "1").expect("valid");
         let mut head = UpstreamHead::default();
         head.set("Host", HeaderValue::from_static("a.example"));
+        head.forwarding(&r, Some(HeaderValue::from_static("a.example")), None, false, true, false);
         let wire = head.to_wire(&r).expect("writable");
         let text = std::str::from_utf8(&wire).expect("ASCII");
         assert!(text.contains("Cache-Control: no-cache\r\n") && text.contains("x-custom: 1\r\n"), "{text}");

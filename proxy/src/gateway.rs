@@ -277,9 +277,29 @@ fn redacted_uri(req: &RequestHeader) -> String {
     }
 }
 
+/// What the upstream's head depends on besides the request and its route: the client's
+/// connection.
+struct ClientConn {
+    peer: Option<IpAddr>,
+    tls: bool,
+    upgrade: bool,
+    h2: bool,
+}
+
+impl ClientConn {
+    fn of(session: &Session) -> ClientConn {
+        ClientConn {
+            peer: peer_ip(session),
+            tls: is_tls(session),
+            upgrade: session.is_upgrade_req(),
+            h2: session.req_header().version == http::Version::HTTP_2,
+        }
+    }
+}
+
 /// How the request the upstream gets differs from the client's `req`: our path, no `token` on
 /// identity routes, our `X-User-Id`, forwarded headers, no hop-by-hop headers.
-fn upstream_head(session: &Session, req: &RequestHeader, f: &Forward, trusted_peer: bool) -> Result<UpstreamHead> {
+fn upstream_head(req: &RequestHeader, client: &ClientConn, f: &Forward, trusted_peer: bool) -> Result<UpstreamHead> {
     let mut head = UpstreamHead::default();
     let query = req.uri.query();
     // Compared with the raw target, not the parsed URI: an absolute-form target keeps its raw
@@ -300,19 +320,26 @@ fn upstream_head(session: &Session, req: &RequestHeader, f: &Forward, trusted_pe
             None => f.path.clone(),
         });
     }
-    if session.req_header().version == http::Version::HTTP_2 {
+    if client.h2 {
         if let Some(cookie) = joined_cookies(req)? {
             head.set("Cookie", cookie);
         }
     }
+    // HTTP/2 carries the host in `:authority`, never to be passed on with a `user@` part (RFC
+    // 9113 8.3.1).
+    let authority = || {
+        req.uri.authority().map(|a| {
+            let a = a.as_str();
+            a.rsplit('@').next().unwrap_or(a)
+        })
+    };
     let host = match req.headers.get(header::HOST) {
         Some(v) if v.to_str().is_ok() => Some(v.clone()),
-        Some(_) => req.uri.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()),
-        None => match req.uri.authority().map(|a| a.as_str()) {
-            // HTTP/2 carries the host in `:authority`; the HTTP/1.1 upstream gets it as `Host`,
-            // never with a `user@` part (RFC 9113 8.3.1).
+        Some(_) => authority().and_then(|a| http::HeaderValue::from_str(a).ok()),
+        // The HTTP/1.1 upstream gets it as `Host`.
+        None => match authority() {
             Some(a) => {
-                let host = http::HeaderValue::from_str(a.rsplit('@').next().unwrap_or(a))
+                let host = http::HeaderValue::from_str(a)
                     .or_err(ErrorType::InvalidHTTPHeader, "the request's authority as Host")?;
                 head.set("Host", host.clone());
                 Some(host)
@@ -320,7 +347,7 @@ fn upstream_head(session: &Session, req: &RequestHeader, f: &Forward, trusted_pe
             None => None,
         },
     };
-    head.forwarding(req, host, peer_ip(session), trusted_peer, is_tls(session), session.is_upgrade_req());
+    head.forwarding(req, host, client.peer, trusted_peer, client.tls, client.upgrade);
     if let Some(user) = &f.user_header {
         let user = http::HeaderValue::from_str(user).or_err(ErrorType::InternalError, "the user id as X-User-Id")?;
         head.set("X-User-Id", user);
@@ -828,7 +855,7 @@ impl Gateway {
             return Error::e_explain(ErrorType::InternalError, "proxy without a forward target");
         };
         // Written straight from the client's head: no copy of it (see `UpstreamHead`).
-        let wire = upstream_head(session, session.req_header(), f, ctx.trusted_peer)?
+        let wire = upstream_head(session.req_header(), &ClientConn::of(session), f, ctx.trusted_peer)?
             .to_wire(session.req_header())
             .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "the request cannot be written upstream"))?;
         let settings = &ctx.table.as_ref().expect("table loaded").settings;
@@ -848,7 +875,7 @@ impl Gateway {
             return Error::e_explain(ErrorType::InternalError, "upgrade without a forward target");
         };
         let mut req = session.req_header().clone();
-        upstream_head(session, &req, f, ctx.trusted_peer)?.apply(&mut req)?;
+        upstream_head(&req, &ClientConn::of(session), f, ctx.trusted_peer)?.apply(&mut req)?;
         let settings = &ctx.table.as_ref().expect("table loaded").settings;
         let (connect, idle, addr) = (settings.upstream_connect_timeout, settings.websocket_idle_timeout, f.addr);
         let (route, activity) = (ctx.route.clone(), ctx.activity.clone());
@@ -941,7 +968,7 @@ impl ProxyHttp for Gateway {
         // The body is read from here on: an HTTP/2 stream's idle watch starts now, not while
         // the workspace started or the upstream was connected.
         crate::app::request_body_progress(false);
-        upstream_head(session, upstream, f, ctx.trusted_peer)?.apply(upstream)
+        upstream_head(upstream, &ClientConn::of(session), f, ctx.trusted_peer)?.apply(upstream)
     }
 
     async fn response_filter(
@@ -1061,5 +1088,69 @@ mod tests {
         r.insert_header("X-Big", "a".repeat(2000)).expect("hdr");
         assert!(header_too_large(&r, 1000));
         assert!(!header_too_large(&r, 4000));
+    }
+
+    fn forward(path: &str, identity: bool) -> Forward {
+        Forward {
+            addr: "127.0.0.1:9".parse().expect("addr"),
+            path: path.to_string(),
+            drop_token: identity,
+            user_header: identity.then(|| Arc::from("alice")),
+            label: Arc::from("test"),
+        }
+    }
+
+    /// The upstream's head as our loop writes it.
+    fn wire(req: &RequestHeader, client: &ClientConn, f: &Forward) -> String {
+        let head = upstream_head(req, client, f, false).expect("a head");
+        String::from_utf8(head.to_wire(req).expect("writable").to_vec()).expect("ASCII")
+    }
+
+    const PLAIN: ClientConn = ClientConn { peer: None, tls: false, upgrade: false, h2: false };
+
+    #[test]
+    fn an_http2_request_gets_one_host_without_userinfo_and_one_cookie_line() {
+        // As Pingora's HTTP/2 session makes it: the URI with its authority, no spellings.
+        let mut r = RequestHeader::build_no_case("GET", b"/a?q=1", None).expect("req");
+        r.set_uri(http::Uri::from_static("https://u:pw@site.test/a?q=1"));
+        r.set_version(http::Version::HTTP_2);
+        r.append_header("cookie", "a=1").expect("hdr");
+        r.append_header("cookie", "b=2").expect("hdr");
+        let client = ClientConn { h2: true, tls: true, ..PLAIN };
+        let text = wire(&r, &client, &forward("/a", false));
+        assert!(text.starts_with("GET /a?q=1 HTTP/1.1\r\n"), "{text}");
+        assert!(text.contains("\r\nHost: site.test\r\n"), "{text}");
+        assert!(text.contains("\r\nX-Forwarded-Host: site.test\r\n"), "{text}");
+        assert!(text.contains("\r\nCookie: a=1; b=2\r\n") && text.matches("ookie:").count() == 1, "{text}");
+        assert!(!text.contains("pw"), "{text}");
+    }
+
+    #[test]
+    fn an_identity_route_drops_the_token_and_says_who_the_user_is() {
+        let mut r = RequestHeader::build("GET", b"/u/alice/x?a=1&token=secret", None).expect("req");
+        r.append_header("Host", "site.test").expect("hdr");
+        r.append_header("X-User-Id", "mallory").expect("hdr");
+        let text = wire(&r, &PLAIN, &forward("/x", true));
+        assert!(text.starts_with("GET /x?a=1 HTTP/1.1\r\n"), "{text}");
+        assert!(text.contains("\r\nX-User-Id: alice\r\n"), "{text}");
+        assert!(!text.contains("mallory") && !text.contains("secret"), "{text}");
+        // The editor and runtime actions send no X-User-Id, and still none of the client's.
+        let editor = Forward { user_header: None, ..forward("/x", true) };
+        let text = wire(&r, &PLAIN, &editor);
+        assert!(!text.to_ascii_lowercase().contains("x-user-id"), "{text}");
+    }
+
+    #[test]
+    fn an_unchanged_target_goes_as_the_client_wrote_it() {
+        for (raw, path) in [("/x?q", "/x"), ("/x?", "/x"), ("/a%2Fb", "/a%2Fb")] {
+            let mut r = RequestHeader::build("GET", raw.as_bytes(), None).expect("req");
+            r.append_header("Host", "site.test").expect("hdr");
+            let text = wire(&r, &PLAIN, &forward(path, false));
+            assert!(text.starts_with(&format!("GET {raw} HTTP/1.1\r\n")), "{raw}: {text}");
+        }
+        // A path the route rewrote (a stripped prefix) keeps the query.
+        let mut r = RequestHeader::build("GET", b"/api/x?q=1", None).expect("req");
+        r.append_header("Host", "site.test").expect("hdr");
+        assert!(wire(&r, &PLAIN, &forward("/x", false)).starts_with("GET /x?q=1 HTTP/1.1\r\n"));
     }
 }

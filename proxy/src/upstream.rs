@@ -16,7 +16,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -224,16 +223,11 @@ impl Conn {
             self.stream.write_all(wire).await?;
             self.stream.flush().await
         };
-        let mut write = std::pin::pin!(write);
-        // A head nearly always fits the socket's buffer at once: the timer (a clock read and a
-        // registration) is armed only when the write has to wait.
-        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
-        let r = match (first, self.idle_timeout) {
-            (std::task::Poll::Ready(r), _) => r,
-            (std::task::Poll::Pending, Some(t)) => {
+        let r = match self.idle_timeout {
+            Some(t) => {
                 timeout(t, write).await.map_err(|_| up_err(ErrorType::WriteTimedout, "sending the request upstream"))?
             }
-            (std::task::Poll::Pending, None) => write.await,
+            None => write.await,
         };
         r.map_err(|e| up_err(ErrorType::WriteError, format!("sending the request upstream: {e}")))
     }
