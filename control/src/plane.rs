@@ -201,10 +201,49 @@ pub struct ControlPlane {
     pub workspaces: Option<Arc<Workspaces>>,
     /// Users whose workspace markco itself is stopping: their containers' exits are expected.
     pub(crate) stopping: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Containers markco removed while their workspace runs on (a replaced runtime), with when.
+    /// Podman's event stream reports their exit after the removal has returned, so `stopping`
+    /// is over by then; such an exit is not the workspace dying. A container started later
+    /// under the same name is live again (its `start` event clears the name).
+    retired: Retired,
     /// Restarts the background loops after a panic, and knows which are down.
     pub supervisor: Supervisor,
     /// `[cluster]`: this gateway's place in the cluster; `None`: alone.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+/// How long the name of a container removed on purpose is remembered ([`ControlPlane::retire`]).
+const RETIRED_FOR: Duration = Duration::from_secs(3600);
+
+/// Names of containers removed on purpose while their workspace runs on, with when.
+#[derive(Default)]
+struct Retired(Mutex<HashMap<String, Instant>>);
+
+impl Retired {
+    fn retire(&self, container: &str) {
+        let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        names.retain(|_, at| at.elapsed() < RETIRED_FOR);
+        names.insert(container.to_string(), Instant::now());
+    }
+
+    /// Whether `ev` is a container's exit that takes its workspace down: a `died` event of a
+    /// container not retired. A `start` event makes its name count again (a new container
+    /// under a retired name).
+    fn live_exit(&self, ev: &crate::engine::ContainerEvent) -> bool {
+        let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match ev.status.as_str() {
+            "died" if names.contains_key(&ev.name) => {
+                tracing::debug!(container = %ev.name, "exit of a container markco removed on purpose");
+                false
+            }
+            "died" => true,
+            "start" => {
+                names.remove(&ev.name);
+                false
+            }
+            _ => false,
+        }
+    }
 }
 
 pub fn routes_of(row: &WorkspaceRow) -> Option<UserRoutes> {
@@ -321,6 +360,7 @@ impl ControlPlane {
             supervisor: Supervisor::new(registry),
             workspaces,
             stopping: Arc::default(),
+            retired: Retired::default(),
             table: state.reader(),
             state,
             sessions,
@@ -684,6 +724,12 @@ impl ControlPlane {
         }
     }
 
+    /// Marks `container` as removed on purpose while its workspace runs on: its exit, however
+    /// late podman reports it, restarts nothing. Names are kept an hour at most.
+    pub(crate) fn retire(&self, container: &str) {
+        self.retired.retire(container);
+    }
+
     /// Stops a workspace on purpose (admin call, logout, idle reaping).
     async fn stop_now(&self, ws: &Workspaces, db: &Db, user: &str) -> anyhow::Result<()> {
         let lock = ws.user_lock(user);
@@ -742,10 +788,10 @@ impl ControlPlane {
             };
             while let Some(ev) = events.next().await {
                 let Ok(ev) = ev else { break };
-                if ev.status != "died" {
+                if !ws.cfg().owns(ev.labels.get(crate::engine::LABEL_INSTANCE)) {
                     continue;
                 }
-                if !ws.cfg().owns(ev.labels.get(crate::engine::LABEL_INSTANCE)) {
+                if !self.retired.live_exit(&ev) {
                     continue;
                 }
                 let Some(user) = ev.labels.get(crate::engine::LABEL_USER).cloned() else { continue };
@@ -1077,6 +1123,26 @@ fn refused(e: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(name: &str, status: &str) -> crate::engine::ContainerEvent {
+        crate::engine::ContainerEvent { name: name.into(), status: status.into(), labels: BTreeMap::new() }
+    }
+
+    #[test]
+    fn a_retired_containers_late_exit_takes_nothing_down_until_a_new_one_starts_under_its_name() {
+        let retired = Retired::default();
+        assert!(retired.live_exit(&event("markco-runtime-u", "died")), "an exit of a live container counts");
+        retired.retire("markco-runtime-u");
+        // Podman reports the removed runtime's exit after the replacement has finished.
+        assert!(!retired.live_exit(&event("markco-runtime-u", "died")));
+        assert!(!retired.live_exit(&event("markco-runtime-u", "died")), "a second event of the same exit");
+        assert!(retired.live_exit(&event("markco-runtime-u-p5001", "died")), "its replacement's exit counts");
+        assert!(retired.live_exit(&event("markco-editor-u", "died")), "the editor's exit counts");
+        // The workspace is started again later under the first name.
+        assert!(!retired.live_exit(&event("markco-runtime-u", "start")));
+        assert!(retired.live_exit(&event("markco-runtime-u", "died")));
+        assert!(!retired.live_exit(&event("markco-runtime-u", "stop")), "only `died` is an exit");
+    }
 
     #[test]
     fn database_errors_map_to_statuses_by_kind() {

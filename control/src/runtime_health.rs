@@ -114,6 +114,10 @@ impl ControlPlane {
             .complete_move(db, moved, started, started_unix, probe_ms)
             .await
             .map_err(|e| anyhow::anyhow!("moving to the replacement runtime: {e}"))?;
+        // Podman may report its exit after `stopping` is over: the event watcher must not take it
+        // for the workspace dying (it would mark it down, and the next request would start a
+        // new editor that never heard of this move).
+        self.retire(&old_name);
         let _ = ws.engine.remove_container(&old_name).await;
         tracing::warn!(
             user,
