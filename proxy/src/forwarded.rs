@@ -195,7 +195,8 @@ impl UpstreamHead {
     /// changes: the request line and fields that [`UpstreamHead::apply`] and Pingora's
     /// serialiser give, each client field in its own spelling (or Pingora's for a head without
     /// spellings, an HTTP/2 one), except that our fields come last and keep ours (Pingora
-    /// lowercases them in a head without spellings; names are case-insensitive, RFC 9110 5.1).
+    /// writes them in lowercase in a head without spellings, but for the few names it knows in
+    /// title case such as `Host`; names are case-insensitive, RFC 9110 5.1).
     /// `None` for a target no HTTP/1 request line can carry.
     pub fn to_wire(&self, req: &RequestHeader) -> Option<BytesMut> {
         let target = self.target.as_deref().map(str::as_bytes).unwrap_or_else(|| req.raw_path());

@@ -4,7 +4,8 @@
 //! channels, and every upstream connection it releases to its pool spawns an idle-watch task on
 //! a random thread that the next checkout wakes again. For a request without a body none of that
 //! is needed: write the head, read the response head, copy the body until it ends. This module
-//! does that with Pingora's request serializer and our own response reader ([`crate::h1`]:
+//! does that with the head the gateway writes ([`crate::forwarded::UpstreamHead::to_wire`]) and
+//! our own response reader ([`crate::h1`]:
 //! `httparse`, RFC 9112 framing and keep-alive rules; Pingora's client session measured a
 //! request-head copy, a response-head copy and its bookkeeping on every request), with a
 //! per-thread pool of idle upstream connections and no idle-watch task: a pooled
