@@ -232,7 +232,7 @@ impl Retired {
     fn live_exit(&self, ev: &crate::engine::ContainerEvent) -> bool {
         let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match ev.status.as_str() {
-            "died" if names.contains_key(&ev.name) => {
+            "died" if names.get(&ev.name).is_some_and(|at| at.elapsed() < RETIRED_FOR) => {
                 tracing::debug!(container = %ev.name, "exit of a container markco removed on purpose");
                 false
             }
@@ -1142,6 +1142,11 @@ mod tests {
         assert!(!retired.live_exit(&event("markco-runtime-u", "start")));
         assert!(retired.live_exit(&event("markco-runtime-u", "died")));
         assert!(!retired.live_exit(&event("markco-runtime-u", "stop")), "only `died` is an exit");
+        // A name is remembered for RETIRED_FOR at most, even with no retirement after it.
+        if let Some(long_ago) = Instant::now().checked_sub(RETIRED_FOR + Duration::from_secs(1)) {
+            retired.0.lock().unwrap_or_else(|p| p.into_inner()).insert("markco-runtime-v".into(), long_ago);
+            assert!(retired.live_exit(&event("markco-runtime-v", "died")), "an expired name hides an exit");
+        }
     }
 
     #[test]

@@ -87,7 +87,9 @@ impl ControlPlane {
         // Made like the first runtime, with the user's plan limits.
         let limits = ws.limits_of(db, user).await;
         let spec = ws.runtime_spec(&new_name, user, new_port, &limits);
-        // A leftover from an earlier failed replacement on this port.
+        // A leftover from an earlier failed replacement on this port. (Every container removed
+        // here while the workspace runs on is retired first: see below.)
+        self.retire(&new_name);
         let _ = ws.engine.remove_container(&new_name).await;
         ws.engine.create_container(&spec).await?;
         ws.engine.start_container(&new_name).await?;
@@ -102,6 +104,7 @@ impl ControlPlane {
                 break;
             }
             if Instant::now() > deadline {
+                self.retire(&new_name);
                 let _ = ws.engine.remove_container(&new_name).await;
                 anyhow::bail!("the replacement runtime did not answer within {:?}", ws.cfg().ready_timeout);
             }
