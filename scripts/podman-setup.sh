@@ -74,8 +74,10 @@ else
   echo "podman-setup: starting podman system service on unix://$SOCKET (log: $LOG)"
   $SUDO mkdir -p "$(dirname "$SOCKET")"
   [ -e "$SOCKET" ] && $SUDO rm -f "$SOCKET"
-  # setsid + nohup: the service outlives this script and its terminal.
-  $SUDO setsid nohup podman system service --time=0 "unix://$SOCKET" >>"$LOG" 2>&1 </dev/null &
+  # setsid + nohup: the service outlives this script and its terminal. Started in /: conmon
+  # needs the service's working directory, and a checkout it was started from may be deleted
+  # (every container then fails with "Failed to get working directory").
+  (cd / && exec $SUDO setsid nohup podman system service --time=0 "unix://$SOCKET") >>"$LOG" 2>&1 </dev/null &
   for _ in $(seq 1 60); do
     ping_ok && break
     sleep 0.5
