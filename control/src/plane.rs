@@ -212,7 +212,8 @@ pub struct ControlPlane {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
-/// How long the name of a container removed on purpose is remembered ([`ControlPlane::retire`]).
+/// How long the name of a container removed on purpose is remembered
+/// ([`ControlPlane::remove_retired`]).
 const RETIRED_FOR: Duration = Duration::from_secs(3600);
 
 /// Names of containers removed on purpose while their workspace runs on, with when.
@@ -724,10 +725,12 @@ impl ControlPlane {
         }
     }
 
-    /// Marks `container` as removed on purpose while its workspace runs on: its exit, however
-    /// late podman reports it, restarts nothing. Names are kept an hour at most.
-    pub(crate) fn retire(&self, container: &str) {
+    /// Removes a container its workspace goes on without (a replaced runtime), retired first:
+    /// its exit, however late podman reports it, restarts nothing. A failed removal is left to
+    /// the next one under the name.
+    pub(crate) async fn remove_retired(&self, ws: &Workspaces, container: &str) {
         self.retired.retire(container);
+        let _ = ws.engine.remove_container(container).await;
     }
 
     /// Stops a workspace on purpose (admin call, logout, idle reaping).

@@ -87,10 +87,8 @@ impl ControlPlane {
         // Made like the first runtime, with the user's plan limits.
         let limits = ws.limits_of(db, user).await;
         let spec = ws.runtime_spec(&new_name, user, new_port, &limits);
-        // A leftover from an earlier failed replacement on this port. (Every container removed
-        // here while the workspace runs on is retired first: see below.)
-        self.retire(&new_name);
-        let _ = ws.engine.remove_container(&new_name).await;
+        // A leftover from an earlier failed replacement on this port.
+        self.remove_retired(ws, &new_name).await;
         ws.engine.create_container(&spec).await?;
         ws.engine.start_container(&new_name).await?;
         // Where the pod publishes: 127.0.0.1 alone, the node's advertise address in a cluster.
@@ -104,8 +102,7 @@ impl ControlPlane {
                 break;
             }
             if Instant::now() > deadline {
-                self.retire(&new_name);
-                let _ = ws.engine.remove_container(&new_name).await;
+                self.remove_retired(ws, &new_name).await;
                 anyhow::bail!("the replacement runtime did not answer within {:?}", ws.cfg().ready_timeout);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -117,11 +114,10 @@ impl ControlPlane {
             .complete_move(db, moved, started, started_unix, probe_ms)
             .await
             .map_err(|e| anyhow::anyhow!("moving to the replacement runtime: {e}"))?;
-        // Podman may report its exit after `stopping` is over: the event watcher must not take it
-        // for the workspace dying (it would mark it down, and the next request would start a
-        // new editor that never heard of this move).
-        self.retire(&old_name);
-        let _ = ws.engine.remove_container(&old_name).await;
+        // Retired: podman may report its exit after `stopping` is over, and the event watcher
+        // must not take it for the workspace dying (it would mark it down, and the next request
+        // would start a new editor that never heard of this move).
+        self.remove_retired(ws, &old_name).await;
         tracing::warn!(
             user,
             from = old_port,

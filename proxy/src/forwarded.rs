@@ -136,33 +136,23 @@ impl UpstreamHead {
                 || (!upgrade && (n == UPGRADE.as_str() || n == CONNECTION.as_str()))
                 || (!trusted && FORWARDED.contains(&n))
         }));
+        // A trusted proxy's claims are kept, and we only append the hop we saw; an untrusted
+        // client's went with the hop-by-hop headers above.
+        let claimed = |name: &str| trusted && req.headers.contains_key(name);
         let peer_ip = ip_value(peer);
-        let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
-        if trusted {
-            // A trusted proxy's claims are kept; we only append the hop we saw.
-            let prev =
-                req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).filter(|p| !p.trim().is_empty());
-            let xff = match prev {
-                Some(prev) => HeaderValue::try_from(format!("{prev}, {}", peer_ip.to_str().unwrap_or_default()))
-                    .unwrap_or(peer_ip),
-                None => peer_ip,
-            };
-            self.set("X-Forwarded-For", xff);
-            if !req.headers.contains_key("x-forwarded-proto") {
-                self.set("X-Forwarded-Proto", proto);
+        let prev = req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).filter(|p| !p.trim().is_empty());
+        let xff = match prev {
+            Some(prev) if trusted => {
+                HeaderValue::try_from(format!("{prev}, {}", peer_ip.to_str().unwrap_or_default())).unwrap_or(peer_ip)
             }
-            if !req.headers.contains_key("x-forwarded-host") {
-                if let Some(h) = host {
-                    self.set("X-Forwarded-Host", h);
-                }
-            }
-        } else {
-            // The client's own forwarded claims went with the hop-by-hop headers above.
-            self.set("X-Forwarded-For", peer_ip);
-            self.set("X-Forwarded-Proto", proto);
-            if let Some(h) = host {
-                self.set("X-Forwarded-Host", h);
-            }
+            _ => peer_ip,
+        };
+        self.set("X-Forwarded-For", xff);
+        if !claimed("x-forwarded-proto") {
+            self.set("X-Forwarded-Proto", HeaderValue::from_static(if tls { "https" } else { "http" }));
+        }
+        if let (false, Some(h)) = (claimed("x-forwarded-host"), host) {
+            self.set("X-Forwarded-Host", h);
         }
     }
 

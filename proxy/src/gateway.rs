@@ -301,21 +301,19 @@ impl ClientConn {
 /// identity routes, our `X-User-Id`, forwarded headers, no hop-by-hop headers.
 fn upstream_head(req: &RequestHeader, client: &ClientConn, f: &Forward, trusted_peer: bool) -> Result<UpstreamHead> {
     let mut head = UpstreamHead::default();
-    let query = req.uri.query();
+    // Identity routes: the upstream never sees the session `token`, and only we say who the
+    // user is.
+    let query = match req.uri.query() {
+        Some(q) if f.drop_token => identity::query_without_token(Some(q)).map(std::borrow::Cow::Owned),
+        q => q.map(std::borrow::Cow::Borrowed),
+    };
+    if f.drop_token {
+        head.drop(req, "x-user-id");
+    }
     // Compared with the raw target, not the parsed URI: an absolute-form target keeps its raw
     // bytes, which would otherwise go upstream as they came.
-    if f.drop_token {
-        let target = match identity::query_without_token(query) {
-            Some(q) => format!("{}?{q}", f.path),
-            None => f.path.clone(),
-        };
-        if req.raw_path() != target.as_bytes() {
-            head.target(target);
-        }
-        // Identity routes: only we say who the user is.
-        head.drop(req, "x-user-id");
-    } else if !is_target(req.raw_path(), &f.path, query) {
-        head.target(match query {
+    if !is_target(req.raw_path(), &f.path, query.as_deref()) {
+        head.target(match &query {
             Some(q) => format!("{}?{q}", f.path),
             None => f.path.clone(),
         });
